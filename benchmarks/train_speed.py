@@ -1,0 +1,87 @@
+"""Training throughput of dense vs DynConv (budget 0.5) ResNets on random data (CPU or --device).
+
+    python benchmarks/train_speed.py --models resnet8 resnet32 --batchsize 128 --steps 20 [--csv out.csv]
+
+Each step is timed separately; the two variants alternate step by step so that machine noise hits both;
+images/s come from the median step time.
+"""
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dynconv import SparsityCriterion, set_gumbel  # noqa: E402
+from models import create_model, list_models  # noqa: E402
+
+
+def make_step(model, budget, images, target):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sparsity = SparsityCriterion(budget, num_epochs=100) if budget >= 0 else None
+    model.train()
+
+    def step():
+        logits, masks = model(images)
+        loss = F.cross_entropy(logits, target)
+        if sparsity is not None:
+            loss = loss + sparsity(masks, epoch=10)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def measure(name, batchsize, steps, warmup, device, resolution):
+    images = torch.randn(batchsize, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (batchsize,), device=device)
+    dense = create_model(name).to(device, memory_format=torch.channels_last)
+    sparse = create_model(name, sparse=True).to(device, memory_format=torch.channels_last)
+    set_gumbel(sparse, noise=True)
+    steps_fn = {"dense": make_step(dense, -1, images, target), "sparse": make_step(sparse, 0.5, images, target)}
+    times = {"dense": [], "sparse": []}
+    for i in range(warmup + steps):
+        for variant, step in steps_fn.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[variant].append(time.perf_counter() - start)
+    dense_ips = batchsize / statistics.median(times["dense"])
+    sparse_ips = batchsize / statistics.median(times["sparse"])
+    return {"model": name, "batchsize": batchsize, "dense_img_s": round(dense_ips, 1),
+            "sparse_img_s": round(sparse_ips, 1), "ratio": round(sparse_ips / dense_ips, 3)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet8", "resnet32"], choices=list_models("cifar"))
+    p.add_argument("--batchsize", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--csv", default=None)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)
+    rows = [measure(m, args.batchsize, args.steps, args.warmup, torch.device(args.device), args.resolution)
+            for m in args.models]
+    header = list(rows[0])
+    print(" ".join(f"{h:>12}" for h in header))
+    for row in rows:
+        print(" ".join(f"{row[h]:>12}" for h in header))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Sparsity criterion: keeps the executed conditional MACs near the budget (DynConv, section 3.3)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def budget_bounds(budget, epoch, num_epochs):
+    """Per-block (lower, upper) cost-fraction bounds; they open from [b, b] to [0, 1] over the first 33% epochs."""
+    progress = min(max(epoch / (0.33 * num_epochs), 0.0), 1.0)
+    annealing = math.cos(progress * math.pi / 2) ** 2
+    upper = 1 - annealing * (1 - budget)
+    lower = annealing * budget
+    return lower, upper
+
+
+class SparsityCriterion:
+    """weight * (network term + mean block term), computed from the masks one forward pass returned."""
+
+    def __init__(self, budget, num_epochs, weight=10.0):
+        self.budget = budget
+        self.num_epochs = num_epochs
+        self.weight = weight
+
+    def __call__(self, masks, epoch):
+        """Returns (loss, cost fraction of the network, per-block cost fractions); all tensors."""
+        lower, upper = budget_bounds(self.budget, epoch, self.num_epochs)
+        executed, totals = zip(*(mask.cost() for mask in masks))
+        executed = torch.stack(executed)
+        totals = torch.tensor(totals, dtype=executed.dtype, device=executed.device)
+        block_fractions = executed / totals
+        block_term = (F.relu(block_fractions - upper) ** 2 + F.relu(lower - block_fractions) ** 2).mean()
+        network_fraction = executed.sum() / totals.sum()
+        network_term = (network_fraction - self.budget) ** 2
+        loss = self.weight * (network_term + block_term)
+        return loss, network_fraction.detach(), block_fractions.detach()
