@@ -21,7 +21,7 @@ def load_pretrained(model, args):
     if args.pretrained is True:
         raise UserError("--pretrained needs a checkpoint path for CIFAR models (no published weights to fetch)")
     path = args.pretrained
-    load_model_state(model, load_checkpoint(path)["state_dict"], path, allow_missing_masks=True)
+    load_model_state(model, load_checkpoint(path)["state_dict"], path, allow_missing=(".masker.",))
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ Cout * Cin / groups * kh * kw per output position (+ Cout with a bias). `full=Tr
 BatchNorm (2 per element, 1 without affine), ReLU (1 per element), Linear (in * out + out) and
 pooling (1 per input element), the conventions ptflops uses.
 """
+import torch
 import torch.nn as nn
 
 POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -96,7 +97,9 @@ class MacCounter:
     def _block_hook(self, per_position):
         def hook(module, inputs, output):
             mask = output[1]
-            self.macs = self.macs + mask.dilated.sum() * per_position["dilated"] + mask.hard.sum() * per_position["mask"]
+            # float64: float32 cannot hold GMac totals exactly
+            self.macs = (self.macs + mask.dilated.sum(dtype=torch.float64) * per_position["dilated"]
+                         + mask.hard.detach().sum(dtype=torch.float64) * per_position["mask"])
         return hook
 
     @property
@@ -106,8 +109,6 @@ class MacCounter:
 
 def count_mmac(model, images, full=False):
     """MMac per image of one forward pass of `images` (model in its current train/eval mode)."""
-    import torch
-
     with torch.no_grad(), MacCounter(model, full) as counter:
         model(images)
     return counter.mmac_per_image

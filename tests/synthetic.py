@@ -18,3 +18,20 @@ def make_image_folder(root, splits=("train", "test"), classes=3, per_class=8, si
                 pixels = np.clip(np.array(COLOURS[c % len(COLOURS)]) + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.jpg"))
     return root
+
+
+def make_food101(root, classes=("apple_pie", "bibimbap", "churros"), per_split=4, size=40):
+    """torchvision's Food-101 layout in miniature: food-101/meta/{train,test}.json and food-101/images/."""
+    import json
+
+    base = os.path.join(root, "food-101")
+    images = os.path.join(base, "images")
+    os.makedirs(os.path.join(base, "meta"), exist_ok=True)
+    make_image_folder(images, splits=("",), classes=len(classes), per_class=2 * per_split, size=size)
+    for c, name in enumerate(classes):
+        os.rename(os.path.join(images, f"class{c}"), os.path.join(images, name))
+    for split, offset in (("train", 0), ("test", per_split)):
+        meta = {name: [f"{name}/{i:04d}" for i in range(offset, offset + per_split)] for name in classes}
+        with open(os.path.join(base, "meta", f"{split}.json"), "w") as f:
+            json.dump(meta, f)
+    return root

@@ -64,17 +64,16 @@ def _summarise(keys, limit=3):
     return ", ".join(keys[:limit]) + more
 
 
-def load_model_state(model, state_dict, source, allow_missing_masks=False):
+def load_model_state(model, state_dict, source, allow_missing=()):
     """Loads strictly; a mismatch becomes one line naming the missing/unexpected keys and the likely cause.
 
-    `allow_missing_masks` lets dense weights initialise a DynConv model (its mask units stay as initialised).
+    Keys of the model containing one of `allow_missing` may be absent and keep their initialisation (e.g.
+    ".masker." when dense weights start a DynConv model).
     """
     state_dict = _strip_prefix(state_dict)
     own = model.state_dict()
-    missing = set(own) - set(state_dict)
     unexpected = set(state_dict) - set(own)
-    if allow_missing_masks:
-        missing = {k for k in missing if ".masker." not in k}
+    missing = {k for k in set(own) - set(state_dict) if not any(p in k for p in allow_missing)}
     problems = []
     if missing:
         problems.append(f"missing keys {_summarise(missing)}")
@@ -89,4 +88,4 @@ def load_model_state(model, state_dict, source, allow_missing_masks=False):
         problems.append(f"shape mismatch at {_summarise(shapes)} (another architecture or number of classes?)")
     if problems:
         raise UserError(f"{source} does not fit this model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=not allow_missing_masks)
+    model.load_state_dict(state_dict, strict=not allow_missing)

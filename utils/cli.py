@@ -13,8 +13,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(description, models, defaults):
-    """`defaults`: the per-script values of lr, lr_decay, weight_decay, batchsize, epochs, model, data, workers."""
+def build_parser(description, models, defaults, data_aliases=()):
+    """`defaults`: the per-script values of lr, lr_decay, weight_decay, batchsize, epochs, model, data, workers.
+    `data_aliases`: other names for --data (e.g. the reference's --dataset-root)."""
     p = OneLineErrorParser(description=description)
     p.add_argument("--model", default=defaults["model"], choices=models, metavar="NAME",
                    help=f"network ({', '.join(models)}; default {defaults['model']})")
@@ -44,7 +45,7 @@ def build_parser(description, models, defaults):
     p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH",
                    help="initialise from these weights (mask units keep their fresh initialisation)")
     p.add_argument("--workers", type=int, default=defaults["workers"], help="data loader processes")
-    p.add_argument("--data", default=defaults["data"], help="dataset root")
+    p.add_argument("--data", *data_aliases, dest="data", default=defaults["data"], help="dataset root")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")

@@ -9,6 +9,20 @@ from torchvision import datasets, transforms
 from .errors import UserError
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class UnreadableImageError(UserError):
+    pass
+
+
+def checked_loader(path):
+    """PIL loader that names the file it cannot read. We stop rather than skip: silently dropping images
+    would change the data set and the accuracy reported on it."""
+    try:
+        return datasets.folder.default_loader(path)
+    except (OSError, ValueError) as e:
+        raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it")
 
 
 def cifar_transforms():
@@ -26,7 +40,7 @@ def image_folder(root, split, transform):
     if not os.path.isdir(path):
         raise UserError(f"{path} does not exist: expected an image-folder layout {root}/{split}/<class>/<image files>")
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return datasets.ImageFolder(path, transform=transform, loader=checked_loader)
     except (FileNotFoundError, OSError) as e:
         raise UserError(f"{path}: {e}")
 
@@ -48,6 +62,70 @@ def cifar10_datasets(root):
                         "pass --data pointing at torchvision's cifar-10-batches-py parent folder or at an "
                         "image-folder copy with train/<class>/ and test/<class>/")
     return train, test, 10
+
+
+def imagenet_transforms(resolution=224):
+    """Train: RandomResizedCrop + flip; evaluation: Resize(256/224 x) + CenterCrop; ImageNet mean/std."""
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = transforms.Compose([transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(),
+                                transforms.ToTensor(), normalize])
+    evaluation = transforms.Compose([transforms.Resize(round(resolution * 256 / 224)),
+                                     transforms.CenterCrop(resolution), transforms.ToTensor(), normalize])
+    return train, evaluation
+
+
+class ClassSubset(torch.utils.data.Dataset):
+    """The samples of some classes of a data set, relabelled 0..K-1 in the given order."""
+
+    def __init__(self, dataset, labels, keep):
+        remap = {old: new for new, old in enumerate(keep)}
+        self.dataset = dataset
+        self.indices = [i for i, label in enumerate(labels) if label in remap]
+        self.labels = [remap[labels[i]] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]][0], self.labels[i]
+
+
+def select_classes(train, val, classes, labels_of, class_names):
+    """`classes`: None (all), a count N (the first N classes) or class names. Returns (train, val, K)."""
+    if not classes:
+        return train, val, len(class_names)
+    if len(classes) == 1 and classes[0].isdigit():
+        count = int(classes[0])
+        if not 1 <= count <= len(class_names):
+            raise UserError(f"--classes {count}: the data set has {len(class_names)} classes")
+        keep = list(range(count))
+    else:
+        unknown = [c for c in classes if c not in class_names]
+        if unknown:
+            raise UserError(f"unknown classes {', '.join(unknown)} (e.g. {', '.join(class_names[:5])})")
+        keep = [class_names.index(c) for c in classes]
+    return ClassSubset(train, labels_of(train), keep), ClassSubset(val, labels_of(val), keep), len(keep)
+
+
+def imagenet_style_datasets(root, dataset="imagefolder", resolution=224, classes=None):
+    """(train, val, num_classes) for main_imagenet.py: an image folder with train/ and val/ (ImageNet or any
+    other), or torchvision's Food-101 (downloaded into root when absent). `classes` selects a subset."""
+    train_tf, eval_tf = imagenet_transforms(resolution)
+    if dataset == "food101":
+        try:
+            train = datasets.Food101(root, split="train", transform=train_tf, download=True, loader=checked_loader)
+            val = datasets.Food101(root, split="test", transform=eval_tf, download=True, loader=checked_loader)
+        except Exception as e:
+            raise UserError(f"Food-101 is not in '{root}' and could not be downloaded ({type(e).__name__}); "
+                            "put torchvision's food-101/ folder there")
+        return select_classes(train, val, classes, lambda d: d._labels, train.classes)
+    if not (os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val"))):
+        raise UserError(f"{root} needs train/ and val/ folders: the image-folder layout "
+                        f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
+    train, val = image_folder(root, "train", train_tf), image_folder(root, "val", eval_tf)
+    if train.classes != val.classes:
+        raise UserError(f"{root}: train/ and val/ have different class folders")
+    return select_classes(train, val, classes, lambda d: d.targets, train.classes)
 
 
 def build_loaders(train_set, val_set, batch_size, workers, ctx):

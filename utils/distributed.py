@@ -44,3 +44,10 @@ def all_reduce_sum(tensor, ctx):
 def shutdown(ctx):
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(model, ctx):
+    """Gives every process rank 0's buffers (BatchNorm statistics), so that all evaluate the same model."""
+    if ctx.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

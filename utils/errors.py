@@ -6,12 +6,19 @@ class UserError(Exception):
     """A problem with the user's input (flags, files, data) that the message fully explains."""
 
 
+def _one_line(error):
+    """The message itself, also when a DataLoader worker re-raised it wrapped in its traceback."""
+    message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
 def run_cli(main):
     """Runs `main()`; turns UserError into 'error: ...' + exit 2 and Ctrl-C into a one-line exit 130."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept", file=sys.stderr)

@@ -12,7 +12,7 @@ from dynconv.flops import count_parameters
 from models import create_model
 from .checkpoint import BEST, LATEST, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
 from .data import build_loaders, first_images
-from .distributed import all_reduce_sum, init_distributed, shutdown
+from .distributed import all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .errors import UserError
 from .logger import RunLogger
 
@@ -78,7 +78,7 @@ def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_pro
             target = target.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits, _ = model(images)
-            top = logits.topk(max(topk), dim=1).indices
+            top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
             hits = top == target[:, None]
             for i, k in enumerate(topk):
                 correct[i] += hits[:, :k].any(1).sum()
@@ -222,6 +222,7 @@ def _run(args, family, make_datasets, topk, load_pretrained, checkpoint_path, ru
         train_metrics = train_one_epoch(train_model, train_loader, optimizer, scaler, sparsity, epoch, ctx,
                                         args.amp, show)
         scheduler.step()
+        broadcast_buffers(model, ctx)  # the checkpoint holds rank 0's BN statistics: evaluate exactly that
         val_metrics = validate(model, val_loader, ctx, topk, False, args.amp, show)
         best_prec1 = max(best_prec1, val_metrics["prec1"])
         if ctx.is_main:
