@@ -70,7 +70,13 @@ class MacCounter:
         self._handles = []
 
     def __enter__(self):
+        from .maskunit import MaskLogits
+
         conditional = set()
+        for logits in self.model.modules():
+            if isinstance(logits, MaskLogits):  # its conv may run as a matrix product: count it here
+                conditional.add(logits.conv)
+                self._handles.append(logits.register_forward_hook(self._mask_logits_hook))
         for block in self.model.modules():
             if hasattr(block, "conditional_layers") and getattr(block, "masker", None) is not None:
                 layers = block.conditional_layers()
@@ -93,6 +99,9 @@ class MacCounter:
 
     def _layer_hook(self, module, inputs, output):
         self.macs += _layer_macs(module, inputs, output, self.full)
+
+    def _mask_logits_hook(self, module, inputs, output):
+        self.macs += _layer_macs(module.conv, inputs, output, self.full)
 
     def _block_hook(self, per_position):
         def hook(module, inputs, output):

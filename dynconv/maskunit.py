@@ -35,6 +35,13 @@ def sample_gumbel(like, eps=1e-8):
     return -torch.log(-torch.log(u + eps) + eps)
 
 
+def window_view(padded, stride, out_h, out_w):
+    """(..., out_h, out_w, 3, 3) view of the 3x3 windows of a padded (..., H+2, W+2) tensor (no copy)."""
+    *lead, h_stride, w_stride = padded.stride()
+    return padded.as_strided((*padded.shape[:-2], out_h, out_w, 3, 3),
+                             (*lead, stride * h_stride, stride * w_stride, h_stride, w_stride))
+
+
 def dilate_mask(hard, dilate_stride=1, output_size=None):
     """Positions the block's first conv must compute so that a 3x3 conv can run at every `hard` position.
 
@@ -47,10 +54,9 @@ def dilate_mask(hard, dilate_stride=1, output_size=None):
         up = hard.new_zeros(n, c, h * dilate_stride, w * dilate_stride)
         up[:, :, ::dilate_stride, ::dilate_stride] = hard
         hard = up
-    # 3x3 max filter, separably on shifted views (max_pool2d is several times slower on these small maps)
+    # 3x3 max filter as one reduction over a strided window view (few ops: this runs for every block)
     padded = F.pad(hard, (1, 1, 1, 1))
-    rows = torch.maximum(torch.maximum(padded[..., :-2], padded[..., 1:-1]), padded[..., 2:])
-    dilated = torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
+    dilated = window_view(padded, 1, hard.shape[-2], hard.shape[-1]).amax(dim=(-2, -1))
     if output_size is not None:
         dilated = dilated[:, :, : output_size[0], : output_size[1]]
     return dilated
@@ -67,7 +73,26 @@ class MaskLogits(nn.Module):
     def forward(self, x):
         # sum, then scale the small result: mean()'s backward divides a full-size tensor
         global_term = self.fc(x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3]))[:, :, None, None]
-        return self.conv(x) + global_term
+        if torch.is_grad_enabled() or not x.is_contiguous(memory_format=torch.channels_last):
+            return self.conv(x) + global_term
+        return conv3x3_to_one_channel(x, self.conv) + global_term
+
+
+def conv3x3_to_one_channel(x, conv):
+    """The mask conv for inference on a channels-last input: one (positions x C) @ (C x 9) product gives every
+    tap's contribution, then 9 shifted adds. oneDNN runs a 1-output-channel conv several times slower than
+    its MACs suggest; this is the same sum in another order."""
+    n, c, h, w = x.shape
+    s = conv.stride[0]
+    out_h, out_w = (h - 1) // s + 1, (w - 1) // s + 1
+    # (9, C) tap matrix: a view when the weight is channels-last, like the rest of an inference model
+    taps = x.permute(0, 2, 3, 1).reshape(-1, c) @ conv.weight.permute(0, 2, 3, 1).reshape(9, c).t().to(x.dtype)
+    taps = F.pad(taps.reshape(n, h, w, 9), (0, 0, 1, 1, 1, 1))
+    # out[y, x] = sum over (dy, dx) of taps[y*s + dy, x*s + dx, 3*dy + dx]: one strided view, one sum
+    s0, s1, s2, s3 = taps.stride()
+    windows = taps.as_strided((n, out_h, out_w, 3, 3), (s0, s * s1, s * s2, s1 + 3 * s3, s2 + s3))
+    out = windows.sum(dim=(3, 4)) + conv.bias.to(x.dtype)
+    return out[:, None]
 
 
 class MaskUnit(nn.Module):

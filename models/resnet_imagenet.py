@@ -37,11 +37,16 @@ class ResNet(nn.Module):
     def stages(self):
         return (self.layer1, self.layer2, self.layer3, self.layer4)
 
+    def forward_stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_head(self, x):
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
     def forward(self, x):
         """Returns (logits, masks): one Mask per DynConv block, an empty list for the dense network."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x, masks = run_stages(self.stages, x)
-        return self.fc(torch.flatten(self.avgpool(x), 1)), masks
+        x, masks = run_stages(self.stages, self.forward_stem(x))
+        return self.forward_head(x), masks
 
 
 def _resnet(block, layers, sparse, num_classes):

@@ -42,6 +42,10 @@ def build_parser(description, models, defaults, data_aliases=()):
     p.add_argument("--plot_count", type=int, default=8, help="number of images to plot")
     p.add_argument("--full_macs", action="store_true",
                    help="also print the fuller operation count (conv, BN, ReLU, linear, pooling)")
+    p.add_argument("--fast", action="store_true",
+                   help="with -e: also evaluate through the sparse inference engine (skips masked positions)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cupy"],
+                   help="sparse engine backend (auto: CUDA kernels via CuPy on GPUs, torch otherwise)")
     p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH",
                    help="initialise from these weights (mask units keep their fresh initialisation)")
     p.add_argument("--workers", type=int, default=defaults["workers"], help="data loader processes")

@@ -2,6 +2,7 @@
 import contextlib
 import os
 import random
+import time
 
 import torch
 import torch.nn.functional as F
@@ -63,21 +64,31 @@ def train_one_epoch(model, loader, optimizer, scaler, sparsity, epoch, ctx, amp=
 
 
 @torch.no_grad()
-def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_progress=True):
-    """Prec@k (percent) and MMac per image over the whole validation set (summed over all processes)."""
+def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_progress=True, forward=None):
+    """Prec@k (percent), MMac per image and images/s of the forward passes over the whole validation set
+    (summed over all processes). `forward` (default: the model) runs the images, e.g. the sparse engine; the
+    MAC count needs the model's own forward and is skipped otherwise."""
     model.eval()
     device = ctx.device
     correct = torch.zeros(len(topk), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
-    counters = [MacCounter(model)] + ([MacCounter(model, full=True)] if full_macs else [])
+    counters = []
+    if forward is None:
+        forward = model
+        counters = [MacCounter(model)] + ([MacCounter(model, full=True)] if full_macs else [])
+    seconds = 0.0
     with contextlib.ExitStack() as stack:
         for counter in counters:
             stack.enter_context(counter)
         for images, target in tqdm(loader, desc="eval", leave=False, disable=None if show_progress else True):
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
             target = target.to(device, non_blocking=True)
+            start = time.perf_counter()
             with autocast(device, amp):
-                logits, _ = model(images)
+                logits, _ = forward(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - start
             top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
             hits = top == target[:, None]
             for i, k in enumerate(topk):
@@ -88,10 +99,28 @@ def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_pro
     totals = all_reduce_sum(totals, ctx).tolist()
     n = max(totals[len(topk)], 1)
     metrics = {f"prec{k}": 100 * totals[i] / n for i, k in enumerate(topk)}
-    metrics["mmac"] = totals[len(topk) + 1] / max(totals[len(topk) + 2], 1) / 1e6
+    metrics["images_per_s"] = count.item() / max(seconds, 1e-9)  # this process's own compute
+    if counters:
+        metrics["mmac"] = totals[len(topk) + 1] / max(totals[len(topk) + 2], 1) / 1e6
     if full_macs:
         metrics["mmac_full"] = totals[len(topk) + 3] / max(totals[len(topk) + 4], 1) / 1e6
     return metrics
+
+
+def evaluate_fast(model, loader, ctx, topk, args, show):
+    """-e --fast: the masked-dense pass (Prec@k, MMac, speed), then the sparse engine (Prec@k, speed).
+    Prints the engine's accuracy; the two must agree (the engine computes the same function)."""
+    from dynconv.sparse.engine import SparseEngine
+
+    reference = validate(model, loader, ctx, topk, args.full_macs, args.amp, show)
+    try:
+        engine = SparseEngine(model, backend=args.backend)
+    except ValueError as e:
+        raise UserError(str(e))
+    fast = validate(model, loader, ctx, topk, amp=args.amp, show_progress=show, forward=engine)
+    return {**reference, **{k: fast[k] for k in fast if k.startswith("prec")},
+            "reference_prec1": reference["prec1"], "reference_images_per_s": reference["images_per_s"],
+            "images_per_s": fast["images_per_s"], "backend": engine.backend}
 
 
 def print_eval(epoch, metrics):
@@ -102,6 +131,13 @@ def print_eval(epoch, metrics):
     print(f"* FLOPS (multiply-accumulates, MACs) per image:  {metrics['mmac']:.6f} MMac")
     if "mmac_full" in metrics:
         print(f"* Full operation count (conv, BN, ReLU, linear, pooling) per image:  {metrics['mmac_full']:.6f} MMac")
+    if "reference_images_per_s" in metrics:
+        ratio = metrics["images_per_s"] / max(metrics["reference_images_per_s"], 1e-9)
+        print(f"* Images/s: masked-dense {metrics['reference_images_per_s']:.1f}, sparse engine "
+              f"({metrics['backend']}) {metrics['images_per_s']:.1f} ({ratio:.2f}x)")
+        if abs(metrics["reference_prec1"] - metrics["prec1"]) > 1e-9:
+            print(f"* warning: masked-dense Prec@1 {metrics['reference_prec1']:.3f} differs from the engine's "
+                  "(a mask logit within float rounding of 0?)")
 
 
 def default_run_dir(family, model, budget):
@@ -138,6 +174,8 @@ def run(args, family, make_datasets, topk=(1,), load_pretrained=None):
         raise UserError(f"--budget must be in [0, 1], or -1 for the plain ResNet (got {args.budget:g})")
     if args.epochs < 1 or args.batchsize < 1:
         raise UserError("--epochs and --batchsize must be positive")
+    if args.fast and not args.evaluate:
+        raise UserError("--fast is an evaluation mode: use it with -e")
     if args.amp and not args.device.startswith("cuda"):
         raise UserError("--amp needs a CUDA device")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -178,7 +216,10 @@ def _run(args, family, make_datasets, topk, load_pretrained, checkpoint_path, ru
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, args.batchsize, args.workers, ctx)
     if args.evaluate:
-        metrics = validate(model, val_loader, ctx, topk, args.full_macs, args.amp, show)
+        if args.fast:
+            metrics = evaluate_fast(model, val_loader, ctx, topk, args, show)
+        else:
+            metrics = validate(model, val_loader, ctx, topk, args.full_macs, args.amp, show)
         if ctx.is_main:
             print_eval(checkpoint.get("epoch", 0), metrics)
             if args.plot_ponder:

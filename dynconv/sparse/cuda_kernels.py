@@ -1,0 +1,210 @@
+"""The "cupy" backend of dynconv/sparse/ops.py: its gather/scatter ops as CUDA C kernels compiled at run time.
+
+One kernel per op, one thread per output element on a 1-D grid (launch_config). No shared memory, barriers or
+atomics: every thread owns one element, and scatter indices never repeat. Each kernel's last two parameters are
+the channel count C and the element count `total`; index arithmetic is 64-bit because blockIdx.x * blockDim.x, a
+32-bit unsigned product, wraps past 2^32 elements. Indices are trusted: checking their range would cost a sync.
+
+The host code (checks, output allocation, argument order) is written once in make_ops over an abstract launcher, so
+the test harness tests/cuda_emulation.py runs it, and these exact kernel sources, on the CPU. Importing this module
+needs no GPU and no CuPy: CuPy is imported on the first launch.
+"""
+import torch
+
+THREADS_PER_BLOCK = 256
+
+# CuPy 14 defaults to -std=c++17; the kernels are plain C, so the oldest standard NVRTC still accepts is enough.
+COMPILE_OPTIONS = ("-std=c++14",)
+
+_SOURCES = {
+    "gather_rows": r"""
+extern "C" __global__ void gather_rows(const float* __restrict__ src, const long long* __restrict__ idx,
+                                       float* __restrict__ out, long long C, long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long k = i / C, c = i - k * C;
+    out[i] = src[idx[k] * C + c];
+}
+""",
+    # out is (K, 9C): element i is channel c of tap t = dy * 3 + dx of window k.
+    "gather_patches": r"""
+extern "C" __global__ void gather_patches(const float* __restrict__ src, const long long* __restrict__ base,
+                                          float* __restrict__ out, long long padded_width, long long C,
+                                          long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long k = i / (9 * C), r = i - k * 9 * C;
+    const long long t = r / C, c = r - t * C;
+    out[i] = src[(base[k] + (t / 3) * padded_width + t % 3) * C + c];
+}
+""",
+    # "v < 0 ? 0 : v" rather than fmaxf(v, 0): NaN propagates, as in torch's relu.
+    "bias_relu": r"""
+extern "C" __global__ void bias_relu(float* __restrict__ rows, const float* __restrict__ bias, long long C,
+                                     long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const float v = rows[i] + bias[i % C];
+    rows[i] = v < 0.0f ? 0.0f : v;
+}
+""",
+    "scatter_rows": r"""
+extern "C" __global__ void scatter_rows(float* __restrict__ dst, const long long* __restrict__ idx,
+                                        const float* __restrict__ rows, long long C, long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long k = i / C, c = i - k * C;
+    dst[idx[k] * C + c] = rows[i];
+}
+""",
+    "scatter_add_relu": r"""
+extern "C" __global__ void scatter_add_relu(float* __restrict__ dst, const long long* __restrict__ idx,
+                                            const float* __restrict__ rows, long long C, long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long k = i / C, c = i - k * C;
+    const long long p = idx[k] * C + c;
+    const float v = dst[p] + rows[i];
+    dst[p] = v < 0.0f ? 0.0f : v;
+}
+""",
+}
+
+
+def kernel_sources():
+    """{kernel name: CUDA C source}, each a whole compilation unit, exactly as compiled."""
+    return dict(_SOURCES)
+
+
+def launch_config(total):
+    """(grid, block) of a launch over `total` elements, one thread each: 1-D, THREADS_PER_BLOCK-thread blocks."""
+    return ((total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK, 1, 1), (THREADS_PER_BLOCK, 1, 1)
+
+
+# ---- input checks ----
+
+def _check(name, t, dtype, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _rows(name, t):
+    _check(name, t, torch.float32, 2)
+
+
+def _index(name, t):
+    _check(name, t, torch.int64, 1)
+
+
+def _same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("tensors on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def _scatter_checks(dst, idx, rows):
+    _rows("dst", dst)
+    _index("idx", idx)
+    _rows("rows", rows)
+    if rows.shape != (idx.shape[0], dst.shape[1]):
+        raise ValueError(f"rows must be (len(idx), dst columns) = {(idx.shape[0], dst.shape[1])}, "
+                         f"got {tuple(rows.shape)}")
+    _same_device(dst=dst, idx=idx, rows=rows)
+    # Threads reading rows while others write dst would race if the two overlapped.
+    if rows.numel() and rows.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr():
+        raise ValueError("rows must not share memory with dst")
+
+
+# ---- the ops, over an abstract launcher ----
+
+def make_ops(launch):
+    """The op table (same keys and signatures as ops.TORCH_OPS) on top of `launch(name, total, *args)`, which runs
+    kernel `name` with launch_config(total) on `args` (tensors and ints) followed by `total`."""
+
+    def run(name, total, *args):
+        if total > 0:  # CUDA rejects an empty grid
+            launch(name, total, *args)
+
+    def gather_rows(src, idx):
+        _rows("src", src)
+        _index("idx", idx)
+        _same_device(src=src, idx=idx)
+        out = src.new_empty((idx.shape[0], src.shape[1]))
+        run("gather_rows", out.numel(), src, idx, out, src.shape[1])
+        return out
+
+    def gather_patches(src, base, padded_width):
+        _rows("src", src)
+        _index("base", base)
+        _same_device(src=src, base=base)
+        out = src.new_empty((base.shape[0], 9 * src.shape[1]))
+        run("gather_patches", out.numel(), src, base, out, int(padded_width), src.shape[1])
+        return out
+
+    def bias_relu_(rows, bias):
+        _rows("rows", rows)
+        _check("bias", bias, torch.float32, 1)
+        if bias.shape[0] != rows.shape[1]:
+            raise ValueError(f"bias must have {rows.shape[1]} entries (rows columns), got {bias.shape[0]}")
+        _same_device(rows=rows, bias=bias)
+        run("bias_relu", rows.numel(), rows, bias, rows.shape[1])
+        return rows
+
+    def scatter_rows_(dst, idx, rows):
+        _scatter_checks(dst, idx, rows)
+        run("scatter_rows", rows.numel(), dst, idx, rows, dst.shape[1])
+        return dst
+
+    def scatter_add_relu_(dst, idx, rows):
+        _scatter_checks(dst, idx, rows)
+        run("scatter_add_relu", rows.numel(), dst, idx, rows, dst.shape[1])
+        return dst
+
+    def linear(rows, weight, bias, relu):
+        # With ReLU: the GEMM alone, then bias and ReLU in one pass of the fused kernel (addmm would first copy the
+        # bias into the output, and relu_ would be a second pass). Without: addmm, whose bias copy is that one pass.
+        if relu:
+            return bias_relu_(torch.mm(rows, weight), bias)
+        return torch.addmm(bias, rows, weight)
+
+    return dict(gather_rows=gather_rows, gather_patches=gather_patches, bias_relu_=bias_relu_,
+                scatter_rows_=scatter_rows_, scatter_add_relu_=scatter_add_relu_, linear=linear)
+
+
+# ---- the CuPy launcher ----
+
+_kernels = {}  # name -> cupy.RawKernel; CuPy compiles and loads it once per device (and caches it on disk)
+
+
+def _kernel(name):
+    import cupy
+
+    if name not in _kernels:
+        _kernels[name] = cupy.RawModule(code=_SOURCES[name], options=COMPILE_OPTIONS).get_function(name)
+    return _kernels[name]
+
+
+def _cupy_launch(name, total, *args):
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if device.type != "cuda":
+        raise ValueError(f"the cupy backend needs CUDA tensors, got tensors on {device}")
+    import cupy
+
+    grid, block = launch_config(total)
+    with cupy.cuda.Device(device.index):
+        # torch's current stream, so the kernel is ordered with the torch work around it without a sync.
+        # (cupy.cuda.ExternalStream is deprecated in CuPy 14; torch streams speak the __cuda_stream__ protocol.)
+        with cupy.cuda.Stream.from_external(torch.cuda.current_stream(device)):
+            # Zero-copy views through __cuda_array_interface__ (detach: torch refuses it on tensors requiring grad).
+            kernel_args = tuple(cupy.asarray(a.detach()) if isinstance(a, torch.Tensor) else cupy.int64(a)
+                                for a in args + (total,))
+            _kernel(name)(grid, block, kernel_args)
+
+
+OPS = make_ops(_cupy_launch)

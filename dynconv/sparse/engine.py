@@ -1,0 +1,191 @@
+"""Sparse inference: run each DynConv block only at the positions its mask selects.
+
+The engine computes the same function as the masked-dense model (`model(x)` in eval mode) but skips the
+masked positions. Per block, in a position-major layout (rows = pixels, columns = channels):
+
+- the mask unit runs as usual; the active positions of the mask and of the dilated mask become index lists;
+- BasicBlock: conv1 (3x3, strided) = gather of the 3x3 neighbourhoods of the dilated positions (im2col of the
+  active positions only) + one matrix product with BatchNorm folded in + ReLU; the rows go into a zero
+  padded buffer; conv2 (3x3) the same way at the mask positions, from that buffer;
+- Bottleneck: conv1 (1x1) = matrix product on the gathered rows of the dilated positions, into the padded
+  buffer; conv2 (3x3, strided) and conv3 (1x1) at the mask positions;
+- the block result is added into the identity at the mask positions only, with the ReLU fused.
+
+Positions outside the mask keep the identity. ResNet block inputs come out of a ReLU (or of max-pooling
+one), so they need no ReLU; a downsampled identity (conv + BN) gets one over the whole map.
+
+When a block's active fraction is high, gathering costs more than it saves; above `dense_above` the block
+runs densely (oneDNN/cuDNN convolutions with the same folded weights) and is masked afterwards.
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.resnet import BasicBlock, Bottleneck
+from ..maskunit import Mask
+from .ops import get_ops, resolve_backend
+
+
+@dataclass
+class FoldedConv:
+    """A conv with its BatchNorm folded in: dense weight (for F.conv2d) and matrix (for gathered rows)."""
+
+    weight: torch.Tensor  # (Cout, Cin, k, k), channels-last
+    matrix: torch.Tensor  # (k * k * Cin, Cout): rows ordered (dy, dx, channel) like gather_patches
+    bias: torch.Tensor  # (Cout,)
+    stride: int
+    padding: int
+
+
+def fold_conv_bn(conv, bn):
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale[:, None, None, None]
+    bias = bn.bias - bn.running_mean * scale
+    matrix = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+    return FoldedConv(weight.contiguous(memory_format=torch.channels_last), matrix, bias.contiguous(),
+                      conv.stride[0], conv.padding[0])
+
+
+def _rows(x):
+    """Position-major view (N*H*W, C) of a channels-last NCHW tensor."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_row_table(n, height, width, device):
+    """For every pixel (n, y, x) of an unpadded map, flattened: its row in the map padded by one pixel."""
+    index = torch.arange(n * height * width, device=device)
+    hw = height * width
+    b, r = index // hw, index % hw
+    return b * (height + 2) * (width + 2) + (r // width + 1) * (width + 2) + r % width + 1
+
+
+@functools.lru_cache(maxsize=256)
+def _window_base_table(n, out_h, out_w, stride, in_h, in_w, device):
+    """For every output pixel (n, y, x), flattened: the row of its 3x3 window's top-left tap in the padded input."""
+    index = torch.arange(n * out_h * out_w, device=device)
+    hw = out_h * out_w
+    b, r = index // hw, index % hw
+    return b * (in_h + 2) * (in_w + 2) + (r // out_w) * stride * (in_w + 2) + (r % out_w) * stride
+
+
+class SparseEngine:
+    """Executes a trained DynConv ResNet (eval mode) skipping masked positions. `engine(x) -> (logits, masks)`.
+
+    backend: "auto" (CuPy kernels for CUDA tensors when available, else torch), "torch" or "cupy".
+    dense_above: active fraction above which a block runs densely (see the module docstring).
+    """
+
+    def __init__(self, model, backend="auto", dense_above=0.75):
+        if model.training:
+            raise ValueError("the sparse engine runs trained models in eval mode: call model.eval() first")
+        blocks = [b for stage in getattr(model, "stages", ()) for b in stage]
+        if not blocks or not all(getattr(b, "masker", None) is not None for b in blocks):
+            raise ValueError("the sparse engine needs a DynConv model (mask units in every block); "
+                             "this one is dense")
+        unsupported = {type(b).__name__ for b in blocks if type(b) not in (BasicBlock, Bottleneck)}
+        if unsupported:
+            raise ValueError(f"unsupported block type {', '.join(sorted(unsupported))} "
+                             "(the engine runs BasicBlock and Bottleneck)")
+        self.model = model
+        device = next(model.parameters()).device
+        self.backend = resolve_backend(backend, device)
+        self.ops = get_ops(self.backend)
+        self.dense_above = dense_above
+        with torch.no_grad():
+            self.folded = {b: self._fold(b) for b in blocks}
+
+    @staticmethod
+    def _fold(block):
+        """Folded conv1, conv2 (, conv3) and, last, the downsample (or None)."""
+        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        if isinstance(block, Bottleneck):
+            convs.append((block.conv3, block.bn3))
+        folded = [fold_conv_bn(c, bn) for c, bn in convs]
+        downsample = None
+        if block.downsample is not None:
+            conv, bn = block.downsample
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and conv.kernel_size == (1, 1)):
+                raise ValueError("unsupported downsample (the engine folds a 1x1 conv + BatchNorm)")
+            downsample = fold_conv_bn(conv, bn)
+        return folded + [downsample]
+
+    @torch.no_grad()
+    def __call__(self, x):
+        x = self.model.forward_stem(x.contiguous(memory_format=torch.channels_last))
+        masks = []
+        for stage in self.model.stages:
+            for block in stage:
+                x, mask = self.run_block(block, x)
+                masks.append(mask)
+        return self.model.forward_head(x), masks
+
+    def run_block(self, block, x):
+        hard, dilated, _ = block.masker(x)
+        mask = Mask(hard, dilated, None, block.masked_macs, block.dilated_macs)
+        identity = x if block.downsample is None else self._downsample(self.folded[block][-1], x)
+        idx = hard.reshape(-1).nonzero().squeeze(1)
+        idx_dilated = dilated.reshape(-1).nonzero().squeeze(1)
+        if idx_dilated.numel() > self.dense_above * dilated.numel():
+            out = self._dense_residual(block, x)
+            out = torch.addcmul(identity, out, hard).relu_()
+            return out, mask
+        # ResNet block inputs are non-negative (ReLU outputs), so `identity` can take the result in place
+        out = identity
+        if isinstance(block, BasicBlock):
+            residual = self._basic_rows(block, x, idx, idx_dilated, hard.shape[-2:])
+        else:
+            residual = self._bottleneck_rows(block, x, idx, idx_dilated, hard.shape[-2:])
+        self.ops["scatter_add_relu_"](_rows(out), idx, residual)
+        if block.downsample is not None:
+            out.relu_()  # the downsampled identity can be negative outside the mask
+        return out, mask
+
+    def _downsample(self, folded, x):
+        """1x1 strided conv + BN as one matrix product on the subsampled pixels (oneDNN's strided 1x1 conv
+        is several times slower per MAC)."""
+        s = folded.stride
+        x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
+        n, _, h, w = x.shape
+        out = self.ops["linear"](_rows(x), folded.matrix, folded.bias, False)
+        return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+    def _dense_residual(self, block, x):
+        """The residual branch over the whole map, with the folded weights (oneDNN / cuDNN convolutions)."""
+        folded = self.folded[block][:-1]
+        for i, f in enumerate(folded):
+            x = F.conv2d(x, f.weight, f.bias, f.stride, f.padding)
+            if i < len(folded) - 1:
+                x = x.relu_()
+        return x
+
+    def _gathered_conv3x3(self, src_padded_rows, idx, n, out_hw, stride, in_hw, folded, relu):
+        bases = _window_base_table(n, *out_hw, stride, *in_hw, idx.device).index_select(0, idx)
+        patches = self.ops["gather_patches"](src_padded_rows, bases, in_hw[1] + 2)
+        return self.ops["linear"](patches, folded.matrix, folded.bias, relu)
+
+    def _padded_buffer(self, rows, idx, n, h, w):
+        """A zero map (n, h+2, w+2, C) as rows, holding `rows` at the positions `idx` of the unpadded map."""
+        buffer = rows.new_zeros(n * (h + 2) * (w + 2), rows.shape[1])
+        self.ops["scatter_rows_"](buffer, _padded_row_table(n, h, w, idx.device).index_select(0, idx), rows)
+        return buffer
+
+    def _basic_rows(self, block, x, idx, idx_dilated, out_hw):
+        n, c, h, w = x.shape
+        conv1, conv2, _ = self.folded[block]
+        padded_x = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        y1 = self._gathered_conv3x3(_rows(padded_x), idx_dilated, n, out_hw, conv1.stride, (h, w), conv1, True)
+        buffer = self._padded_buffer(y1, idx_dilated, n, *out_hw)
+        return self._gathered_conv3x3(buffer, idx, n, out_hw, 1, out_hw, conv2, relu=False)
+
+    def _bottleneck_rows(self, block, x, idx, idx_dilated, out_hw):
+        n, c, h, w = x.shape
+        conv1, conv2, conv3, _ = self.folded[block]
+        y1 = self.ops["linear"](self.ops["gather_rows"](_rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
+        buffer = self._padded_buffer(y1, idx_dilated, n, h, w)
+        y2 = self._gathered_conv3x3(buffer, idx, n, out_hw, conv2.stride, (h, w), conv2, relu=True)
+        return self.ops["linear"](y2, conv3.matrix, conv3.bias, False)

@@ -1,0 +1,55 @@
+"""Synthetic masks at a chosen density, for benchmarks and tests: spatially clustered blobs (like trained
+masks) or i.i.d. random pixels (the worst case: dilation then covers almost everything)."""
+import torch
+import torch.nn.functional as F
+
+from ..maskunit import MaskUnit, dilate_mask
+
+KINDS = ("clustered", "random")
+
+
+def synthetic_mask(n, h, w, density, kind="clustered", seed=0):
+    """(n, 1, h, w) 0/1 float mask with exactly round(density * h * w) active positions per image."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "clustered":
+        # smooth noise: a coarse random field upsampled; its top values form blobs
+        coarse = torch.rand(n, 1, max(1, h // 4), max(1, w // 4), generator=generator)
+        score = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        score = score + 1e-4 * torch.rand(n, 1, h, w, generator=generator)  # break ties deterministically
+    elif kind == "random":
+        score = torch.rand(n, 1, h, w, generator=generator)
+    else:
+        raise ValueError(f"unknown mask kind '{kind}' (choices: {', '.join(KINDS)})")
+    count = round(density * h * w)
+    mask = torch.zeros(n, h * w)
+    if count > 0:
+        mask.scatter_(1, score.reshape(n, -1).topk(count, dim=1).indices, 1.0)
+    return mask.reshape(n, 1, h, w)
+
+
+class SyntheticMaskUnit(MaskUnit):
+    """A mask unit that computes its logits as usual (so its cost is real) but returns a synthetic mask."""
+
+    def __init__(self, unit, density, kind, seed):
+        super().__init__(unit.maskconv.conv.in_channels, unit.maskconv.conv.stride[0], unit.dilate_stride)
+        self.maskconv = unit.maskconv
+        self.density, self.kind, self.seed = density, kind, seed
+        self._cache = {}
+
+    def forward(self, x):
+        logits = self.maskconv(x)
+        key = (tuple(logits.shape), logits.device)
+        if key not in self._cache:
+            n, _, h, w = logits.shape
+            self._cache[key] = synthetic_mask(n, h, w, self.density, self.kind, self.seed).to(logits.device)
+        hard = self._cache[key]
+        output_size = x.shape[-2:] if self.dilate_stride > 1 else None
+        return hard, dilate_mask(hard, self.dilate_stride, output_size), None
+
+
+def install_synthetic_masks(model, density, kind="clustered", seed=0):
+    """Replaces every block's mask unit by a SyntheticMaskUnit (same weights); returns the model."""
+    blocks = [b for stage in model.stages for b in stage]
+    for i, block in enumerate(blocks):
+        block.masker = SyntheticMaskUnit(block.masker, density, kind, seed + i)
+    return model

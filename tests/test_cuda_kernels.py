@@ -1,0 +1,239 @@
+"""The cupy backend (dynconv/sparse/cuda_kernels.py) against the torch backend, the specification.
+
+Without a GPU: the kernel sources compile with NVRTC, and run on the CPU (tests/cuda_emulation.py) through the
+backend's own host code. With a GPU, the real CuPy launches are tested too.
+"""
+import pytest
+import torch
+
+from cuda_emulation import EmulatedKernels
+from dynconv.sparse import cuda_kernels, ops
+from dynconv.sparse.cuda_kernels import COMPILE_OPTIONS, kernel_sources
+
+KERNELS = sorted(kernel_sources())
+NUM_ROWS = (0, 1, 7, 133)  # K, the length of the index list
+CHANNELS = (1, 3, 17, 64)
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return EmulatedKernels(kernel_sources()).ops()
+
+
+def random_rows(rows, channels, generator):
+    return torch.randn(rows, channels, generator=generator)
+
+
+def window_bases(windows, batch, height, padded_width, generator):
+    """Top-left rows of random 3x3 windows inside a zero-padded (batch, height + 2, padded_width) map."""
+    n = torch.randint(batch, (windows,), generator=generator)
+    y = torch.randint(height, (windows,), generator=generator)
+    x = torch.randint(padded_width - 2, (windows,), generator=generator)
+    return (n * (height + 2) + y) * padded_width + x
+
+
+# ---- a. NVRTC: the sources compile for real GPUs ----
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("name", KERNELS)
+def test_nvrtc_compiles(name, arch):
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+
+    def check(result):
+        err, *values = result
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{name}: {err}"
+        return values[0] if values else None
+
+    prog = check(nvrtc.nvrtcCreateProgram(kernel_sources()[name].encode(), f"{name}.cu".encode(), 0, [], []))
+    try:
+        options = [o.encode() for o in COMPILE_OPTIONS + (f"--gpu-architecture={arch}",)]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        log = b" " * check(nvrtc.nvrtcGetProgramLogSize(prog))
+        check(nvrtc.nvrtcGetProgramLog(prog, log))
+        log = log.rstrip(b"\0 ").decode()
+        print(log)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{name} does not compile for {arch}:\n{log}"
+        ptx = b" " * check(nvrtc.nvrtcGetPTXSize(prog))
+        check(nvrtc.nvrtcGetPTX(prog, ptx))
+    finally:
+        check(nvrtc.nvrtcDestroyProgram(prog))
+    assert len(ptx) > 0
+    # extern "C": the entry point keeps the plain name that the launcher looks up.
+    assert f".entry {name}(".encode() in ptx
+
+
+# ---- b. the emulated kernels equal the torch ops ----
+
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("k", NUM_ROWS)
+def test_gather_rows(emulated, k, channels):
+    g = torch.Generator().manual_seed(k * 100 + channels)
+    src = random_rows(50, channels, g)
+    idx = torch.randint(50, (k,), generator=g)  # repeats are fine in a gather
+    out = emulated["gather_rows"](src, idx)
+    assert torch.equal(out, ops.gather_rows(src, idx))
+
+
+@pytest.mark.parametrize("padded_width", [5, 9])
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("k", NUM_ROWS)
+def test_gather_patches(emulated, k, channels, padded_width):
+    g = torch.Generator().manual_seed(k * 1000 + channels * 10 + padded_width)
+    batch, height = 2, 4
+    src = random_rows(batch * (height + 2) * padded_width, channels, g)
+    base = window_bases(k, batch, height, padded_width, g)
+    out = emulated["gather_patches"](src, base, padded_width)
+    assert torch.equal(out, ops.gather_patches(src, base, padded_width))
+
+
+def test_gather_patches_from_padded_map(emulated):
+    """Windows gathered from a real padded NHWC map are its 3x3 neighbourhoods, taps row-major then channels."""
+    g = torch.Generator().manual_seed(0)
+    n, h, w, c = 2, 7, 5, 3
+    padded = torch.nn.functional.pad(torch.randn(n, h, w, c, generator=g), (0, 0, 1, 1, 1, 1))  # (n, h+2, w+2, c)
+    src = padded.reshape(-1, c)
+    centres = [(int(torch.randint(n, (), generator=g)), int(torch.randint(h, (), generator=g)),
+                int(torch.randint(w, (), generator=g))) for _ in range(11)]
+    base = torch.tensor([(b * (h + 2) + y) * (w + 2) + x for b, y, x in centres])
+    out = emulated["gather_patches"](src, base, w + 2)
+    assert torch.equal(out, ops.gather_patches(src, base, w + 2))
+    for k, (b, y, x) in enumerate(centres):
+        assert torch.equal(out[k], padded[b, y:y + 3, x:x + 3, :].reshape(-1))
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("k", NUM_ROWS)
+def test_bias_relu(emulated, k, channels):
+    g = torch.Generator().manual_seed(k * 100 + channels)
+    rows = random_rows(k + 2, channels, g)
+    if k:
+        rows[1, 0] = float("nan")  # propagates, as in torch
+    bias = torch.randn(channels, generator=g)
+    expected = ops.bias_relu_(rows[1:-1].clone(), bias)
+    before = rows.clone()
+    out = emulated["bias_relu_"](rows[1:-1], bias)  # a view inside a larger buffer: nothing outside it changes
+    assert out.data_ptr() == rows[1:-1].data_ptr()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    assert torch.equal(rows[[0, -1]], before[[0, -1]])
+
+
+@pytest.mark.parametrize("op", ["scatter_rows_", "scatter_add_relu_"])
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("k", NUM_ROWS)
+def test_scatters(emulated, op, k, channels):
+    g = torch.Generator().manual_seed(k * 100 + channels)
+    m = 140
+    buffer = random_rows(m + 2, channels, g)
+    idx = torch.randperm(m, generator=g)[:k]
+    rows = random_rows(k, channels, g)
+    expected = getattr(ops, op)(buffer[1:-1].clone(), idx, rows)
+    before = buffer.clone()
+    out = emulated[op](buffer[1:-1], idx, rows)  # dst inside a larger buffer: catches writes past its ends
+    assert out.data_ptr() == buffer[1:-1].data_ptr()
+    if op == "scatter_rows_":
+        assert torch.equal(out, expected)
+    else:
+        torch.testing.assert_close(out, expected)
+    assert torch.equal(buffer[[0, -1]], before[[0, -1]])
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("k", NUM_ROWS)
+def test_linear(emulated, k, relu):
+    g = torch.Generator().manual_seed(k)
+    rows, weight, bias = random_rows(k, 27, g), torch.randn(27, 17, generator=g), torch.randn(17, generator=g)
+    torch.testing.assert_close(emulated["linear"](rows, weight, bias, relu), ops.linear(rows, weight, bias, relu))
+
+
+def test_input_checks(emulated):
+    src, idx = torch.randn(10, 4), torch.arange(3)
+    with pytest.raises(ValueError, match="src must be torch.float32"):
+        emulated["gather_rows"](src.double(), idx)
+    with pytest.raises(ValueError, match="idx must be torch.int64"):
+        emulated["gather_rows"](src, idx.int())
+    with pytest.raises(ValueError, match="src must be contiguous"):
+        emulated["gather_rows"](src.t(), idx)
+    with pytest.raises(ValueError, match="base must be 1-D"):
+        emulated["gather_patches"](src, idx[None], 5)
+    with pytest.raises(ValueError, match="different devices"):
+        emulated["gather_rows"](src, idx.to("meta"))
+    with pytest.raises(ValueError, match="bias must have 4 entries"):
+        emulated["bias_relu_"](src, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"rows must be \(len\(idx\), dst columns\)"):
+        emulated["scatter_rows_"](src, idx, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="must not share memory"):
+        emulated["scatter_add_relu_"](src, idx, src[5:8])
+
+
+def test_cupy_backend_rejects_cpu_tensors():
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        cuda_kernels.OPS["gather_rows"](torch.randn(4, 2), torch.arange(2))
+
+
+# ---- c. the real CuPy launches, on a GPU ----
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not ops.cupy_available(),
+                               reason="needs a CUDA GPU and CuPy")
+
+
+@needs_gpu
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("k", NUM_ROWS)
+def test_cupy_matches_torch(k, channels):
+    g = torch.Generator().manual_seed(k * 100 + channels)
+    cuda, torch_ops = cuda_kernels.OPS, ops.TORCH_OPS
+    src = random_rows(50, channels, g).cuda()
+    idx = torch.randint(50, (k,), generator=g).cuda()
+    assert torch.equal(cuda["gather_rows"](src, idx), torch_ops["gather_rows"](src, idx))
+
+    base = window_bases(k, 2, 4, 9, g).cuda()
+    patch_src = random_rows(2 * 6 * 9, channels, g).cuda()
+    assert torch.equal(cuda["gather_patches"](patch_src, base, 9), torch_ops["gather_patches"](patch_src, base, 9))
+
+    rows, bias = random_rows(k, channels, g).cuda(), torch.randn(channels, generator=g).cuda()
+    torch.testing.assert_close(cuda["bias_relu_"](rows.clone(), bias), torch_ops["bias_relu_"](rows.clone(), bias))
+
+    dst, scatter_idx = random_rows(140, channels, g).cuda(), torch.randperm(140, generator=g)[:k].cuda()
+    assert torch.equal(cuda["scatter_rows_"](dst.clone(), scatter_idx, rows),
+                       torch_ops["scatter_rows_"](dst.clone(), scatter_idx, rows))
+    torch.testing.assert_close(cuda["scatter_add_relu_"](dst.clone(), scatter_idx, rows),
+                               torch_ops["scatter_add_relu_"](dst.clone(), scatter_idx, rows))
+
+    weight = torch.randn(channels, 5, generator=g).cuda()
+    linear_bias = torch.nn.Parameter(torch.randn(5, generator=g).cuda())  # requires grad, as a model's would
+    for relu in (False, True):
+        with torch.no_grad():
+            torch.testing.assert_close(cuda["linear"](rows, weight, linear_bias, relu),
+                                       torch_ops["linear"](rows, weight, linear_bias, relu))
+
+
+@needs_gpu
+def test_cupy_runs_on_torch_current_stream():
+    """A smoke test: on a side stream, torch work queued after the kernel sees its output."""
+    g = torch.Generator().manual_seed(0)
+    src, idx = random_rows(1000, 64, g).cuda(), torch.randint(1000, (5000,), generator=g).cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = cuda_kernels.OPS["gather_rows"](src, idx)
+        doubled = out * 2
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(doubled, src[idx] * 2)
+
+
+# ---- d. backend resolution ----
+
+def test_resolve_backend():
+    assert ops.resolve_backend("auto", "cpu") == "torch"
+    assert ops.resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.resolve_backend("cupy", "cpu")
+    with pytest.raises(ValueError, match="unknown sparse backend"):
+        ops.resolve_backend("triton", "cpu")
+    assert ops.get_ops("cupy") is cuda_kernels.OPS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_resolve_backend_without_gpu():
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        ops.resolve_backend("cupy", "cuda")

@@ -1,0 +1,162 @@
+"""The sparse inference engine computes the masked-dense model's function, skipping masked positions."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import main_cifar
+from conftest import ROOT
+from dynconv import MaskUnit
+from dynconv.sparse.engine import SparseEngine
+from dynconv.sparse.masks import SyntheticMaskUnit, synthetic_mask
+from models import create_model
+from models.resnet import BasicBlock, Bottleneck, conv1x1
+from utils.errors import run_cli
+
+
+def randomise_batchnorm(module, seed=0):
+    """Non-trivial BN statistics and affine parameters, so that folding them is really tested."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=generator) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=generator) - 0.5)
+    return module
+
+
+class OneBlock(nn.Module):
+    """A block presented to the engine as a one-block network."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    @property
+    def stages(self):
+        return [[self.block]]
+
+
+def make_block(kind, stride, inplanes, planes):
+    block_type = BasicBlock if kind == "basic" else Bottleneck
+    downsample = None
+    if stride != 1 or inplanes != planes * block_type.expansion:
+        downsample = nn.Sequential(conv1x1(inplanes, planes * block_type.expansion, stride),
+                                   nn.BatchNorm2d(planes * block_type.expansion))
+    return block_type(inplanes, planes, stride, downsample, MaskUnit)
+
+
+MASKS = [("all_on", "random", 1.0), ("all_off", "random", 0.0), ("random", "random", 0.4),
+         ("clustered", "clustered", 0.3)]
+
+
+@pytest.mark.parametrize("kind,inplanes,planes", [("basic", 8, 8), ("basic", 8, 16), ("bottleneck", 16, 4),
+                                                  ("bottleneck", 8, 4)])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch,size", [(1, (9, 7)), (3, (8, 11))])
+@pytest.mark.parametrize("name,mask_kind,density", MASKS)
+@pytest.mark.parametrize("dense_above", [1.1, -1.0], ids=["gathered", "dense-path"])
+def test_block_equals_masked_dense(kind, inplanes, planes, stride, batch, size, name, mask_kind, density, dense_above):
+    torch.manual_seed(1)
+    block = randomise_batchnorm(make_block(kind, stride, inplanes, planes)).eval()
+    block.masker = SyntheticMaskUnit(block.masker, density, mask_kind, seed=3)
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.relu(torch.randn(batch, inplanes, *size)).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, expected_mask = block(x)
+        engine = SparseEngine(OneBlock(block).eval(), backend="torch", dense_above=dense_above)
+        got, mask = engine.run_block(block, x.clone())
+    assert torch.equal(mask.hard, expected_mask.hard)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if density == 0.0 and block.downsample is None:
+        assert torch.equal(got, x)  # every position skipped: the identity, untouched
+
+
+@pytest.mark.parametrize("name,size", [("resnet8", (32, 32)), ("resnet8", (33, 29)), ("resnet50", (64, 64)),
+                                       ("resnet50", (57, 71))])
+def test_whole_network_equals_masked_dense(name, size):
+    """Masks from the (random) mask units themselves, as in a trained model."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(create_model(name, sparse=True)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, *size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, expected_masks = model(x)
+        got, masks = SparseEngine(model, backend="torch")(x)
+    fractions = [m.hard.mean().item() for m in masks]
+    assert 0 < sum(fractions) / len(fractions) < 1  # really sparse, not trivially all on or off
+    assert all(torch.equal(a.hard, b.hard) for a, b in zip(masks, expected_masks))
+    relative = (got - expected).abs().max() / expected.abs().max()
+    assert relative < 1e-4
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_bad_models_are_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="eval mode"):
+        SparseEngine(create_model("resnet8", sparse=True).train())
+    with pytest.raises(ValueError, match="dense"):
+        SparseEngine(create_model("resnet8").eval())
+
+    class OtherBlock(BasicBlock):
+        pass
+
+    model = create_model("resnet8", sparse=True).eval()
+    model.layer2[0].__class__ = OtherBlock
+    with pytest.raises(ValueError, match="unsupported block type OtherBlock"):
+        SparseEngine(model)
+    with pytest.raises(ValueError, match="cupy backend needs CUDA tensors"):
+        SparseEngine(create_model("resnet8", sparse=True).eval(), backend="cupy")
+
+
+def test_synthetic_masks_have_the_requested_density_and_cluster():
+    clustered = synthetic_mask(2, 28, 28, 0.3, "clustered", seed=0)
+    random = synthetic_mask(2, 28, 28, 0.3, "random", seed=0)
+    assert clustered.sum().item() == random.sum().item() == 2 * round(0.3 * 28 * 28)
+    assert torch.equal(clustered, synthetic_mask(2, 28, 28, 0.3, "clustered", seed=0))  # deterministic
+
+    def dilated_fraction(m):
+        return torch.nn.functional.max_pool2d(m, 3, 1, 1).mean().item()
+
+    assert dilated_fraction(clustered) < 0.5 < dilated_fraction(random)  # blobs dilate little, pixels a lot
+
+
+def test_fast_evaluation_gives_the_same_prec1(tiny_cifar, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(create_model("resnet8", sparse=True, num_classes=3))
+    torch.save({"state_dict": model.state_dict(), "epoch": 1}, tmp_path / "checkpoint.pth")
+    args = ["--model", "resnet8", "--budget", "0.5", "--data", tiny_cifar, "--workers", "0", "-r",
+            str(tmp_path / "checkpoint.pth"), "-e"]
+    outputs = []
+    for extra in ([], ["--fast", "--backend", "torch"]):
+        try:
+            run_cli(lambda: main_cifar.main(args + extra))
+        except SystemExit as e:
+            assert e.code == 0
+        outputs.append(capsys.readouterr().out)
+    plain, fast = outputs
+    line = [x for x in plain.splitlines() if "Prec@1" in x][0]
+    assert line in fast.splitlines() and "warning" not in fast
+    assert "* Images/s: masked-dense" in fast and "sparse engine (torch)" in fast
+
+
+def test_speed_benchmark_runs_end_to_end(tmp_path):
+    out_csv, out_png = tmp_path / "speed.csv", tmp_path / "speed.png"
+    result = subprocess.run([sys.executable, "benchmarks/speedtest.py", "--models", "resnet8", "resnet50",
+                             "--batch-sizes", "1", "--densities", "0.3", "1.0", "--masks", "clustered", "random",
+                             "--resolution", "40", "--runs", "1", "--warmup", "0", "--csv", str(out_csv),
+                             "--plot", str(out_png)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    assert set(rows[0]) >= {"model", "batch", "density", "masks", "dense_ms", "masked_ms", "engine_ms",
+                            "ideal_speedup", "speedup", "efficiency"}
+    for row in rows:  # ideal speedup is a MAC ratio: check it against the counts in the same row
+        assert float(row["ideal_speedup"]) == pytest.approx(float(row["dense_mmac"]) / float(row["sparse_mmac"]),
+                                                            rel=1e-3)
+    assert os.path.getsize(out_png) > 0
