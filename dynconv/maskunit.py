@@ -71,28 +71,29 @@ class MaskLogits(nn.Module):
         self.fc = nn.Linear(channels, 1)
 
     def forward(self, x):
+        if not torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last):
+            return self._forward_inference(x)
         # sum, then scale the small result: mean()'s backward divides a full-size tensor
         global_term = self.fc(x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3]))[:, :, None, None]
-        if torch.is_grad_enabled() or not x.is_contiguous(memory_format=torch.channels_last):
-            return self.conv(x) + global_term
-        return conv3x3_to_one_channel(x, self.conv) + global_term
+        return self.conv(x) + global_term
 
-
-def conv3x3_to_one_channel(x, conv):
-    """The mask conv for inference on a channels-last input: one (positions x C) @ (C x 9) product gives every
-    tap's contribution, then 9 shifted adds. oneDNN runs a 1-output-channel conv several times slower than
-    its MACs suggest; this is the same sum in another order."""
-    n, c, h, w = x.shape
-    s = conv.stride[0]
-    out_h, out_w = (h - 1) // s + 1, (w - 1) // s + 1
-    # (9, C) tap matrix: a view when the weight is channels-last, like the rest of an inference model
-    taps = x.permute(0, 2, 3, 1).reshape(-1, c) @ conv.weight.permute(0, 2, 3, 1).reshape(9, c).t().to(x.dtype)
-    taps = F.pad(taps.reshape(n, h, w, 9), (0, 0, 1, 1, 1, 1))
-    # out[y, x] = sum over (dy, dx) of taps[y*s + dy, x*s + dx, 3*dy + dx]: one strided view, one sum
-    s0, s1, s2, s3 = taps.stride()
-    windows = taps.as_strided((n, out_h, out_w, 3, 3), (s0, s * s1, s * s2, s1 + 3 * s3, s2 + s3))
-    out = windows.sum(dim=(3, 4)) + conv.bias.to(x.dtype)
-    return out[:, None]
+    def _forward_inference(self, x):
+        """The same logits for a channels-last input without autograd, from one matrix product: the 9 taps of
+        the 3x3 conv and the fc's projection at every pixel, then 9 shifted adds and an average. oneDNN runs a
+        1-output-channel conv several times slower than its MACs suggest."""
+        n, c, h, w = x.shape
+        s = self.conv.stride[0]
+        out_h, out_w = (h - 1) // s + 1, (w - 1) // s + 1
+        # (C, 10) projection: the conv's 9 taps, ordered (dy, dx), and the fc's row
+        weight = torch.cat([self.conv.weight.permute(0, 2, 3, 1).reshape(9, c), self.fc.weight]).t().to(x.dtype)
+        taps = (x.permute(0, 2, 3, 1).reshape(-1, c) @ weight).reshape(n, h, w, 10)
+        global_term = taps[..., 9].mean(dim=(1, 2)) + self.fc.bias.to(x.dtype)
+        padded = F.pad(taps[..., :9], (0, 0, 1, 1, 1, 1))
+        # out[y, x] = sum over (dy, dx) of taps[y*s + dy, x*s + dx, 3*dy + dx]: one strided view, one sum
+        s0, s1, s2, s3 = padded.stride()
+        windows = padded.as_strided((n, out_h, out_w, 3, 3), (s0, s * s1, s * s2, s1 + 3 * s3, s2 + s3))
+        out = windows.sum(dim=(3, 4)) + (self.conv.bias.to(x.dtype) + global_term)[:, None, None]
+        return out[:, None]
 
 
 class MaskUnit(nn.Module):

@@ -57,3 +57,30 @@ def save_ponder_plots(images, masks, out_dir, mean, std):
         plt.close(fig)
         paths += [prefix + s for s in ("_input.png", "_ponder.png", "_masks.png")]
     return paths
+
+
+def plot_accuracy_vs_macs(results_path, out_path):
+    """Prec@1 against MMac per image from a results .jsonl (scripts/cifar_results.py): dense ResNets as one
+    curve, DynConv models (one curve per network) with their budgets as labels."""
+    from .logger import read_jsonl
+
+    rows = read_jsonl(results_path)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    dense = sorted((r for r in rows if r["budget"] < 0), key=lambda r: r["mmac"])
+    if dense:
+        ax.plot([r["mmac"] for r in dense], [r["prec1"] for r in dense], "o-", color="black", label="ResNet (dense)")
+        for r in dense:
+            ax.annotate(r["model"], (r["mmac"], r["prec1"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for model in sorted({r["model"] for r in rows if r["budget"] >= 0}):
+        sparse = sorted((r for r in rows if r["budget"] >= 0 and r["model"] == model), key=lambda r: r["mmac"])
+        ax.plot([r["mmac"] for r in sparse], [r["prec1"] for r in sparse], "s--", label=f"DynConv {model}")
+        for r in sparse:
+            ax.annotate(f"b={r['budget']:g}", (r["mmac"], r["prec1"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set_xlabel("MMac per image")
+    ax.set_ylabel("Prec@1 on the CIFAR-10 test set (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

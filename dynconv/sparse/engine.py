@@ -80,7 +80,7 @@ class SparseEngine:
     dense_above: active fraction above which a block runs densely (see the module docstring).
     """
 
-    def __init__(self, model, backend="auto", dense_above=0.75):
+    def __init__(self, model, backend="auto", dense_above=0.9):
         if model.training:
             raise ValueError("the sparse engine runs trained models in eval mode: call model.eval() first")
         blocks = [b for stage in getattr(model, "stages", ()) for b in stage]
@@ -98,6 +98,7 @@ class SparseEngine:
         self.dense_above = dense_above
         with torch.no_grad():
             self.folded = {b: self._fold(b) for b in blocks}
+            self.stem = fold_conv_bn(model.conv1, model.bn1)
 
     @staticmethod
     def _fold(block):
@@ -116,13 +117,18 @@ class SparseEngine:
 
     @torch.no_grad()
     def __call__(self, x):
-        x = self.model.forward_stem(x.contiguous(memory_format=torch.channels_last))
+        x = self._stem(x.contiguous(memory_format=torch.channels_last))
         masks = []
         for stage in self.model.stages:
             for block in stage:
                 x, mask = self.run_block(block, x)
                 masks.append(mask)
         return self.model.forward_head(x), masks
+
+    def _stem(self, x):
+        """The ResNet stem (conv1, bn1, ReLU, then max-pooling where the model has it) with BN folded in."""
+        x = F.conv2d(x, self.stem.weight, self.stem.bias, self.stem.stride, self.stem.padding).relu_()
+        return self.model.maxpool(x) if hasattr(self.model, "maxpool") else x
 
     def run_block(self, block, x):
         hard, dilated, _ = block.masker(x)
