@@ -113,3 +113,17 @@ def test_sparsity_criterion_by_hand():
     assert loss.item() == pytest.approx(10 * (network + block), rel=1e-6)
     assert cost.item() == pytest.approx(230 / 320)
     assert block_costs.tolist() == pytest.approx([f1, f2])
+
+
+@pytest.mark.parametrize("channels,size,stride", [(128, (9, 9), 1), (160, (33, 31), 2), (256, (1, 1), 1),
+                                                  (128, (7, 5), 2)])
+def test_inference_logits_equal_the_conv(channels, size, stride):
+    """Wide channels-last inputs without autograd take the one-matrix-product path: same logits as the conv."""
+    from dynconv.maskunit import MaskLogits
+
+    logits = MaskLogits(channels, stride)
+    x = torch.randn(2, channels, *size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = logits(x)
+    torch.testing.assert_close(fast, logits.conv(x) + logits.fc(x.mean((2, 3)))[:, :, None, None],
+                               rtol=1e-5, atol=1e-5)

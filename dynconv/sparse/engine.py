@@ -98,7 +98,9 @@ class SparseEngine:
         self.dense_above = dense_above
         with torch.no_grad():
             self.folded = {b: self._fold(b) for b in blocks}
-            self.stem = fold_conv_bn(model.conv1, model.bn1)
+            # the ResNet stem (conv1 + bn1 + ReLU [+ max-pooling]) with its BN folded; other stems run as they are
+            has_resnet_stem = isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "bn1")
+            self.stem = fold_conv_bn(model.conv1, model.bn1) if has_resnet_stem else None
 
     @staticmethod
     def _fold(block):
@@ -127,6 +129,8 @@ class SparseEngine:
 
     def _stem(self, x):
         """The ResNet stem (conv1, bn1, ReLU, then max-pooling where the model has it) with BN folded in."""
+        if self.stem is None:
+            return self.model.forward_stem(x)
         x = F.conv2d(x, self.stem.weight, self.stem.bias, self.stem.stride, self.stem.padding).relu_()
         return self.model.maxpool(x) if hasattr(self.model, "maxpool") else x
 
