@@ -49,10 +49,13 @@ def save_ponder_plots(images, masks, out_dir, mean, std):
         rows = (num_blocks + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
         for b, ax in enumerate(axes.flat):
-            ax.set_axis_off()
-            if b < num_blocks:
+            if b < num_blocks:  # white = computed; ticks off but the frame kept, so all-white masks show
                 ax.imshow(masks[b].hard[i, 0].cpu().numpy(), vmin=0, vmax=1, cmap="gray")
                 ax.set_title(f"block {b}", fontsize=8)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.set_axis_off()
         fig.savefig(prefix + "_masks.png", bbox_inches="tight", dpi=100)
         plt.close(fig)
         paths += [prefix + s for s in ("_input.png", "_ponder.png", "_masks.png")]
