@@ -76,6 +76,7 @@ def main():
         print(json.dumps(row), file=sys.stderr)
         if args.strip:
             save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, os.path.join(run_dir, BEST))
+    rows.sort(key=lambda r: (int(r["model"][len("resnet"):]), r["budget"]))
     with open(args.results, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
