@@ -64,10 +64,11 @@ def train_one_epoch(model, loader, optimizer, scaler, sparsity, epoch, ctx, amp=
 
 
 @torch.no_grad()
-def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_progress=True, forward=None):
-    """Prec@k (percent), MMac per image and images/s of the forward passes over the whole validation set
-    (summed over all processes). `forward` (default: the model) runs the images, e.g. the sparse engine; the
-    MAC count needs the model's own forward and is skipped otherwise."""
+def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_progress=True, forward=None,
+             timed=False):
+    """Prec@k (percent) and MMac per image over the whole validation set (summed over all processes).
+    `forward` (default: the model) runs the images, e.g. the sparse engine; the MAC count needs the model's own
+    forward and is skipped otherwise. `timed` adds images/s of the forward passes (a device sync per batch)."""
     model.eval()
     device = ctx.device
     correct = torch.zeros(len(topk), device=device, dtype=torch.float64)
@@ -86,9 +87,10 @@ def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_pro
             start = time.perf_counter()
             with autocast(device, amp):
                 logits, _ = forward(images)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - start
+            if timed:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds += time.perf_counter() - start
             top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
             hits = top == target[:, None]
             for i, k in enumerate(topk):
@@ -99,7 +101,8 @@ def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_pro
     totals = all_reduce_sum(totals, ctx).tolist()
     n = max(totals[len(topk)], 1)
     metrics = {f"prec{k}": 100 * totals[i] / n for i, k in enumerate(topk)}
-    metrics["images_per_s"] = count.item() / max(seconds, 1e-9)  # this process's own compute
+    if timed:
+        metrics["images_per_s"] = count.item() / max(seconds, 1e-9)  # this process's own compute
     if counters:
         metrics["mmac"] = totals[len(topk) + 1] / max(totals[len(topk) + 2], 1) / 1e6
     if full_macs:
@@ -112,12 +115,12 @@ def evaluate_fast(model, loader, ctx, topk, args, show):
     Prints the engine's accuracy; the two must agree (the engine computes the same function)."""
     from dynconv.sparse.engine import SparseEngine
 
-    reference = validate(model, loader, ctx, topk, args.full_macs, args.amp, show)
+    reference = validate(model, loader, ctx, topk, args.full_macs, args.amp, show, timed=True)
     try:
         engine = SparseEngine(model, backend=args.backend)
     except ValueError as e:
         raise UserError(str(e))
-    fast = validate(model, loader, ctx, topk, amp=args.amp, show_progress=show, forward=engine)
+    fast = validate(model, loader, ctx, topk, amp=args.amp, show_progress=show, forward=engine, timed=True)
     return {**reference, **{k: fast[k] for k in fast if k.startswith("prec")},
             "reference_prec1": reference["prec1"], "reference_images_per_s": reference["images_per_s"],
             "images_per_s": fast["images_per_s"], "backend": engine.backend}

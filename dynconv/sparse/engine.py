@@ -138,12 +138,12 @@ class SparseEngine:
         hard, dilated, _ = block.masker(x)
         mask = Mask(hard, dilated, None, block.masked_macs, block.dilated_macs)
         identity = x if block.downsample is None else self._downsample(self.folded[block][-1], x)
-        idx = hard.reshape(-1).nonzero().squeeze(1)
         idx_dilated = dilated.reshape(-1).nonzero().squeeze(1)
         if idx_dilated.numel() > self.dense_above * dilated.numel():
             out = self._dense_residual(block, x)
             out = torch.addcmul(identity, out, hard).relu_()
             return out, mask
+        idx = hard.reshape(-1).nonzero().squeeze(1)
         # ResNet block inputs are non-negative (ReLU outputs), so `identity` can take the result in place
         out = identity
         if isinstance(block, BasicBlock):
@@ -185,7 +185,7 @@ class SparseEngine:
         return buffer
 
     def _basic_rows(self, block, x, idx, idx_dilated, out_hw):
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         conv1, conv2, _ = self.folded[block]
         padded_x = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
         y1 = self._gathered_conv3x3(_rows(padded_x), idx_dilated, n, out_hw, conv1.stride, (h, w), conv1, True)
@@ -193,7 +193,7 @@ class SparseEngine:
         return self._gathered_conv3x3(buffer, idx, n, out_hw, 1, out_hw, conv2, relu=False)
 
     def _bottleneck_rows(self, block, x, idx, idx_dilated, out_hw):
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         conv1, conv2, conv3, _ = self.folded[block]
         y1 = self.ops["linear"](self.ops["gather_rows"](_rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
         buffer = self._padded_buffer(y1, idx_dilated, n, h, w)
