@@ -69,29 +69,38 @@ class MaskLogits(nn.Module):
     def forward(self, x):
         # inference on wide inputs: oneDNN's 1-output-channel conv is 3-4x slower than one matrix product there
         # (and faster below ~128 channels)
-        if not torch.is_grad_enabled() and x.shape[1] >= 128 and x.is_contiguous(memory_format=torch.channels_last):
-            return self._forward_inference(x)
+        if not torch.is_grad_enabled() and x.shape[1] >= 128:
+            return tap_logits(x, *self.tap_matrix(), self.conv.stride[0])
         # sum, then scale the small result: mean()'s backward divides a full-size tensor
         global_term = self.fc(x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3]))[:, :, None, None]
         return self.conv(x) + global_term
 
-    def _forward_inference(self, x):
-        """The same logits for a channels-last input without autograd, from one matrix product: the 9 taps of
-        the 3x3 conv and the fc's projection at every pixel, then 9 shifted adds and an average. oneDNN runs a
-        1-output-channel conv several times slower than its MACs suggest."""
-        n, c, h, w = x.shape
-        s = self.conv.stride[0]
-        out_h, out_w = (h - 1) // s + 1, (w - 1) // s + 1
-        # (C, 10) projection: the conv's 9 taps, ordered (dy, dx), and the fc's row
-        weight = torch.cat([self.conv.weight.permute(0, 2, 3, 1).reshape(9, c), self.fc.weight]).t().to(x.dtype)
-        taps = (x.permute(0, 2, 3, 1).reshape(-1, c) @ weight).reshape(n, h, w, 10)
-        global_term = taps[..., 9].mean(dim=(1, 2)) + self.fc.bias.to(x.dtype)
-        padded = F.pad(taps[..., :9], (0, 0, 1, 1, 1, 1))
-        # out[y, x] = sum over (dy, dx) of taps[y*s + dy, x*s + dx, 3*dy + dx]: one strided view, one sum
-        s0, s1, s2, s3 = padded.stride()
-        windows = padded.as_strided((n, out_h, out_w, 3, 3), (s0, s * s1, s * s2, s1 + 3 * s3, s2 + s3))
-        out = windows.sum(dim=(3, 4)) + (self.conv.bias.to(x.dtype) + global_term)[:, None, None]
-        return out[:, None]
+    @torch.no_grad()
+    def tap_matrix(self):
+        """The (10, C) projection of `tap_logits` and its constant term (conv bias + fc bias). Rows 0-8: the
+        conv's taps in reverse order (row 8 - (3 * dy + dx) holds tap (dy, dx), the order F.fold sums);
+        row 9: the fc."""
+        c = self.conv.in_channels
+        taps = self.conv.weight.permute(0, 2, 3, 1).reshape(9, c).flip(0)
+        return torch.cat([taps, self.fc.weight]).contiguous(), self.conv.bias + self.fc.bias
+
+
+def tap_logits(x, matrix, constant, stride):
+    """MaskLogits without autograd, from one matrix product and one fold (oneDNN runs a 1-output-channel
+    conv several times slower than its MACs suggest).
+
+    matrix @ x gives, at every input pixel q, the 9 contributions x[q] . w[dy, dx] of q to the 3x3 windows
+    around it, and the fc's projection. F.fold (col2im) adds each pixel's contributions into its neighbours:
+    the stride-1 logits; a strided conv's outputs are every stride-th of them. The fc row, averaged over each
+    image, is the global term.
+    """
+    n, c, h, w = x.shape
+    # tap-major (10, N*H*W): a channels-last x is a transposed (C, N*H*W) matrix, no copy
+    taps = (matrix.to(x.dtype) @ x.permute(1, 0, 2, 3).reshape(c, -1)).reshape(10, n, h * w)
+    logits = F.fold(taps[:9].transpose(0, 1), (h, w), kernel_size=3, padding=1)
+    if stride > 1:
+        logits = logits[..., ::stride, ::stride]
+    return logits + (taps[9].mean(dim=1) + constant.to(x.dtype))[:, None, None, None]
 
 
 class MaskUnit(nn.Module):
@@ -111,7 +120,10 @@ class MaskUnit(nn.Module):
 
     def forward(self, x):
         """Returns (hard, dilated, soft); dilated is at x's resolution when dilate_stride > 1."""
-        logits = self.maskconv(x)
+        return self.decide(self.maskconv(x), x.shape[-2:])
+
+    def decide(self, logits, input_size):
+        """(hard, dilated, soft) from the logits; `input_size` is the block input's (H, W)."""
         if self.training:
             if self.gumbel_noise:
                 logits = logits + (sample_gumbel(logits) - sample_gumbel(logits))
@@ -123,9 +135,12 @@ class MaskUnit(nn.Module):
             hard_value = (logits >= 0).to(logits.dtype)
             hard = hard_value
         with torch.no_grad():
-            output_size = x.shape[-2:] if self.dilate_stride > 1 else None
-            dilated = dilate_mask(hard_value, self.dilate_stride, output_size)
+            dilated = self.dilate(hard_value, input_size)
         return hard, dilated, soft
+
+    def dilate(self, hard, input_size):
+        """The dilated mask of a hard (0/1) mask; at the block input's resolution when dilate_stride > 1."""
+        return dilate_mask(hard, self.dilate_stride, input_size if self.dilate_stride > 1 else None)
 
 
 def set_gumbel(model, noise, temperature=None):

@@ -61,8 +61,9 @@ MASKS = [("all_on", "random", 1.0), ("all_off", "random", 0.0), ("random", "rand
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("batch,size", [(1, (9, 7)), (3, (8, 11))])
 @pytest.mark.parametrize("name,mask_kind,density", MASKS)
-@pytest.mark.parametrize("dense_above", [1.1, -1.0], ids=["gathered", "dense-path"])
+@pytest.mark.parametrize("dense_above", [1.1, 0.5, -1.0], ids=["gathered", "mixed", "dense-path"])
 def test_block_equals_masked_dense(kind, inplanes, planes, stride, batch, size, name, mask_kind, density, dense_above):
+    """dense_above 0.5: conv1 everywhere (the dilated masks cover more than half the map) and the rest gathered."""
     torch.manual_seed(1)
     block = randomise_batchnorm(make_block(kind, stride, inplanes, planes)).eval()
     block.masker = SyntheticMaskUnit(block.masker, density, mask_kind, seed=3)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from dynconv import MaskUnit, SparsityCriterion, budget_bounds, dilate_mask
 from dynconv.maskunit import Mask
@@ -116,14 +117,17 @@ def test_sparsity_criterion_by_hand():
 
 
 @pytest.mark.parametrize("channels,size,stride", [(128, (9, 9), 1), (160, (33, 31), 2), (256, (1, 1), 1),
-                                                  (128, (7, 5), 2)])
-def test_inference_logits_equal_the_conv(channels, size, stride):
-    """Wide channels-last inputs without autograd take the one-matrix-product path: same logits as the conv."""
-    from dynconv.maskunit import MaskLogits
+                                                  (128, (7, 5), 2), (8, (6, 9), 2)])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_inference_logits_equal_the_conv(channels, size, stride, layout):
+    """tap_logits (one matrix product and a fold; the engine's path, and the module's for wide inputs without
+    autograd) gives the same logits as the conv + fc."""
+    from dynconv.maskunit import MaskLogits, tap_logits
 
     logits = MaskLogits(channels, stride)
-    x = torch.randn(2, channels, *size).contiguous(memory_format=torch.channels_last)
+    nn.init.normal_(logits.conv.bias)
+    x = torch.randn(2, channels, *size).contiguous(memory_format=layout)
     with torch.no_grad():
-        fast = logits(x)
-    torch.testing.assert_close(fast, logits.conv(x) + logits.fc(x.mean((2, 3)))[:, :, None, None],
-                               rtol=1e-5, atol=1e-5)
+        expected = logits.conv(x) + logits.fc(x.mean((2, 3)))[:, :, None, None]
+        torch.testing.assert_close(tap_logits(x, *logits.tap_matrix(), stride), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(x), expected, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.resnet import BasicBlock, Bottleneck
-from ..maskunit import Mask
+from ..maskunit import Mask, tap_logits
 from .ops import get_ops, resolve_backend
 
 
@@ -53,6 +53,11 @@ def _rows(x):
     """Position-major view (N*H*W, C) of a channels-last NCHW tensor."""
     n, c, h, w = x.shape
     return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _padded_rows(nhwc):
+    """The rows (N*(H+2)*(W+2), C) of an NHWC map padded by one zero pixel on every side."""
+    return F.pad(nhwc, (0, 0, 1, 1, 1, 1)).reshape(-1, nhwc.shape[-1])
 
 
 @functools.lru_cache(maxsize=256)
@@ -98,6 +103,7 @@ class SparseEngine:
         self.dense_above = dense_above
         with torch.no_grad():
             self.folded = {b: self._fold(b) for b in blocks}
+            self.mask_taps = {b: b.masker.maskconv.tap_matrix() for b in blocks}
             # the ResNet stem (conv1 + bn1 + ReLU [+ max-pooling]) with its BN folded; other stems run as they are
             has_resnet_stem = isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "bn1")
             self.stem = fold_conv_bn(model.conv1, model.bn1) if has_resnet_stem else None
@@ -135,25 +141,33 @@ class SparseEngine:
         return self.model.maxpool(x) if hasattr(self.model, "maxpool") else x
 
     def run_block(self, block, x):
-        hard, dilated, _ = block.masker(x)
-        mask = Mask(hard, dilated, None, block.masked_macs, block.dilated_macs)
+        mask = self._mask(block, x)
         identity = x if block.downsample is None else self._downsample(self.folded[block][-1], x)
-        idx_dilated = dilated.reshape(-1).nonzero().squeeze(1)
-        if idx_dilated.numel() > self.dense_above * dilated.numel():
+        idx = mask.hard.reshape(-1).nonzero().squeeze(1)
+        if idx.numel() > self.dense_above * mask.hard.numel():
             out = self._dense_residual(block, x)
-            out = torch.addcmul(identity, out, hard).relu_()
-            return out, mask
-        idx = hard.reshape(-1).nonzero().squeeze(1)
+            return torch.addcmul(identity, out, mask.hard).relu_(), mask
         # ResNet block inputs are non-negative (ReLU outputs), so `identity` can take the result in place
         out = identity
-        if isinstance(block, BasicBlock):
-            residual = self._basic_rows(block, x, idx, idx_dilated, hard.shape[-2:])
-        else:
-            residual = self._bottleneck_rows(block, x, idx, idx_dilated, hard.shape[-2:])
-        self.ops["scatter_add_relu_"](_rows(out), idx, residual)
+        if idx.numel() > 0:
+            idx_dilated = mask.dilated.reshape(-1).nonzero().squeeze(1)
+            if idx_dilated.numel() > self.dense_above * mask.dilated.numel():
+                idx_dilated = None  # conv1 everywhere: cheaper than gathering almost every position
+            if isinstance(block, BasicBlock):
+                residual = self._basic_rows(block, x, idx, idx_dilated, mask.hard.shape[-2:])
+            else:
+                residual = self._bottleneck_rows(block, x, idx, idx_dilated, mask.hard.shape[-2:])
+            self.ops["scatter_add_relu_"](_rows(out), idx, residual)
         if block.downsample is not None:
             out.relu_()  # the downsampled identity can be negative outside the mask
         return out, mask
+
+    def _mask(self, block, x):
+        """The block's mask unit, its logits from the precomputed tap matrix (see `tap_logits`)."""
+        matrix, constant = self.mask_taps[block]
+        logits = tap_logits(x, matrix, constant, block.masker.maskconv.conv.stride[0])
+        hard, dilated, _ = block.masker.decide(logits, x.shape[-2:])
+        return Mask(hard, dilated, None, block.masked_macs, block.dilated_macs)
 
     def _downsample(self, folded, x):
         """1x1 strided conv + BN as one matrix product on the subsampled pixels (oneDNN's strided 1x1 conv
@@ -185,17 +199,27 @@ class SparseEngine:
         return buffer
 
     def _basic_rows(self, block, x, idx, idx_dilated, out_hw):
+        """conv1 at the dilated positions (or everywhere when idx_dilated is None), conv2 at the mask."""
         n, _, h, w = x.shape
         conv1, conv2, _ = self.folded[block]
-        padded_x = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        y1 = self._gathered_conv3x3(_rows(padded_x), idx_dilated, n, out_hw, conv1.stride, (h, w), conv1, True)
-        buffer = self._padded_buffer(y1, idx_dilated, n, *out_hw)
+        if idx_dilated is None:
+            y1 = F.conv2d(x, conv1.weight, conv1.bias, conv1.stride, conv1.padding).relu_()
+            buffer = _padded_rows(y1.permute(0, 2, 3, 1))
+        else:
+            padded_x = _padded_rows(x.permute(0, 2, 3, 1))
+            y1 = self._gathered_conv3x3(padded_x, idx_dilated, n, out_hw, conv1.stride, (h, w), conv1, True)
+            buffer = self._padded_buffer(y1, idx_dilated, n, *out_hw)
         return self._gathered_conv3x3(buffer, idx, n, out_hw, 1, out_hw, conv2, relu=False)
 
     def _bottleneck_rows(self, block, x, idx, idx_dilated, out_hw):
+        """conv1 at the dilated positions (or everywhere when idx_dilated is None), conv2 and conv3 at the mask."""
         n, _, h, w = x.shape
         conv1, conv2, conv3, _ = self.folded[block]
-        y1 = self.ops["linear"](self.ops["gather_rows"](_rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
-        buffer = self._padded_buffer(y1, idx_dilated, n, h, w)
+        if idx_dilated is None:
+            y1 = self.ops["linear"](_rows(x), conv1.matrix, conv1.bias, True)
+            buffer = _padded_rows(y1.reshape(n, h, w, -1))
+        else:
+            y1 = self.ops["linear"](self.ops["gather_rows"](_rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
+            buffer = self._padded_buffer(y1, idx_dilated, n, h, w)
         y2 = self._gathered_conv3x3(buffer, idx, n, out_hw, conv2.stride, (h, w), conv2, relu=True)
         return self.ops["linear"](y2, conv3.matrix, conv3.bias, False)

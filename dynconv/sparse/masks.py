@@ -3,7 +3,7 @@ masks) or i.i.d. random pixels (the worst case: dilation then covers almost ever
 import torch
 import torch.nn.functional as F
 
-from ..maskunit import MaskUnit, dilate_mask
+from ..maskunit import MaskUnit
 
 KINDS = ("clustered", "random")
 
@@ -28,7 +28,7 @@ def synthetic_mask(n, h, w, density, kind="clustered", seed=0):
 
 
 class SyntheticMaskUnit(MaskUnit):
-    """A mask unit that computes its logits as usual (so its cost is real) but returns a synthetic mask."""
+    """A mask unit whose logits are computed as usual (so their cost is real) but which decides a synthetic mask."""
 
     def __init__(self, unit, density, kind, seed):
         super().__init__(unit.maskconv.conv.in_channels, unit.maskconv.conv.stride[0], unit.dilate_stride)
@@ -36,15 +36,13 @@ class SyntheticMaskUnit(MaskUnit):
         self.density, self.kind, self.seed = density, kind, seed
         self._cache = {}
 
-    def forward(self, x):
-        logits = self.maskconv(x)
+    def decide(self, logits, input_size):
         key = (tuple(logits.shape), logits.device)
         if key not in self._cache:
             n, _, h, w = logits.shape
             self._cache[key] = synthetic_mask(n, h, w, self.density, self.kind, self.seed).to(logits.device)
         hard = self._cache[key]
-        output_size = x.shape[-2:] if self.dilate_stride > 1 else None
-        return hard, dilate_mask(hard, self.dilate_stride, output_size), None
+        return hard, self.dilate(hard, input_size), None
 
 
 def install_synthetic_masks(model, density, kind="clustered", seed=0):
