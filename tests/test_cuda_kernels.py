@@ -149,7 +149,7 @@ def test_bias_relu(emulated, k, channels):
 def test_scatters(emulated, op, k, channels):
     g = torch.Generator().manual_seed(k * 100 + channels)
     m = 140
-    buffer = random_rows(m + 2, channels, g)
+    buffer = random_rows(m + 2, channels, g).abs()  # scatter_add_relu_'s precondition: a non-negative map
     idx = torch.randperm(m, generator=g)[:k]
     rows = random_rows(k, channels, g)
     expected = getattr(ops, op)(buffer[1:-1].clone(), idx, rows)
@@ -219,7 +219,7 @@ def test_cupy_matches_torch(k, channels):
     rows, bias = random_rows(k, channels, g).cuda(), torch.randn(channels, generator=g).cuda()
     torch.testing.assert_close(cuda["bias_relu_"](rows.clone(), bias), torch_ops["bias_relu_"](rows.clone(), bias))
 
-    dst, scatter_idx = random_rows(140, channels, g).cuda(), torch.randperm(140, generator=g)[:k].cuda()
+    dst, scatter_idx = random_rows(140, channels, g).abs().cuda(), torch.randperm(140, generator=g)[:k].cuda()
     assert torch.equal(cuda["scatter_rows_"](dst.clone(), scatter_idx, rows),
                        torch_ops["scatter_rows_"](dst.clone(), scatter_idx, rows))
     torch.testing.assert_close(cuda["scatter_add_relu_"](dst.clone(), scatter_idx, rows),

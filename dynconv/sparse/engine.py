@@ -147,7 +147,8 @@ class SparseEngine:
         if idx.numel() > self.dense_above * mask.hard.numel():
             out = self._dense_residual(block, x)
             return torch.addcmul(identity, out, mask.hard).relu_(), mask
-        # ResNet block inputs are non-negative (ReLU outputs), so `identity` can take the result in place
+        # the result goes into `identity` in place; outside the mask it is a ReLU output (non-negative, as
+        # scatter_add_relu_ requires) or, downsampled, gets its ReLU below
         out = identity
         if idx.numel() > 0:
             idx_dilated = mask.dilated.reshape(-1).nonzero().squeeze(1)
