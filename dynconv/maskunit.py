@@ -67,40 +67,90 @@ class MaskLogits(nn.Module):
         self.fc = nn.Linear(channels, 1)
 
     def forward(self, x):
-        # inference on wide inputs: oneDNN's 1-output-channel conv is 3-4x slower than one matrix product there
-        # (and faster below ~128 channels)
-        if not torch.is_grad_enabled() and x.shape[1] >= 128:
-            return tap_logits(x, *self.tap_matrix(), self.conv.stride[0])
-        # sum, then scale the small result: mean()'s backward divides a full-size tensor
+        stride = self.conv.stride[0]
+        if stride == 1 or not torch.is_grad_enabled():
+            return tap_logits(x, *self.tap_matrix(), stride)
+        # strided training: the tap product would cover stride^2 times the output pixels; oneDNN's conv wins.
+        # Sum, then scale the small result: mean()'s backward divides a full-size tensor.
         global_term = self.fc(x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3]))[:, :, None, None]
         return self.conv(x) + global_term
 
-    @torch.no_grad()
     def tap_matrix(self):
         """The (10, C) projection of `tap_logits` and its constant term (conv bias + fc bias). Rows 0-8: the
         conv's taps in reverse order (row 8 - (3 * dy + dx) holds tap (dy, dx), the order F.fold sums);
         row 9: the fc."""
         c = self.conv.in_channels
         taps = self.conv.weight.permute(0, 2, 3, 1).reshape(9, c).flip(0)
-        return torch.cat([taps, self.fc.weight]).contiguous(), self.conv.bias + self.fc.bias
+        return torch.cat([taps, self.fc.weight]), self.conv.bias + self.fc.bias
 
 
 def tap_logits(x, matrix, constant, stride):
-    """MaskLogits without autograd, from one matrix product and one fold (oneDNN runs a 1-output-channel
-    conv several times slower than its MACs suggest).
+    """MaskLogits (a 3x3 conv C -> 1 with stride and padding 1, plus a linear layer on the global average pool)
+    as one matrix product and a window sum. oneDNN runs a 1-output-channel conv, forward and backward, several
+    times slower than its MACs suggest; see `TapLogits`."""
+    return TapLogits.apply(x, matrix, stride) + constant
 
-    matrix @ x gives, at every input pixel q, the 9 contributions x[q] . w[dy, dx] of q to the 3x3 windows
-    around it, and the fc's projection. F.fold (col2im) adds each pixel's contributions into its neighbours:
-    the stride-1 logits; a strided conv's outputs are every stride-th of them. The fc row, averaged over each
-    image, is the global term.
+
+def _tap_slices(size, out_size, offset, stride):
+    """Along one axis, for a tap at `offset` (-1, 0, 1): the output slice and the input slice it reads
+    (output y reads input stride * y + offset, where that is inside the map)."""
+    lo = 1 if offset < 0 else 0
+    hi = min(out_size, (size - 1 - offset) // stride + 1)
+    start = stride * lo + offset
+    return slice(lo, hi), slice(start, start + stride * (hi - lo - 1) + 1, stride)
+
+
+class TapLogits(torch.autograd.Function):
+    """The mask logits without their constant term, from `matrix` (see MaskLogits.tap_matrix).
+
+    taps = matrix @ x gives, at every input pixel q, the contributions x[q] . w[dy, dx] of q to the 3x3 windows
+    around it (rows 0-8) and the fc's projection (row 9). The logit of output pixel p adds, for each tap, the
+    contribution of input pixel stride * p + (dy - 1, dx - 1), plus the image's average of row 9.
+    Backward: the tap gradients are shifted views of the (upsampled, zero-padded) logit gradient; x's gradient
+    and the matrix's are one product each.
     """
-    n, c, h, w = x.shape
-    # tap-major (10, N*H*W): a channels-last x is a transposed (C, N*H*W) matrix, no copy
-    taps = (matrix.to(x.dtype) @ x.permute(1, 0, 2, 3).reshape(c, -1)).reshape(10, n, h * w)
-    logits = F.fold(taps[:9].transpose(0, 1), (h, w), kernel_size=3, padding=1)
-    if stride > 1:
-        logits = logits[..., ::stride, ::stride]
-    return logits + (taps[9].mean(dim=1) + constant.to(x.dtype))[:, None, None, None]
+
+    @staticmethod
+    def forward(ctx, x, matrix, stride):
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
+        taps = (matrix.to(x.dtype) @ rows.t()).view(10, n, h, w)  # tap-major: each tap a contiguous map
+        out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+        global_term = taps[9].reshape(n, -1).mean(dim=1)[:, None, None]
+        if n * h * w <= 4096:  # small maps: F.fold (col2im) is one op where the shifted adds are nine
+            out = F.fold(taps[:9].reshape(9, n, h * w).transpose(0, 1), (h, w), kernel_size=3, padding=1)
+            out = out[:, 0, ::stride, ::stride] + global_term
+        else:  # large maps: nine shifted adds of contiguous maps beat col2im several times
+            out = taps[4, :, ::stride, ::stride] + global_term  # the centre tap covers every output pixel
+            for dy in range(3):
+                for dx in range(3):
+                    if (dy, dx) != (1, 1):
+                        oy, iy = _tap_slices(h, out_h, dy - 1, stride)
+                        ox, ix = _tap_slices(w, out_w, dx - 1, stride)
+                        out[:, oy, ox] += taps[8 - 3 * dy - dx, :, iy, ix]
+        ctx.save_for_backward(rows, matrix)
+        ctx.stride, ctx.shape = stride, (n, c, h, w)
+        return out[:, None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, matrix = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        s = ctx.stride
+        grad = grad[:, 0]
+        # tap r = 3 * ry + rx of input pixel q received grad[p] where q = s * p + (1 - ry, 1 - rx): with the
+        # gradient placed at 1 + s * p in a zero (h + 2, w + 2) map, that is the map's entry q + (ry, rx)
+        spread = grad.new_zeros(n, h + 2, w + 2)
+        spread[:, 1:1 + s * grad.shape[1]:s, 1:1 + s * grad.shape[2]:s] = grad
+        grad_taps = grad.new_empty(10, n, h, w)  # tap-major: ten contiguous copies
+        for r in range(9):
+            grad_taps[r] = spread[:, r // 3:r // 3 + h, r % 3:r % 3 + w]
+        grad_taps[9] = (grad.sum(dim=(1, 2)) / (h * w))[:, None, None]
+        grad_taps = grad_taps.view(10, -1)
+        # (N*H*W, C) rows: x's gradient comes out channels-last
+        grad_x = (grad_taps.t() @ matrix.to(grad.dtype)).view(n, h, w, c).permute(0, 3, 1, 2)
+        grad_matrix = (grad_taps @ rows.to(grad.dtype)).to(matrix.dtype)
+        return grad_x, grad_matrix, None
 
 
 class MaskUnit(nn.Module):

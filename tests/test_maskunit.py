@@ -116,18 +116,25 @@ def test_sparsity_criterion_by_hand():
     assert block_costs.tolist() == pytest.approx([f1, f2])
 
 
-@pytest.mark.parametrize("channels,size,stride", [(128, (9, 9), 1), (160, (33, 31), 2), (256, (1, 1), 1),
-                                                  (128, (7, 5), 2), (8, (6, 9), 2)])
+@pytest.mark.parametrize("batch,channels,size,stride", [(2, 128, (9, 9), 1), (2, 160, (33, 31), 2),
+                                                        (2, 256, (1, 1), 1), (2, 128, (7, 5), 2), (2, 8, (6, 9), 2),
+                                                        (70, 3, (8, 8), 1), (130, 4, (9, 7), 2)])
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
-def test_inference_logits_equal_the_conv(channels, size, stride, layout):
-    """tap_logits (one matrix product and a fold; the engine's path, and the module's for wide inputs without
-    autograd) gives the same logits as the conv + fc."""
+def test_tap_logits_equal_the_conv(batch, channels, size, stride, layout):
+    """tap_logits (one matrix product and a window sum: F.fold on small maps, shifted adds on large ones, where
+    batch * H * W > 4096) gives the conv + fc's logits and, through TapLogits.backward, their gradients."""
     from dynconv.maskunit import MaskLogits, tap_logits
 
-    logits = MaskLogits(channels, stride)
+    logits = MaskLogits(channels, stride).double()
     nn.init.normal_(logits.conv.bias)
-    x = torch.randn(2, channels, *size).contiguous(memory_format=layout)
+    x = torch.randn(batch, channels, *size, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    expected = logits.conv(x) + logits.fc(x.mean((2, 3)))[:, :, None, None]
+    got = tap_logits(x, *logits.tap_matrix(), stride)
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(expected)
+    params = (x, logits.conv.weight, logits.conv.bias, logits.fc.weight, logits.fc.bias)
+    for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(logits(x), expected)  # the module's own paths: taps at stride 1, else the conv
     with torch.no_grad():
-        expected = logits.conv(x) + logits.fc(x.mean((2, 3)))[:, :, None, None]
-        torch.testing.assert_close(tap_logits(x, *logits.tap_matrix(), stride), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(logits(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(x), expected)  # taps at every stride
