@@ -88,7 +88,7 @@ def tap_logits(x, matrix, constant, stride):
     """MaskLogits (a 3x3 conv C -> 1 with stride and padding 1, plus a linear layer on the global average pool)
     as one matrix product and a window sum. oneDNN runs a 1-output-channel conv, forward and backward, several
     times slower than its MACs suggest; see `TapLogits`."""
-    return TapLogits.apply(x, matrix, stride) + constant
+    return TapLogits.apply(x, matrix, constant, stride)
 
 
 def _tap_slices(size, out_size, offset, stride):
@@ -101,22 +101,22 @@ def _tap_slices(size, out_size, offset, stride):
 
 
 class TapLogits(torch.autograd.Function):
-    """The mask logits without their constant term, from `matrix` (see MaskLogits.tap_matrix).
+    """The mask logits from `matrix` and `constant` (see MaskLogits.tap_matrix).
 
     taps = matrix @ x gives, at every input pixel q, the contributions x[q] . w[dy, dx] of q to the 3x3 windows
     around it (rows 0-8) and the fc's projection (row 9). The logit of output pixel p adds, for each tap, the
-    contribution of input pixel stride * p + (dy - 1, dx - 1), plus the image's average of row 9.
+    contribution of input pixel stride * p + (dy - 1, dx - 1), plus the image's average of row 9 and the constant.
     Backward: the tap gradients are shifted views of the (upsampled, zero-padded) logit gradient; x's gradient
     and the matrix's are one product each.
     """
 
     @staticmethod
-    def forward(ctx, x, matrix, stride):
+    def forward(ctx, x, matrix, constant, stride):
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
         taps = (matrix.to(x.dtype) @ rows.t()).view(10, n, h, w)  # tap-major: each tap a contiguous map
         out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-        global_term = taps[9].reshape(n, -1).mean(dim=1)[:, None, None]
+        global_term = (taps[9].reshape(n, -1).mean(dim=1) + constant.to(x.dtype))[:, None, None]
         if n * h * w <= 4096:  # small maps: F.fold (col2im) is one op where the shifted adds are nine
             out = F.fold(taps[:9].reshape(9, n, h * w).transpose(0, 1), (h, w), kernel_size=3, padding=1)
             out = out[:, 0, ::stride, ::stride] + global_term
@@ -129,7 +129,7 @@ class TapLogits(torch.autograd.Function):
                         ox, ix = _tap_slices(w, out_w, dx - 1, stride)
                         out[:, oy, ox] += taps[8 - 3 * dy - dx, :, iy, ix]
         ctx.save_for_backward(rows, matrix)
-        ctx.stride, ctx.shape = stride, (n, c, h, w)
+        ctx.stride, ctx.shape, ctx.constant_dtype = stride, (n, c, h, w), constant.dtype
         return out[:, None]
 
     @staticmethod
@@ -150,7 +150,7 @@ class TapLogits(torch.autograd.Function):
         # (N*H*W, C) rows: x's gradient comes out channels-last
         grad_x = (grad_taps.t() @ matrix.to(grad.dtype)).view(n, h, w, c).permute(0, 3, 1, 2)
         grad_matrix = (grad_taps @ rows.to(grad.dtype)).to(matrix.dtype)
-        return grad_x, grad_matrix, None
+        return grad_x, grad_matrix, grad.sum().reshape(1).to(ctx.constant_dtype), None
 
 
 class MaskUnit(nn.Module):
