@@ -29,12 +29,9 @@ def random_rows(rows, channels, generator):
     return torch.randn(rows, channels, generator=generator)
 
 
-def window_bases(windows, batch, height, padded_width, generator):
-    """Top-left rows of random 3x3 windows inside a zero-padded (batch, height + 2, padded_width) map."""
-    n = torch.randint(batch, (windows,), generator=generator)
-    y = torch.randint(height, (windows,), generator=generator)
-    x = torch.randint(padded_width - 2, (windows,), generator=generator)
-    return (n * (height + 2) + y) * padded_width + x
+def tap_tables(windows, num_rows, generator):
+    """(windows, 9) random tap rows into a map of num_rows rows followed by its zero row (index num_rows)."""
+    return torch.randint(num_rows + 1, (windows, 9), generator=generator)
 
 
 # ---- a. NVRTC: the sources compile for real GPUs ----
@@ -100,31 +97,34 @@ def test_gather_rows(emulated, k, channels):
     assert torch.equal(out, ops.gather_rows(src, idx))
 
 
-@pytest.mark.parametrize("padded_width", [5, 9])
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("k", NUM_ROWS)
-def test_gather_patches(emulated, k, channels, padded_width):
-    g = torch.Generator().manual_seed(k * 1000 + channels * 10 + padded_width)
-    batch, height = 2, 4
-    src = random_rows(batch * (height + 2) * padded_width, channels, g)
-    base = window_bases(k, batch, height, padded_width, g)
-    out = emulated["gather_patches"](src, base, padded_width)
-    assert torch.equal(out, ops.gather_patches(src, base, padded_width))
+def test_gather_patches(emulated, k, channels):
+    g = torch.Generator().manual_seed(k * 100 + channels)
+    src = torch.cat([random_rows(40, channels, g), torch.zeros(1, channels)])
+    taps = tap_tables(k, 40, g)
+    out = emulated["gather_patches"](src, taps)
+    assert torch.equal(out, ops.gather_patches(src, taps))
 
 
-def test_gather_patches_from_padded_map(emulated):
-    """Windows gathered from a real padded NHWC map are its 3x3 neighbourhoods, taps row-major then channels."""
+def test_gather_patches_are_3x3_neighbourhoods():
+    """Through the engine's tap table, patches of a real NHWC map are its zero-padded 3x3 neighbourhoods, taps
+    row-major then channels, at stride 1 and 2."""
+    from dynconv.sparse.engine import _tap_table, _with_zero_row
+
     g = torch.Generator().manual_seed(0)
     n, h, w, c = 2, 7, 5, 3
-    padded = torch.nn.functional.pad(torch.randn(n, h, w, c, generator=g), (0, 0, 1, 1, 1, 1))  # (n, h+2, w+2, c)
-    src = padded.reshape(-1, c)
-    centres = [(int(torch.randint(n, (), generator=g)), int(torch.randint(h, (), generator=g)),
-                int(torch.randint(w, (), generator=g))) for _ in range(11)]
-    base = torch.tensor([(b * (h + 2) + y) * (w + 2) + x for b, y, x in centres])
-    out = emulated["gather_patches"](src, base, w + 2)
-    assert torch.equal(out, ops.gather_patches(src, base, w + 2))
-    for k, (b, y, x) in enumerate(centres):
-        assert torch.equal(out[k], padded[b, y:y + 3, x:x + 3, :].reshape(-1))
+    image = torch.randn(n, h, w, c, generator=g)
+    padded = torch.nn.functional.pad(image, (0, 0, 1, 1, 1, 1))  # (n, h+2, w+2, c)
+    for stride in (1, 2):
+        out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+        table = _tap_table(n, out_h, out_w, stride, h, w, torch.device("cpu"))
+        patches = ops.gather_patches(_with_zero_row(image.reshape(-1, c)), table)
+        for b in range(n):
+            for y in range(out_h):
+                for x in range(out_w):
+                    window = padded[b, stride * y:stride * y + 3, stride * x:stride * x + 3, :]
+                    assert torch.equal(patches[(b * out_h + y) * out_w + x], window.reshape(-1))
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
@@ -179,8 +179,10 @@ def test_input_checks(emulated):
         emulated["gather_rows"](src, idx.int())
     with pytest.raises(ValueError, match="src must be contiguous"):
         emulated["gather_rows"](src.t(), idx)
-    with pytest.raises(ValueError, match="base must be 1-D"):
-        emulated["gather_patches"](src, idx[None], 5)
+    with pytest.raises(ValueError, match="taps must be 2-D"):
+        emulated["gather_patches"](src, idx)
+    with pytest.raises(ValueError, match=r"taps must be \(K, 9\)"):
+        emulated["gather_patches"](src, idx[None])
     with pytest.raises(ValueError, match="different devices"):
         emulated["gather_rows"](src, idx.to("meta"))
     with pytest.raises(ValueError, match="bias must have 4 entries"):
@@ -212,9 +214,9 @@ def test_cupy_matches_torch(k, channels):
     idx = torch.randint(50, (k,), generator=g).cuda()
     assert torch.equal(cuda["gather_rows"](src, idx), torch_ops["gather_rows"](src, idx))
 
-    base = window_bases(k, 2, 4, 9, g).cuda()
-    patch_src = random_rows(2 * 6 * 9, channels, g).cuda()
-    assert torch.equal(cuda["gather_patches"](patch_src, base, 9), torch_ops["gather_patches"](patch_src, base, 9))
+    taps = tap_tables(k, 40, g).cuda()
+    patch_src = random_rows(41, channels, g).cuda()
+    assert torch.equal(cuda["gather_patches"](patch_src, taps), torch_ops["gather_patches"](patch_src, taps))
 
     rows, bias = random_rows(k, channels, g).cuda(), torch.randn(channels, generator=g).cuda()
     torch.testing.assert_close(cuda["bias_relu_"](rows.clone(), bias), torch_ops["bias_relu_"](rows.clone(), bias))

@@ -1,6 +1,7 @@
 """The "cupy" backend of dynconv/sparse/ops.py: its gather/scatter ops as CUDA C kernels compiled at run time.
 
-One kernel per op, one thread per output element on a 1-D grid (launch_config). No shared memory, barriers or
+One kernel per op (the 3x3 neighbourhood gather is the row gather, through a table of tap rows), one thread per
+output element on a 1-D grid (launch_config). No shared memory, barriers or
 atomics: every thread owns one element, and scatter indices never repeat. Each kernel's last two parameters are
 the channel count C and the element count `total`; index arithmetic is 64-bit because blockIdx.x * blockDim.x, a
 32-bit unsigned product, wraps past 2^32 elements. Indices are trusted: checking their range would cost a sync.
@@ -24,18 +25,6 @@ extern "C" __global__ void gather_rows(const float* __restrict__ src, const long
     if (i >= total) return;
     const long long k = i / C, c = i - k * C;
     out[i] = src[idx[k] * C + c];
-}
-""",
-    # out is (K, 9C): element i is channel c of tap t = dy * 3 + dx of window k.
-    "gather_patches": r"""
-extern "C" __global__ void gather_patches(const float* __restrict__ src, const long long* __restrict__ base,
-                                          float* __restrict__ out, long long padded_width, long long C,
-                                          long long total) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const long long k = i / (9 * C), r = i - k * 9 * C;
-    const long long t = r / C, c = r - t * C;
-    out[i] = src[(base[k] + (t / 3) * padded_width + t % 3) * C + c];
 }
 """,
     # "v < 0 ? 0 : v" rather than fmaxf(v, 0): NaN propagates, as in torch's relu.
@@ -139,12 +128,15 @@ def make_ops(launch):
         run("gather_rows", out.numel(), src, idx, out, src.shape[1])
         return out
 
-    def gather_patches(src, base, padded_width):
+    def gather_patches(src, taps):
+        # a row gather through the (K, 9) tap table: row k * 9 + t of the result is tap t of window k
         _rows("src", src)
-        _index("base", base)
-        _same_device(src=src, base=base)
-        out = src.new_empty((base.shape[0], 9 * src.shape[1]))
-        run("gather_patches", out.numel(), src, base, out, int(padded_width), src.shape[1])
+        _check("taps", taps, torch.int64, 2)
+        if taps.shape[1] != 9:
+            raise ValueError(f"taps must be (K, 9), got shape {tuple(taps.shape)}")
+        _same_device(src=src, taps=taps)
+        out = src.new_empty((taps.shape[0], 9 * src.shape[1]))
+        run("gather_rows", out.numel(), src, taps, out, src.shape[1])
         return out
 
     def bias_relu_(rows, bias):

@@ -6,9 +6,11 @@ masked positions. Per block, in a position-major layout (rows = pixels, columns 
 - the mask unit runs as usual; the active positions of the mask and of the dilated mask become index lists;
 - BasicBlock: conv1 (3x3, strided) = gather of the 3x3 neighbourhoods of the dilated positions (im2col of the
   active positions only) + one matrix product with BatchNorm folded in + ReLU; the rows go into a zero
-  padded buffer; conv2 (3x3) the same way at the mask positions, from that buffer;
-- Bottleneck: conv1 (1x1) = matrix product on the gathered rows of the dilated positions, into the padded
+  buffer; conv2 (3x3) the same way at the mask positions, from that buffer;
+- Bottleneck: conv1 (1x1) = matrix product on the gathered rows of the dilated positions, into the zero
   buffer; conv2 (3x3, strided) and conv3 (1x1) at the mask positions;
+- a 3x3 neighbourhood is a row gather through a table of tap rows per output pixel (`_tap_table`); taps
+  outside the map read a zero row appended to the map's rows (no padded copies of the maps);
 - the block result is added into the identity at the mask positions only, with the ReLU fused.
 
 Positions outside the mask keep the identity. ResNet block inputs come out of a ReLU (or of max-pooling
@@ -55,27 +57,23 @@ def _rows(x):
     return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
-def _padded_rows(nhwc):
-    """The rows (N*(H+2)*(W+2), C) of an NHWC map padded by one zero pixel on every side."""
-    return F.pad(nhwc, (0, 0, 1, 1, 1, 1)).reshape(-1, nhwc.shape[-1])
+def _with_zero_row(rows):
+    """`rows` followed by one zero row, where the taps outside the map point (see _tap_table)."""
+    return F.pad(rows, (0, 0, 0, 1))
 
 
 @functools.lru_cache(maxsize=256)
-def _padded_row_table(n, height, width, device):
-    """For every pixel (n, y, x) of an unpadded map, flattened: its row in the map padded by one pixel."""
-    index = torch.arange(n * height * width, device=device)
-    hw = height * width
-    b, r = index // hw, index % hw
-    return b * (height + 2) * (width + 2) + (r // width + 1) * (width + 2) + r % width + 1
-
-
-@functools.lru_cache(maxsize=256)
-def _window_base_table(n, out_h, out_w, stride, in_h, in_w, device):
-    """For every output pixel (n, y, x), flattened: the row of its 3x3 window's top-left tap in the padded input."""
-    index = torch.arange(n * out_h * out_w, device=device)
-    hw = out_h * out_w
-    b, r = index // hw, index % hw
-    return b * (in_h + 2) * (in_w + 2) + (r // out_w) * stride * (in_w + 2) + (r % out_w) * stride
+def _tap_table(n, out_h, out_w, stride, in_h, in_w, device):
+    """(N * out_h * out_w, 9): for every output pixel of a 3x3 conv (stride, padding 1), the input rows of its
+    taps, (dy, dx) row-major; taps outside the map point to the zero row after the N * in_h * in_w map rows."""
+    offsets = torch.arange(3, device=device) - 1
+    iy = (torch.arange(out_h, device=device) * stride)[:, None] + offsets  # (out_h, 3)
+    ix = (torch.arange(out_w, device=device) * stride)[:, None] + offsets  # (out_w, 3)
+    inside = ((iy >= 0) & (iy < in_h))[:, None, :, None] & ((ix >= 0) & (ix < in_w))[None, :, None, :]
+    within_image = iy[:, None, :, None] * in_w + ix[None, :, None, :]  # (out_h, out_w, 3, 3)
+    image_start = torch.arange(n, device=device)[:, None, None, None, None] * (in_h * in_w)
+    table = torch.where(inside, image_start + within_image, n * in_h * in_w)
+    return table.reshape(n * out_h * out_w, 9)
 
 
 class SparseEngine:
@@ -188,16 +186,15 @@ class SparseEngine:
                 x = x.relu_()
         return x
 
-    def _gathered_conv3x3(self, src_padded_rows, idx, n, out_hw, stride, in_hw, folded, relu):
-        bases = _window_base_table(n, *out_hw, stride, *in_hw, idx.device).index_select(0, idx)
-        patches = self.ops["gather_patches"](src_padded_rows, bases, in_hw[1] + 2)
-        return self.ops["linear"](patches, folded.matrix, folded.bias, relu)
+    def _gathered_conv3x3(self, src, idx, n, out_hw, stride, in_hw, folded, relu):
+        """A 3x3 conv (padding 1, BN folded) at the output positions `idx`; src: the input's rows + a zero row."""
+        taps = _tap_table(n, *out_hw, stride, *in_hw, idx.device).index_select(0, idx)
+        return self.ops["linear"](self.ops["gather_patches"](src, taps), folded.matrix, folded.bias, relu)
 
-    def _padded_buffer(self, rows, idx, n, h, w):
-        """A zero map (n, h+2, w+2, C) as rows, holding `rows` at the positions `idx` of the unpadded map."""
-        buffer = rows.new_zeros(n * (h + 2) * (w + 2), rows.shape[1])
-        self.ops["scatter_rows_"](buffer, _padded_row_table(n, h, w, idx.device).index_select(0, idx), rows)
-        return buffer
+    def _buffer(self, rows, idx, num_rows):
+        """A zero map of `num_rows` rows + the zero row, holding `rows` at the positions `idx`."""
+        buffer = rows.new_zeros(num_rows + 1, rows.shape[1])
+        return self.ops["scatter_rows_"](buffer, idx, rows)
 
     def _basic_rows(self, block, x, idx, idx_dilated, out_hw):
         """conv1 at the dilated positions (or everywhere when idx_dilated is None), conv2 at the mask."""
@@ -205,11 +202,11 @@ class SparseEngine:
         conv1, conv2, _ = self.folded[block]
         if idx_dilated is None:
             y1 = F.conv2d(x, conv1.weight, conv1.bias, conv1.stride, conv1.padding).relu_()
-            buffer = _padded_rows(y1.permute(0, 2, 3, 1))
+            buffer = _with_zero_row(_rows(y1))
         else:
-            padded_x = _padded_rows(x.permute(0, 2, 3, 1))
-            y1 = self._gathered_conv3x3(padded_x, idx_dilated, n, out_hw, conv1.stride, (h, w), conv1, True)
-            buffer = self._padded_buffer(y1, idx_dilated, n, *out_hw)
+            y1 = self._gathered_conv3x3(_with_zero_row(_rows(x)), idx_dilated, n, out_hw, conv1.stride, (h, w),
+                                        conv1, relu=True)
+            buffer = self._buffer(y1, idx_dilated, n * out_hw[0] * out_hw[1])
         return self._gathered_conv3x3(buffer, idx, n, out_hw, 1, out_hw, conv2, relu=False)
 
     def _bottleneck_rows(self, block, x, idx, idx_dilated, out_hw):
@@ -217,10 +214,9 @@ class SparseEngine:
         n, _, h, w = x.shape
         conv1, conv2, conv3, _ = self.folded[block]
         if idx_dilated is None:
-            y1 = self.ops["linear"](_rows(x), conv1.matrix, conv1.bias, True)
-            buffer = _padded_rows(y1.reshape(n, h, w, -1))
+            buffer = _with_zero_row(self.ops["linear"](_rows(x), conv1.matrix, conv1.bias, True))
         else:
             y1 = self.ops["linear"](self.ops["gather_rows"](_rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
-            buffer = self._padded_buffer(y1, idx_dilated, n, h, w)
+            buffer = self._buffer(y1, idx_dilated, n * h * w)
         y2 = self._gathered_conv3x3(buffer, idx, n, out_hw, conv2.stride, (h, w), conv2, relu=True)
         return self.ops["linear"](y2, conv3.matrix, conv3.bias, False)

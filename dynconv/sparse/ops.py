@@ -8,8 +8,6 @@ Backends:
 - "cupy": CUDA C kernels compiled by CuPy at run time (dynconv/sparse/cuda_kernels.py); CUDA tensors only.
 Matrix products go through torch (MKL/oneDNN on CPU, cuBLAS on GPUs) in both.
 """
-import functools
-
 import torch
 
 BACKENDS = ("auto", "torch", "cupy")
@@ -47,18 +45,10 @@ def gather_rows(src, idx):
     return src.index_select(0, idx)
 
 
-@functools.lru_cache(maxsize=64)
-def patch_offsets(padded_width, device):
-    """Row offsets of the 3x3 taps (row-major: dy, then dx) from a window's top-left row in a padded map."""
-    return torch.tensor([dy * padded_width + dx for dy in range(3) for dx in range(3)], device=device)
-
-
-def gather_patches(src, base, padded_width):
-    """3x3 neighbourhoods from a zero-padded map: out[k, t*C + c] = src[base[k] + (t // 3) * Wp + t % 3, c].
-
-    src: (N * Hp * Wp, C) rows of the padded map; base: the row of each window's top-left tap; -> (K, 9C)."""
-    rows = (base[:, None] + patch_offsets(padded_width, base.device)[None, :]).reshape(-1)
-    return src.index_select(0, rows).reshape(base.shape[0], 9 * src.shape[1])
+def gather_patches(src, taps):
+    """3x3 neighbourhoods: out[k, t*C + c] = src[taps[k, t], c]; taps (K, 9) int64 rows, taps (dy, dx) row-major
+    (outside the map: a zero row of src). -> (K, 9C), the im2col rows of K output pixels."""
+    return src.index_select(0, taps.reshape(-1)).reshape(taps.shape[0], 9 * src.shape[1])
 
 
 def bias_relu_(rows, bias):
