@@ -16,8 +16,9 @@ masked positions. Per block, in a position-major layout (rows = pixels, columns 
 Positions outside the mask keep the identity. ResNet block inputs come out of a ReLU (or of max-pooling
 one), so they need no ReLU; a downsampled identity (conv + BN) gets one over the whole map.
 
-When a block's active fraction is high, gathering costs more than it saves; above `dense_above` the block
-runs densely (oneDNN/cuDNN convolutions with the same folded weights) and is masked afterwards.
+When a block's active fraction is high, gathering costs more than it saves; above a limit (`dense_above`, lower
+for blocks with little work) the block runs densely (oneDNN/cuDNN convolutions with the same folded weights)
+and is masked afterwards, or, when only its dilated mask is that dense, its conv1 runs everywhere.
 """
 import functools
 from dataclasses import dataclass
@@ -80,10 +81,14 @@ class SparseEngine:
     """Executes a trained DynConv ResNet (eval mode) skipping masked positions. `engine(x) -> (logits, masks)`.
 
     backend: "auto" (CuPy kernels for CUDA tensors when available, else torch), "torch" or "cupy".
-    dense_above: active fraction above which a block runs densely (see the module docstring).
+    dense_above: active fraction above which a block runs densely (see the module docstring);
+    gather_overhead_macs: the gathered path's fixed cost per block (mask index lists, tables, gathers, scatters)
+    in MACs of dense convolution; it lowers dense_above for blocks with little work (see `_dense_limit`). The
+    default, 20 MMac, is ~0.2 ms on the 2-core development CPU, what a ResNet-50/101 block's gathered path costs
+    beyond its matrix products at batch 1. It makes CIFAR ResNets at batch 1 run every block densely.
     """
 
-    def __init__(self, model, backend="auto", dense_above=0.9):
+    def __init__(self, model, backend="auto", dense_above=0.9, gather_overhead_macs=20e6):
         if model.training:
             raise ValueError("the sparse engine runs trained models in eval mode: call model.eval() first")
         blocks = [b for stage in getattr(model, "stages", ()) for b in stage]
@@ -99,6 +104,7 @@ class SparseEngine:
         self.backend = resolve_backend(backend, device)
         self.ops = get_ops(self.backend)
         self.dense_above = dense_above
+        self.gather_overhead_macs = gather_overhead_macs
         with torch.no_grad():
             self.folded = {b: self._fold(b) for b in blocks}
             self.mask_taps = {b: b.masker.maskconv.tap_matrix() for b in blocks}
@@ -141,16 +147,17 @@ class SparseEngine:
     def run_block(self, block, x):
         mask = self._mask(block, x)
         identity = x if block.downsample is None else self._downsample(self.folded[block][-1], x)
-        idx = mask.hard.reshape(-1).nonzero().squeeze(1)
-        if idx.numel() > self.dense_above * mask.hard.numel():
-            out = self._dense_residual(block, x)
-            return torch.addcmul(identity, out, mask.hard).relu_(), mask
         # the result goes into `identity` in place; outside the mask it is a ReLU output (non-negative, as
         # scatter_add_relu_ requires) or, downsampled, gets its ReLU below
         out = identity
+        idx = mask.hard.reshape(-1).nonzero().squeeze(1)
         if idx.numel() > 0:
+            limit = self._dense_limit(block, mask)
+            if idx.numel() > limit * mask.hard.numel():
+                residual = self._dense_residual(block, x)
+                return torch.addcmul(identity, residual, mask.hard).relu_(), mask
             idx_dilated = mask.dilated.reshape(-1).nonzero().squeeze(1)
-            if idx_dilated.numel() > self.dense_above * mask.dilated.numel():
+            if idx_dilated.numel() > limit * mask.dilated.numel():
                 idx_dilated = None  # conv1 everywhere: cheaper than gathering almost every position
             if isinstance(block, BasicBlock):
                 residual = self._basic_rows(block, x, idx, idx_dilated, mask.hard.shape[-2:])
@@ -160,6 +167,12 @@ class SparseEngine:
         if block.downsample is not None:
             out.relu_()  # the downsampled identity can be negative outside the mask
         return out, mask
+
+    def _dense_limit(self, block, mask):
+        """Active fraction above which the block (or its conv1) runs densely: dense_above, lowered by the gathered
+        path's fixed cost relative to the block's dense work (below zero: always dense, as for small maps)."""
+        dense_macs = mask.hard.numel() * block.masked_macs + mask.dilated.numel() * block.dilated_macs
+        return self.dense_above - self.gather_overhead_macs / dense_macs
 
     def _mask(self, block, x):
         """The block's mask unit, its logits from the precomputed tap matrix (see `tap_logits`)."""
