@@ -160,8 +160,9 @@ class TapLogits(torch.autograd.Function):
             grad_taps[r] = spread[:, r // 3:r // 3 + h, r % 3:r % 3 + w]
         grad_taps[9] = (grad.sum(dim=(1, 2)) / (h * w))[:, None, None]
         grad_taps = grad_taps.view(10, -1)
-        # (N*H*W, C) rows: x's gradient comes out channels-last
-        grad_x = (grad_taps.t() @ matrix.to(grad.dtype)).view(n, h, w, c).permute(0, 3, 1, 2)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # as (N*H*W, C) rows: x's gradient comes out channels-last
+            grad_x = (grad_taps.t() @ matrix.to(grad.dtype)).view(n, h, w, c).permute(0, 3, 1, 2)
         grad_matrix = (grad_taps @ rows.to(grad.dtype)).to(matrix.dtype)
         return grad_x, grad_matrix, grad.sum().reshape(1).to(ctx.constant_dtype), None
 
@@ -169,9 +170,9 @@ class TapLogits(torch.autograd.Function):
 class MaskUnit(nn.Module):
     """Gumbel-softmax mask unit (DynConv, Verelst & Tuytelaars 2020).
 
-    Training: logits (+ Gumbel noise g1 - g2 when `gumbel_noise`; see sample_gumbel_difference),
-    soft = sigmoid(logits / temperature),
-    hard = (soft >= 0.5) with the gradient of soft (straight-through). Evaluation: hard = (logits >= 0).
+    Training: logits (+ Gumbel noise g1 - g2 when `gumbel_noise`; see sample_gumbel_difference), soft =
+    sigmoid(logits / temperature), hard = (soft >= 0.5) with the gradient of soft (straight-through).
+    Evaluation: hard = (logits >= 0).
     `gumbel_noise` and `temperature` are set for the whole model with `set_gumbel`.
     """
 
