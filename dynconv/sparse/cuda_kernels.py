@@ -1,8 +1,8 @@
 """The "cupy" backend of dynconv/sparse/ops.py: its gather/scatter ops as CUDA C kernels compiled at run time.
 
 One kernel per op (the 3x3 neighbourhood gather is the row gather, through a table of tap rows), one thread per
-output element on a 1-D grid (launch_config). No shared memory, barriers or
-atomics: every thread owns one element, and scatter indices never repeat. Each kernel's last two parameters are
+output element on a 1-D grid (launch_config). No shared memory, barriers or atomics: every thread owns one
+element, and scatter indices never repeat. Each kernel's last two parameters are
 the channel count C and the element count `total`; index arithmetic is 64-bit because blockIdx.x * blockDim.x, a
 32-bit unsigned product, wraps past 2^32 elements. Indices are trusted: checking their range would cost a sync.
 
