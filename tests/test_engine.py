@@ -72,7 +72,7 @@ def test_block_equals_masked_dense(kind, inplanes, planes, stride, batch, size, 
     with torch.no_grad():
         expected, expected_mask = block(x)
         engine = SparseEngine(OneBlock(block).eval(), backend="torch", dense_above=dense_above,
-                              gather_overhead_macs=0)
+                              gather_overhead_macs=0, min_gather_width=0)
         got, mask = engine.run_block(block, x.clone())
     assert torch.equal(mask.hard, expected_mask.hard)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -82,14 +82,17 @@ def test_block_equals_masked_dense(kind, inplanes, planes, stride, batch, size, 
 
 @pytest.mark.parametrize("name,size", [("resnet8", (32, 32)), ("resnet8", (33, 29)), ("resnet50", (64, 64)),
                                        ("resnet50", (57, 71))])
-def test_whole_network_equals_masked_dense(name, size):
-    """Masks from the (random) mask units themselves, as in a trained model."""
+@pytest.mark.parametrize("choice", [{}, dict(gather_overhead_macs=0, min_gather_width=0)],
+                         ids=["default-choice", "gather-wherever-sparse"])
+def test_whole_network_equals_masked_dense(name, size, choice):
+    """Masks from the (random) mask units themselves, as in a trained model. With the default dense/gathered
+    choice small inputs run mostly densely; the second engine gathers wherever a mask is below 90%."""
     torch.manual_seed(0)
     model = randomise_batchnorm(create_model(name, sparse=True)).eval().to(memory_format=torch.channels_last)
     x = torch.randn(3, 3, *size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected, expected_masks = model(x)
-        got, masks = SparseEngine(model, backend="torch")(x)
+        got, masks = SparseEngine(model, backend="torch", **choice)(x)
     fractions = [m.hard.mean().item() for m in masks]
     assert 0 < sum(fractions) / len(fractions) < 1  # really sparse, not trivially all on or off
     assert all(torch.equal(a.hard, b.hard) for a, b in zip(masks, expected_masks))
