@@ -8,7 +8,8 @@ pixels, the worst case since dilation then covers almost everything), or come fr
 (--checkpoint, with images from --data when given). For each configuration: the median time of each variant
 over --runs runs after --warmup runs, the variants alternated run by run; MMac of the dense and the sparse
 model; ideal speedup = dense MMac / sparse MMac; achieved speedup = dense time / engine time; efficiency =
-achieved / ideal. The dense model has the same weights (the DynConv model without its mask units).
+achieved / ideal. The dense model has the same weights (the DynConv model without its mask units). OpenMP threads
+wait actively (OMP_WAIT_POLICY=ACTIVE unless set otherwise), for every variant alike.
 """
 import argparse
 import csv
@@ -17,7 +18,12 @@ import statistics
 import sys
 import time
 
-import torch
+# OpenMP workers spin between parallel regions instead of sleeping (the usual setting for CPU inference latency).
+# At batch 1 the engine runs many short ops between its matrix products, and waking sleeping workers costs it
+# ~5% here. Read when torch loads OpenMP, hence before the import; export OMP_WAIT_POLICY=PASSIVE to compare.
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import count_mmac  # noqa: E402
@@ -114,6 +120,7 @@ def main():
         p.error("--checkpoint needs exactly one --models name")
 
     rows = []
+    print(f"# {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(" ".join(f"{c:>15}" for c in COLUMNS), flush=True)
     for name in args.models:
         resolution = args.resolution or (32 if family_of(name) == "cifar" else 224)
