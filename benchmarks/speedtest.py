@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import count_mmac  # noqa: E402
 from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
+from dynconv.sparse.ops import BACKENDS  # noqa: E402
 from models import create_model, list_models  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 
@@ -105,7 +106,7 @@ def main():
     p.add_argument("--resolution", type=int, default=None, help="input size (default 32 CIFAR, 224 ImageNet)")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cupy"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--csv", default=None)

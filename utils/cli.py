@@ -4,6 +4,8 @@ import sys
 
 import torch
 
+from dynconv.sparse.ops import BACKENDS
+
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line on stderr (no usage block) and exit code 2."""
@@ -44,7 +46,7 @@ def build_parser(description, models, defaults, data_aliases=()):
                    help="also print the fuller operation count (conv, BN, ReLU, linear, pooling)")
     p.add_argument("--fast", action="store_true",
                    help="with -e: also evaluate through the sparse inference engine (skips masked positions)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cupy"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="sparse engine backend (auto: CUDA kernels via CuPy on GPUs, torch otherwise)")
     p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH",
                    help="initialise from these weights (mask units keep their fresh initialisation)")
