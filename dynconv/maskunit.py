@@ -73,27 +73,59 @@ class MaskLogits(nn.Module):
 
     def forward(self, x):
         stride = self.conv.stride[0]
-        if stride == 1 or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return tap_logits(x, *self.tap_matrix(), stride)
+        if stride == 1:
+            return TapLogits.apply(x, self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
         # strided training: the tap product would cover stride^2 times the output pixels; oneDNN's conv wins.
         # Sum, then scale the small result: mean()'s backward divides a full-size tensor.
         global_term = self.fc(x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3]))[:, :, None, None]
         return self.conv(x) + global_term
 
     def tap_matrix(self):
-        """The (10, C) projection of `tap_logits` and its constant term (conv bias + fc bias). Rows 0-8: the
-        conv's taps in reverse order (row 8 - (3 * dy + dx) holds tap (dy, dx), the order F.fold sums);
-        row 9: the fc."""
-        c = self.conv.in_channels
-        taps = self.conv.weight.permute(0, 2, 3, 1).reshape(9, c).flip(0)
-        return torch.cat([taps, self.fc.weight]), self.conv.bias + self.fc.bias
+        """The (10, C) projection of `tap_logits` and its constant term; see `tap_matrix`."""
+        return tap_matrix(self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
+
+
+def tap_matrix(conv_weight, conv_bias, fc_weight, fc_bias):
+    """MaskLogits' parameters as the (10, C) projection of `tap_logits` and its constant term (conv bias + fc
+    bias). Rows 0-8: the conv's taps in reverse order (row 8 - (3 * dy + dx) holds tap (dy, dx), the order
+    F.fold sums); row 9: the fc."""
+    c = conv_weight.shape[1]
+    taps = conv_weight.permute(0, 2, 3, 1).reshape(9, c).flip(0)
+    return torch.cat([taps, fc_weight]), conv_bias + fc_bias
 
 
 def tap_logits(x, matrix, constant, stride):
     """MaskLogits (a 3x3 conv C -> 1 with stride and padding 1, plus a linear layer on the global average pool)
-    as one matrix product and a window sum. oneDNN runs a 1-output-channel conv, forward and backward, several
-    times slower than its MACs suggest; see `TapLogits`."""
-    return TapLogits.apply(x, matrix, constant, stride)
+    as one matrix product and a window sum, from `tap_matrix`'s projection. oneDNN runs a 1-output-channel
+    conv, forward and backward, several times slower than its MACs suggest.
+
+    taps = matrix @ x gives, at every input pixel q, the contributions x[q] . w[dy, dx] of q to the 3x3 windows
+    around it (rows 0-8) and the fc's projection (row 9). The logit of output pixel p adds, for each tap, the
+    contribution of input pixel stride * p + (dy - 1, dx - 1), plus the image's average of row 9 and the constant.
+    No autograd; training uses `TapLogits`, which runs this and has its own backward.
+    """
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
+    taps = (matrix.to(x.dtype) @ rows.t()).view(10, n, h, w)  # tap-major: each tap a contiguous map
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    # the image averages of row 9 plus the constant, as one op (mean and add are two, each ~15 us at batch 1)
+    global_term = torch.addmv(constant.to(x.dtype), taps[9].reshape(n, -1), _averaging_vector(h * w, x.dtype,
+                                                                                                x.device))
+    global_term = global_term[:, None, None]
+    if n * h * w <= 4096:  # small maps: F.fold (col2im) is one op where the shifted adds are nine
+        out = F.fold(taps[:9].reshape(9, n, h * w).transpose(0, 1), (h, w), kernel_size=3, padding=1)
+        out = out[:, 0, ::stride, ::stride] + global_term
+    else:  # large maps: nine shifted adds of contiguous maps beat col2im several times
+        out = taps[4, :, ::stride, ::stride] + global_term  # the centre tap covers every output pixel
+        for dy in range(3):
+            for dx in range(3):
+                if (dy, dx) != (1, 1):
+                    oy, iy = _tap_slices(h, out_h, dy - 1, stride)
+                    ox, ix = _tap_slices(w, out_w, dx - 1, stride)
+                    out[:, oy, ox] += taps[8 - 3 * dy - dx, :, iy, ix]
+    return out[:, None]
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,50 +143,27 @@ def _tap_slices(size, out_size, offset, stride):
 
 
 class TapLogits(torch.autograd.Function):
-    """The mask logits from `matrix` and `constant` (see MaskLogits.tap_matrix).
+    """`tap_logits` at stride 1 from MaskLogits' own parameters, with its backward: one autograd node where the
+    rearrangement into the tap matrix would add five (with their backward nodes) per block.
 
-    taps = matrix @ x gives, at every input pixel q, the contributions x[q] . w[dy, dx] of q to the 3x3 windows
-    around it (rows 0-8) and the fc's projection (row 9). The logit of output pixel p adds, for each tap, the
-    contribution of input pixel stride * p + (dy - 1, dx - 1), plus the image's average of row 9 and the constant.
-    Backward: the tap gradients are shifted views of the (upsampled, zero-padded) logit gradient; x's gradient
-    and the matrix's are one product each.
+    Backward: the tap gradients are shifted views of the zero-padded logit gradient; x's gradient and the
+    matrix's are one product each; the parameters' gradients are views of the matrix's.
     """
 
     @staticmethod
-    def forward(ctx, x, matrix, constant, stride):
-        n, c, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
-        taps = (matrix.to(x.dtype) @ rows.t()).view(10, n, h, w)  # tap-major: each tap a contiguous map
-        out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-        # the image averages of row 9 plus the constant, as one op (mean and add are two, each ~15 us at batch 1)
-        global_term = torch.addmv(constant.to(x.dtype), taps[9].reshape(n, -1), _averaging_vector(h * w, x.dtype,
-                                                                                                    x.device))
-        global_term = global_term[:, None, None]
-        if n * h * w <= 4096:  # small maps: F.fold (col2im) is one op where the shifted adds are nine
-            out = F.fold(taps[:9].reshape(9, n, h * w).transpose(0, 1), (h, w), kernel_size=3, padding=1)
-            out = out[:, 0, ::stride, ::stride] + global_term
-        else:  # large maps: nine shifted adds of contiguous maps beat col2im several times
-            out = taps[4, :, ::stride, ::stride] + global_term  # the centre tap covers every output pixel
-            for dy in range(3):
-                for dx in range(3):
-                    if (dy, dx) != (1, 1):
-                        oy, iy = _tap_slices(h, out_h, dy - 1, stride)
-                        ox, ix = _tap_slices(w, out_w, dx - 1, stride)
-                        out[:, oy, ox] += taps[8 - 3 * dy - dx, :, iy, ix]
-        ctx.save_for_backward(rows, matrix)
-        ctx.stride, ctx.shape, ctx.constant_dtype = stride, (n, c, h, w), constant.dtype
-        return out[:, None]
+    def forward(ctx, x, conv_weight, conv_bias, fc_weight, fc_bias):
+        matrix, constant = tap_matrix(conv_weight, conv_bias, fc_weight, fc_bias)
+        ctx.save_for_backward(x, matrix)
+        return tap_logits(x, matrix, constant, stride=1)
 
     @staticmethod
     def backward(ctx, grad):
-        rows, matrix = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        s = ctx.stride
+        x, matrix = ctx.saved_tensors
+        n, c, h, w = x.shape
         grad = grad[:, 0]
-        # tap r = 3 * ry + rx of input pixel q received grad[p] where q = s * p + (1 - ry, 1 - rx): with the
-        # gradient placed at 1 + s * p in a zero (h + 2, w + 2) map, that is the map's entry q + (ry, rx)
-        spread = grad.new_zeros(n, h + 2, w + 2)
-        spread[:, 1:1 + s * grad.shape[1]:s, 1:1 + s * grad.shape[2]:s] = grad
+        # tap r = 3 * ry + rx of input pixel q received grad[q - (1 - ry, 1 - rx)]: with the gradient placed at
+        # offset (1, 1) in a zero (h + 2, w + 2) map, that is the map's entry q + (ry, rx)
+        spread = F.pad(grad, (1, 1, 1, 1))
         grad_taps = grad.new_empty(10, n, h, w)  # tap-major: ten contiguous copies
         for r in range(9):
             grad_taps[r] = spread[:, r // 3:r // 3 + h, r % 3:r % 3 + w]
@@ -163,8 +172,38 @@ class TapLogits(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:  # as (N*H*W, C) rows: x's gradient comes out channels-last
             grad_x = (grad_taps.t() @ matrix.to(grad.dtype)).view(n, h, w, c).permute(0, 3, 1, 2)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
         grad_matrix = (grad_taps @ rows.to(grad.dtype)).to(matrix.dtype)
-        return grad_x, grad_matrix, grad.sum().reshape(1).to(ctx.constant_dtype), None
+        grad_conv_weight = grad_matrix[:9].flip(0).view(1, 3, 3, c).permute(0, 3, 1, 2)
+        grad_bias = grad.sum().reshape(1).to(matrix.dtype)
+        return grad_x, grad_conv_weight, grad_bias, grad_matrix[9:], grad_bias.clone()
+
+
+class GumbelStraightThrough(torch.autograd.Function):
+    """(hard, soft) from logits: soft = sigmoid((logits + noise) / temperature) with noise = g1 - g2 when
+    `noise` (see sample_gumbel_difference), hard = (soft >= 0.5) as 0/1 values with soft's gradient
+    (straight-through). One autograd node where the ops would make five, on every block."""
+
+    @staticmethod
+    def forward(ctx, logits, noise, temperature):
+        z = logits + sample_gumbel_difference(logits) if noise else logits.clone()
+        if temperature != 1.0:
+            z.div_(temperature)
+        soft = z.sigmoid_()
+        hard = (soft >= 0.5).to(soft.dtype)
+        ctx.save_for_backward(soft)
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)
+        return hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_hard, grad_soft):
+        (soft,) = ctx.saved_tensors
+        grad = grad_hard if grad_soft is None else grad_soft if grad_hard is None else grad_hard + grad_soft
+        if grad is None:
+            return None, None, None
+        grad = torch.ops.aten.sigmoid_backward(grad, soft)  # grad * soft * (1 - soft)
+        return (grad / ctx.temperature if ctx.temperature != 1.0 else grad), None, None
 
 
 class MaskUnit(nn.Module):
@@ -190,17 +229,12 @@ class MaskUnit(nn.Module):
     def decide(self, logits, input_size):
         """(hard, dilated, soft) from the logits; `input_size` is the block input's (H, W)."""
         if self.training:
-            if self.gumbel_noise:
-                logits = logits + sample_gumbel_difference(logits)
-            soft = torch.sigmoid(logits / self.temperature)
-            hard_value = (soft >= 0.5).to(soft.dtype)
-            hard = hard_value + (soft - soft.detach())  # straight-through: exact 0/1 values, gradient of soft
+            hard, soft = GumbelStraightThrough.apply(logits, self.gumbel_noise, self.temperature)
         else:
             soft = None
-            hard_value = (logits >= 0).to(logits.dtype)
-            hard = hard_value
+            hard = (logits >= 0).to(logits.dtype)
         with torch.no_grad():
-            dilated = self.dilate(hard_value, input_size)
+            dilated = self.dilate(hard, input_size)
         return hard, dilated, soft
 
     def dilate(self, hard, input_size):

@@ -153,12 +153,26 @@ def test_tap_logits_equal_the_conv(batch, channels, size, stride, layout):
     nn.init.normal_(logits.conv.bias)
     x = torch.randn(batch, channels, *size, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     expected = logits.conv(x) + logits.fc(x.mean((2, 3)))[:, :, None, None]
-    got = tap_logits(x, *logits.tap_matrix(), stride)
+    with torch.no_grad():
+        torch.testing.assert_close(tap_logits(x, *logits.tap_matrix(), stride), expected)
+        torch.testing.assert_close(logits(x), expected)  # the module without autograd: taps at every stride
+    got = logits(x)  # with autograd: TapLogits at stride 1, else the conv
     torch.testing.assert_close(got, expected)
     grad = torch.randn_like(expected)
     params = (x, logits.conv.weight, logits.conv.bias, logits.fc.weight, logits.fc.bias)
     for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
         torch.testing.assert_close(a, b)
-    torch.testing.assert_close(logits(x), expected)  # the module's own paths: taps at stride 1, else the conv
-    with torch.no_grad():
-        torch.testing.assert_close(logits(x), expected)  # taps at every stride
+
+
+def test_straight_through_gradient_with_soft_used_too():
+    """GumbelStraightThrough's backward adds the gradients reaching hard and soft: both are soft's."""
+    unit = MaskUnit(4).train()
+    unit.gumbel_noise = False
+    unit.temperature = 0.5
+    x = torch.randn(2, 4, 5, 5)
+    hard, _, soft = unit(x)
+    w_hard, w_soft = torch.randn_like(hard), torch.randn_like(hard)
+    (got,) = torch.autograd.grad((hard * w_hard + soft * w_soft).sum(), unit.maskconv.fc.weight)
+    soft_again = torch.sigmoid(unit.maskconv(x) / 0.5)
+    (expected,) = torch.autograd.grad((soft_again * (w_hard + w_soft)).sum(), unit.maskconv.fc.weight)
+    torch.testing.assert_close(got, expected)
