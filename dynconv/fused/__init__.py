@@ -1,0 +1,73 @@
+"""Fused CPU kernels for DynConv training: the masked residual add + ReLU, forward and backward.
+
+Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
+The block output relu(identity + mask * residual) takes two passes over the activations with ATen ops, and its
+backward four (ReLU's gradient, times the mask, times the residual, summed over channels for the mask's
+gradient); `cpu_kernels.cpp` does each in one pass over channels-last maps.
+
+The kernels are compiled on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja; ~15 s,
+cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Where that fails (one warning), for non-CPU,
+non-float or non-channels-last tensors, or with DYNCONV_FUSED=0, the eager ops run instead:
+relu(addcmul(identity, residual, mask)), the specification the tests hold the kernels to.
+"""
+import functools
+import logging
+import os
+import warnings
+
+import torch
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """Builds and loads the kernels once per process; False (with one warning) when they cannot be built."""
+    try:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" is noise here
+        from torch.utils.cpp_extension import load
+
+        # -fopenmp: at::parallel_for is an OpenMP pragma in the headers, ignored (one thread) without it
+        load(name="dynconv_fused", sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False)
+        return True
+    except Exception as error:  # no compiler, no ninja, read-only cache: fall back to the eager ops
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(f"DynConv's fused CPU kernels could not be built ({first_line}); training uses the slower "
+                      "eager ops", stacklevel=2)
+        return False
+
+
+def _ops():
+    """The kernels' op namespace (torch.ops.dynconv_fused), built if need be."""
+    if not _load():
+        raise RuntimeError("DynConv's fused CPU kernels are not available (see the warning above)")
+    return torch.ops.dynconv_fused
+
+
+def usable(*tensors):
+    """Whether the fused kernels can run on these tensors (CPU, float32/64, channels-last 4-d)."""
+    if os.environ.get("DYNCONV_FUSED", "1") == "0":
+        return False
+    for t in tensors:
+        if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dim() != 4
+                or not t.is_contiguous(memory_format=torch.channels_last)):
+            return False
+    return _load()
+
+
+class FusedMaskedResidualReLU(torch.autograd.Function):
+    """relu(identity + hard * residual), with hard (N, 1, H, W) broadcast over channels."""
+
+    @staticmethod
+    def forward(ctx, identity, residual, hard):
+        out = _ops().masked_residual_relu(identity, residual, hard)
+        ctx.save_for_backward(out, residual, hard)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, residual, hard = ctx.saved_tensors
+        grad_identity, grad_residual, grad_hard = _ops().masked_residual_relu_backward(
+            grad, out, residual, hard)
+        return grad_identity, grad_residual, grad_hard.view_as(hard)
