@@ -54,31 +54,23 @@ at::Tensor masked_residual_relu(const at::Tensor& identity, const at::Tensor& re
 }
 
 template <typename scalar_t>
-void masked_residual_relu_backward_rows(const scalar_t* grad, const scalar_t* out, const scalar_t* residual,
-                                        const scalar_t* hard, scalar_t* grad_identity, scalar_t* grad_residual,
-                                        scalar_t* grad_hard, int64_t begin, int64_t end, int64_t c) {
-  for (int64_t p = begin; p < end; ++p) {
-    const scalar_t m = hard[p];
-    const int64_t base = p * c;
-    scalar_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const scalar_t g = scalar_t(out[base + ch] > 0) * grad[base + ch];  // branch-free: vectorises
-      grad_identity[base + ch] = g;
-      grad_residual[base + ch] = g * m;
-      sum += g * residual[base + ch];
-    }
-    grad_hard[p] = sum;
-  }
-}
-
-template <typename scalar_t>
 void masked_residual_relu_backward_kernel(const scalar_t* grad, const scalar_t* out, const scalar_t* residual,
                                           const scalar_t* hard, scalar_t* grad_identity, scalar_t* grad_residual,
                                           scalar_t* grad_hard, int64_t pixels, int64_t c) {
   at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-    masked_residual_relu_backward_rows(grad, out, residual, hard, grad_identity, grad_residual, grad_hard, begin,
-                                       end, c);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t m = hard[p];
+      const int64_t base = p * c;
+      scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const scalar_t g = scalar_t(out[base + ch] > 0) * grad[base + ch];  // branch-free: vectorises
+        grad_identity[base + ch] = g;
+        grad_residual[base + ch] = g * m;
+        sum += g * residual[base + ch];
+      }
+      grad_hard[p] = sum;
+    }
   });
 }
 
