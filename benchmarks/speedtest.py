@@ -26,11 +26,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dynconv import count_mmac  # noqa: E402
+from dynconv import MaskUnit, count_mmac  # noqa: E402
+from dynconv.gates import gate_state_keys  # noqa: E402
 from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
-from models import create_model, list_models  # noqa: E402
+from models import create_model, list_models, model_config  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 
 COLUMNS = ["model", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
@@ -57,11 +58,12 @@ def time_variants(variants, runs, warmup, device):
 
 def build_models(name, num_classes, device, checkpoint=None):
     """(dense, sparse) models with the same weights, eval mode, channels-last."""
-    sparse = create_model(name, family_of(name), sparse=True, num_classes=num_classes)
+    sparse = create_model(name, family_of(name), gate_layer=MaskUnit, num_classes=num_classes)
     if checkpoint is not None:
-        load_model_state(sparse, checkpoint["state_dict"], "--checkpoint")
+        load_model_state(sparse, model_config(name).checkpoint_filter(checkpoint["state_dict"], sparse), "--checkpoint")
     dense = create_model(name, family_of(name), num_classes=num_classes)
-    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if ".masker." not in k})
+    gates = gate_state_keys(sparse)
+    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if k not in gates})
     return [m.eval().to(device, memory_format=torch.channels_last) for m in (dense, sparse)]
 
 
@@ -72,7 +74,7 @@ def measure(dense, sparse, images, runs, warmup, backend):
                             "engine": lambda: engine(images)}, runs, warmup, images.device)
         dense_mmac, sparse_mmac = count_mmac(dense, images), count_mmac(sparse, images)
         masks = sparse(images)[1]
-    active = sum(m.hard.sum().item() for m in masks) / sum(m.hard.numel() for m in masks)
+    active = sum(m.hard.sum().item() for m in masks) / sum(m.hard.numel() for m in masks)  # spatial decisions
     ideal = dense_mmac / sparse_mmac
     speedup = ms["dense"] / ms["engine"]
     return {"active_fraction": round(active, 4), "dense_ms": round(ms["dense"], 3),
@@ -88,9 +90,9 @@ def checkpoint_images(args, name, batch, resolution):
     from utils.data import cifar10_datasets, imagenet_style_datasets, first_images
 
     if family_of(name) == "cifar":
-        val = cifar10_datasets(args.data)[1]
+        val = cifar10_datasets(args.data, model_config(name))[1]
     else:
-        val = imagenet_style_datasets(args.data, resolution=resolution)[1]
+        val = imagenet_style_datasets(args.data, model_config(name), resolution=resolution)[1]
     return first_images(val, batch)
 
 

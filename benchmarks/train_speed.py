@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dynconv import SparsityCriterion, fused, set_gumbel  # noqa: E402
+from dynconv import MaskUnit, SparsityCriterion, fused, set_gate_schedule  # noqa: E402
 from models import create_model, list_models  # noqa: E402
 
 
@@ -43,8 +43,8 @@ def measure(name, batchsize, steps, warmup, device, resolution):
     images = torch.randn(batchsize, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (batchsize,), device=device)
     dense = create_model(name).to(device, memory_format=torch.channels_last)
-    sparse = create_model(name, sparse=True).to(device, memory_format=torch.channels_last)
-    set_gumbel(sparse, noise=True)
+    sparse = create_model(name, gate_layer=MaskUnit).to(device, memory_format=torch.channels_last)
+    set_gate_schedule(sparse, noise=True)
     steps_fn = {"dense": make_step(dense, -1, images, target), "sparse": make_step(sparse, 0.5, images, target)}
     times = {"dense": [], "sparse": []}
     for i in range(warmup + steps):

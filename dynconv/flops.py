@@ -1,92 +1,106 @@
-"""MAC counting with conditional execution: masked convs count only at the positions they run.
+"""MAC counting: layers that are not dynamic are counted from their output shapes, dynamic ones by the decisions
+their forward pass returned (dynconv/decisions.py).
 
-The default count is the one the DynConv paper reports ("MMac per image"): every Conv2d at
-Cout * Cin / groups * kh * kw per output position (+ Cout with a bias). `full=True` adds
-BatchNorm (2 per element, 1 without affine), ReLU (1 per element), Linear (in * out + out) and
-pooling (1 per input element), the conventions ptflops uses.
+The default count (the DynConv paper's "MMac per image", extended to Linear layers): every Conv2d at
+Cout * Cin / groups * kh * kw per output position (+ Cout with a bias) and every Linear at in * out (+ out with a
+bias) per row it is applied to; norms, activations and pooling are not counted. A model leaves out of the
+default count what its paper does (`Dynamic.uncounted_modules`, e.g. a ResNet's classifier). `full=True` adds
+BatchNorm / LayerNorm (2 per element, 1 without affine), ReLU / GELU (1 per element) and pooling (1 per input
+element), the conventions ptflops uses, and counts every Linear.
 """
 import torch
 import torch.nn as nn
 
+from .decisions import Dynamic, UnitCost
+
 POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+ACTIVATIONS = (nn.ReLU, nn.GELU)
+COUNTED = (nn.Conv2d, nn.Linear) + NORMS + ACTIVATIONS + POOLS
 
 
-def macs_per_position(module, full=False):
-    """MACs a layer spends per spatial output position (0 for layers the chosen count ignores)."""
+def _norm_macs(module):
+    """Per normalised element: a scale and a shift (2) with affine parameters, 1 without."""
+    affine = getattr(module, "affine", getattr(module, "elementwise_affine", True))
+    return 2 if affine else 1
+
+
+def macs_per_position(module, full=False, channels=0):
+    """MACs a layer spends per spatial position it runs at (0 for layers the chosen count ignores).
+    `channels`: the width of the map there, for per-element layers without a width of their own (activations)."""
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         macs = module.out_channels * module.in_channels // module.groups * kh * kw
         return macs + (module.out_channels if module.bias is not None else 0)
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
     if not full:
         return 0
     if isinstance(module, nn.BatchNorm2d):
-        return module.num_features * (2 if module.affine else 1)
-    return 0  # ReLU is per element: the caller multiplies by channels
+        return module.num_features * _norm_macs(module)
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        width = module.normalized_shape[-1] if isinstance(module, nn.LayerNorm) else module.num_channels
+        return width * _norm_macs(module)
+    if isinstance(module, ACTIVATIONS):
+        return channels
+    return 0
 
 
-def _layer_macs(module, inputs, output, full):
-    """MACs of one executed (unconditional) layer for the whole batch."""
-    if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
-        return macs_per_position(module, full) * output.shape[0] * output.shape[-2] * output.shape[-1]
+def _width(module):
+    return getattr(module, "out_channels", getattr(module, "out_features", None))
+
+
+def position_cost(layers):
+    """UnitCost per position of layers run in sequence there (activations count one per channel of the map)."""
+    macs = full = channels = 0
+    for layer in layers:
+        channels = _width(layer) or channels
+        macs += macs_per_position(layer, False, channels)
+        full += macs_per_position(layer, True, channels)
+    return UnitCost(macs, full)
+
+
+def layer_macs(module, inputs, output, full):
+    """MACs of one executed (not dynamic) layer for the whole batch, from its output shape."""
+    if isinstance(module, nn.Conv2d):
+        return macs_per_position(module) * output.shape[0] * output.shape[-2] * output.shape[-1]
+    if isinstance(module, nn.Linear):
+        return macs_per_position(module) * (output.numel() // module.out_features)
     if not full:
         return 0
-    if isinstance(module, nn.ReLU):
+    if isinstance(module, NORMS):
+        return output.numel() * _norm_macs(module)
+    if isinstance(module, ACTIVATIONS):
         return output.numel()
-    if isinstance(module, nn.Linear):
-        rows = output.numel() // module.out_features
-        return rows * (module.in_features * module.out_features + (module.out_features if module.bias is not None else 0))
     if isinstance(module, POOLS):
         return inputs[0].numel()
     return 0
 
 
-def _conditional_macs_per_position(layers, full):
-    """MACs per position of a block's masked layers; ReLU modules add one per channel in full mode."""
-    total, channels = 0, 0
-    for layer in layers:
-        total += macs_per_position(layer, full)
-        if isinstance(layer, nn.Conv2d):
-            channels = layer.out_channels
-        if full and isinstance(layer, nn.ReLU):
-            total += channels
-    return total
-
-
 class MacCounter:
     """Counts the MACs of a model's forward passes while active (a context manager).
 
-    Unconditional layers are counted from their output shapes through forward hooks; the masked layers of
-    DynConv blocks (blocks with a `conditional_layers()` method and a mask unit) are counted at the active
-    positions of the mask the block returned. Read `mmac_per_image` after the passes.
+    The model's forward returns (logits, decisions): the decisions give the MACs of the dynamic layers (and
+    of deciding); every other counted layer is counted from its output shape through a forward hook, except the
+    modules that `Dynamic` modules list in `uncounted_modules`. Read `mmac_per_image` after the passes.
     """
-
-    COUNTED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Linear) + POOLS
 
     def __init__(self, model, full=False):
         self.model = model
         self.full = full
-        self.macs = 0  # python number or 0-dim tensor (kept on device: no sync per batch)
+        self.macs = 0  # python number or 0-dim float64 tensor (kept on device: no sync per batch)
         self.images = 0
         self._handles = []
 
     def __enter__(self):
-        from .maskunit import MaskLogits
-
-        conditional = set()
-        for logits in self.model.modules():
-            if isinstance(logits, MaskLogits):  # its conv may run as a matrix product: count it here
-                conditional.add(logits.conv)
-                self._handles.append(logits.register_forward_hook(self._mask_logits_hook))
-        for block in self.model.modules():
-            if hasattr(block, "conditional_layers") and getattr(block, "masker", None) is not None:
-                layers = block.conditional_layers()
-                per_position = {which: _conditional_macs_per_position(mods, self.full) for which, mods in layers.items()}
-                conditional.update(m for mods in layers.values() for m in mods)
-                self._handles.append(block.register_forward_hook(self._block_hook(per_position)))
+        uncounted = set()
         for module in self.model.modules():
-            if isinstance(module, self.COUNTED) and module not in conditional:
+            if isinstance(module, Dynamic):
+                uncounted.update(module.uncounted_modules(self.full))
+        for module in self.model.modules():
+            if isinstance(module, COUNTED) and module not in uncounted:
                 self._handles.append(module.register_forward_hook(self._layer_hook))
-        self._handles.append(self.model.register_forward_pre_hook(self._count_images))
+        self._handles.append(self.model.register_forward_hook(self._model_hook))
         return self
 
     def __exit__(self, *exc):
@@ -94,32 +108,24 @@ class MacCounter:
             handle.remove()
         self._handles.clear()
 
-    def _count_images(self, module, inputs):
-        self.images += inputs[0].shape[0]
-
     def _layer_hook(self, module, inputs, output):
-        self.macs += _layer_macs(module, inputs, output, self.full)
+        self.macs += layer_macs(module, inputs, output, self.full)
 
-    def _mask_logits_hook(self, module, inputs, output):
-        self.macs += _layer_macs(module.conv, inputs, output, self.full)
-
-    def _block_hook(self, per_position):
-        def hook(module, inputs, output):
-            mask = output[1]
-            # float64: float32 cannot hold GMac totals exactly
-            self.macs = (self.macs + mask.dilated.sum(dtype=torch.float64) * per_position["dilated"]
-                         + mask.hard.detach().sum(dtype=torch.float64) * per_position["mask"])
-        return hook
+    def _model_hook(self, module, inputs, output):
+        _, decisions = output
+        self.images += inputs[0].shape[0]
+        for decision in decisions:
+            self.macs = self.macs + decision.macs(self.full)
 
     @property
     def mmac_per_image(self):
         return float(self.macs) / max(self.images, 1) / 1e6
 
 
-def count_mmac(model, images, full=False):
+def count_mmac(model, images, full=False, **forward_kwargs):
     """MMac per image of one forward pass of `images` (model in its current train/eval mode)."""
     with torch.no_grad(), MacCounter(model, full) as counter:
-        model(images)
+        model(images, **forward_kwargs)
     return counter.mmac_per_image
 
 

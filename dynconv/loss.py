@@ -15,17 +15,19 @@ def budget_bounds(budget, epoch, num_epochs):
 
 
 class SparsityCriterion:
-    """weight * (network term + mean block term), computed from the masks one forward pass returned."""
+    """weight * (network term + mean block term), from the decisions one forward pass returned: each decision
+    with conditional MACs is a block; its cost fraction is executed / total conditional MACs."""
 
     def __init__(self, budget, num_epochs, weight=10.0):
         self.budget = budget
         self.num_epochs = num_epochs
         self.weight = weight
 
-    def __call__(self, masks, epoch):
+    def __call__(self, decisions, epoch):
         """Returns (loss, cost fraction of the network, per-block cost fractions); all tensors."""
         lower, upper = budget_bounds(self.budget, epoch, self.num_epochs)
-        executed, totals = zip(*(mask.cost() for mask in masks))
+        costs = [c for c in (d.conditional() for d in decisions) if c[1] > 0]
+        executed, totals = zip(*costs)
         executed = torch.stack(executed)
         totals = torch.tensor(totals, dtype=executed.dtype, device=executed.device)
         block_fractions = executed / totals

@@ -5,29 +5,13 @@ plus the *dilated* mask: the positions where the block's first conv must run so 
 3x3 conv has all its inputs.
 """
 import functools
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class Mask:
-    """What one DynConv block decided for a batch, and what its masked convs cost per position."""
-
-    hard: torch.Tensor  # (N, 1, H, W) 0/1 at output resolution; straight-through gradient in training
-    dilated: torch.Tensor  # (N, 1, H', W') 0/1 where the first conv runs; no gradient
-    soft: Optional[torch.Tensor]  # sigmoid probabilities (training only)
-    macs_per_position: int  # MACs of the convs run at `hard` positions, per position
-    dilated_macs_per_position: int  # MACs of the convs run at `dilated` positions, per position
-
-    def cost(self):
-        """(conditional MACs executed, MACs if every position ran), summed over the batch; tensors."""
-        executed = self.dilated.sum() * self.dilated_macs_per_position + self.hard.sum() * self.macs_per_position
-        total = self.dilated.numel() * self.dilated_macs_per_position + self.hard.numel() * self.macs_per_position
-        return executed, total
+from .decisions import ZERO, SpatialDecision, UnitCost
+from .gates import Gate
 
 
 def sample_gumbel_difference(like, eps=1e-8):
@@ -70,6 +54,7 @@ class MaskLogits(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, 1, kernel_size=3, stride=stride, padding=1, bias=True)
         self.fc = nn.Linear(channels, 1)
+        self._tap_cache = None
 
     def forward(self, x):
         stride = self.conv.stride[0]
@@ -83,8 +68,14 @@ class MaskLogits(nn.Module):
         return self.conv(x) + global_term
 
     def tap_matrix(self):
-        """The (10, C) projection of `tap_logits` and its constant term; see `tap_matrix`."""
-        return tap_matrix(self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
+        """The (10, C) projection of `tap_logits` and its constant term; see `tap_matrix`. Kept while the
+        parameters are unchanged (same storage, same in-place version): inference builds it once."""
+        params = (self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._tap_cache is None or self._tap_cache[0] != key:
+            with torch.no_grad():
+                self._tap_cache = (key, tap_matrix(*params))
+        return self._tap_cache[1]
 
 
 def tap_matrix(conv_weight, conv_bias, fc_weight, fc_bias):
@@ -206,46 +197,59 @@ class GumbelStraightThrough(torch.autograd.Function):
         return (grad / ctx.temperature if ctx.temperature != 1.0 else grad), None, None
 
 
-class MaskUnit(nn.Module):
-    """Gumbel-softmax mask unit (DynConv, Verelst & Tuytelaars 2020).
+class MaskUnit(Gate):
+    """Gumbel-softmax mask unit (DynConv, Verelst & Tuytelaars 2020): a spatial gate.
 
     Training: logits (+ Gumbel noise g1 - g2 when `gumbel_noise`; see sample_gumbel_difference), soft =
     sigmoid(logits / temperature), hard = (soft >= 0.5) with the gradient of soft (straight-through).
     Evaluation: hard = (logits >= 0).
-    `gumbel_noise` and `temperature` are set for the whole model with `set_gumbel`.
+    `cost` / `dilated_cost`: what the block's layers cost per position of the mask and of the dilated mask (no
+    dilated mask when dilated_cost is None). Noise and temperature follow the training schedule (`set_schedule`).
     """
 
-    def __init__(self, channels, stride=1, dilate_stride=1):
+    def __init__(self, channels, stride=1, dilate_stride=1, cost=ZERO, dilated_cost=None):
         super().__init__()
         self.maskconv = MaskLogits(channels, stride)
         self.dilate_stride = dilate_stride
+        self.cost, self.dilated_cost = cost, dilated_cost
         self.gumbel_noise = True
         self.temperature = 1.0
 
-    def forward(self, x):
-        """Returns (hard, dilated, soft); dilated is at x's resolution when dilate_stride > 1."""
+    def set_schedule(self, noise=None, temperature=None, **_):
+        if noise is not None:
+            self.gumbel_noise = noise
+        if temperature is not None:
+            self.temperature = temperature
+
+    def uncounted_modules(self, full=False):
+        return (self.maskconv.conv, self.maskconv.fc)  # counted as the decision's overhead
+
+    def forward(self, x, target=None):
+        """The SpatialDecision for x; a dilated mask at x's resolution when dilate_stride > 1."""
         return self.decide(self.maskconv(x), x.shape[-2:])
 
     def decide(self, logits, input_size):
-        """(hard, dilated, soft) from the logits; `input_size` is the block input's (H, W)."""
+        """The SpatialDecision from the logits; `input_size` is the block input's (H, W)."""
         if self.training:
             hard, soft = GumbelStraightThrough.apply(logits, self.gumbel_noise, self.temperature)
         else:
             soft = None
             hard = (logits >= 0).to(logits.dtype)
-        with torch.no_grad():
-            dilated = self.dilate(hard, input_size)
-        return hard, dilated, soft
+        dilated = None
+        if self.dilated_cost is not None:
+            with torch.no_grad():
+                dilated = self.dilate(hard, input_size)
+        return SpatialDecision(hard, dilated, soft, self.cost, self.dilated_cost or ZERO,
+                               self.overhead(logits.shape))
+
+    def overhead(self, logits_shape):
+        """The unit's own MACs for a batch: the 3x3 conv at every output position (9 C + 1 each), plus in the
+        full count the linear layer on the pooled input (C + 1 per image)."""
+        n, _, h, w = logits_shape
+        c = self.maskconv.conv.in_channels
+        conv = n * h * w * (9 * c + 1)
+        return UnitCost(conv, conv + n * (c + 1))
 
     def dilate(self, hard, input_size):
         """The dilated mask of a hard (0/1) mask; at the block input's resolution when dilate_stride > 1."""
         return dilate_mask(hard, self.dilate_stride, input_size if self.dilate_stride > 1 else None)
-
-
-def set_gumbel(model, noise, temperature=None):
-    """Switch Gumbel noise on/off (and set the temperature) in every mask unit of `model`."""
-    for module in model.modules():
-        if isinstance(module, MaskUnit):
-            module.gumbel_noise = noise
-            if temperature is not None:
-                module.temperature = temperature

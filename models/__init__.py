@@ -1,2 +1,3 @@
 from . import resnet_cifar, resnet_imagenet  # noqa: F401  (registers the models)
-from .registry import create_model, list_models, register_model  # noqa: F401
+from .base import DynamicNetwork, ModelConfig, WeightsUnavailable  # noqa: F401
+from .registry import create_model, list_models, model_config, model_family, register_model  # noqa: F401

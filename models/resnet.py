@@ -1,54 +1,72 @@
-"""ResNet blocks with an optional DynConv mask unit, and the run loop shared by every ResNet.
+"""ResNet blocks whose layers are constructor arguments (timm style), with an optional gate (e.g. a mask unit).
 
-A block built with `mask_layer=None` is the plain (torchvision) block. With a mask layer (e.g.
-`dynconv.MaskUnit`) it decides per image where its residual branch counts: output =
-ReLU(identity + mask * residual). Training and this reference path compute the residual densely and
-multiply by the mask (masking conv1's output with the dilated mask would not change the result, since
-conv2 only feeds mask positions); `dynconv.sparse` executes only the active positions.
+A block built with `gate_layer=None` is the plain (torchvision) block. With a gate (e.g. `dynconv.MaskUnit`)
+it decides per image where its residual branch counts: output = act(identity + mask * residual). Training and
+this reference path compute the residual densely and multiply by the mask (masking conv1's output with the
+dilated mask would not change the result, since conv2 only feeds mask positions); `dynconv.sparse` executes only
+the active positions. The layers: `conv_layer(in, out, kernel_size, stride)` (default nn.Conv2d, padding k // 2,
+no bias), `norm_layer(channels)`, `act_layer()` and `gate_layer(channels, stride, dilate_stride, cost,
+dilated_cost)`; `drop_path` is the stochastic-depth rate of the residual branch.
 """
+import functools
+
 import torch
 import torch.nn as nn
+from timm.layers import DropPath
 
 from dynconv import fused
-from dynconv.flops import macs_per_position
-from dynconv.maskunit import Mask
+from dynconv.decisions import Dynamic
+from dynconv.flops import position_cost
+from dynconv.sparse.plans import register_plan
+from dynconv.sparse.plans.resnet import ResNetBlockPlan
 
 
-def conv3x3(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+def default_conv(in_planes, out_planes, kernel_size, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
 
 
-def conv1x1(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+def conv3x3(in_planes, out_planes, stride=1, conv_layer=default_conv):
+    return conv_layer(in_planes, out_planes, 3, stride)
 
 
-class DynBlock(nn.Module):
-    """What BasicBlock and Bottleneck share: the mask unit, the cost bookkeeping, the masked residual add."""
+def conv1x1(in_planes, out_planes, stride=1, conv_layer=default_conv):
+    return conv_layer(in_planes, out_planes, 1, stride)
 
-    def _init_masking(self, mask_layer, inplanes, stride, dilate_stride):
-        self.masker = mask_layer(inplanes, stride=stride, dilate_stride=dilate_stride) if mask_layer else None
-        layers = self.conditional_layers()
-        self.dilated_macs = sum(macs_per_position(m) for m in layers["dilated"])
-        self.masked_macs = sum(macs_per_position(m) for m in layers["mask"])
+
+class DynBlock(Dynamic, nn.Module):
+    """What BasicBlock and Bottleneck share: the gate, the drop path and the masked residual add."""
+
+    def _init_gate(self, gate_layer, inplanes, stride, dilate_stride, drop_path):
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.masker = None  # the reference's name for the gate (its checkpoint keys: layerX.Y.masker.*)
+        if gate_layer is not None:
+            layers = self.conditional_layers()
+            self.masker = gate_layer(inplanes, stride=stride, dilate_stride=dilate_stride,
+                                     cost=position_cost(layers["mask"]), dilated_cost=position_cost(layers["dilated"]))
 
     def conditional_layers(self):
         """Layers run at the dilated-mask positions and at the mask positions."""
         raise NotImplementedError
 
+    def uncounted_modules(self, full=False):
+        if self.masker is None:
+            return ()
+        return tuple(m for layers in self.conditional_layers().values() for m in layers)
+
     def residual(self, x):
         raise NotImplementedError
 
-    def forward(self, x):
-        """Returns (output, Mask or None)."""
+    def forward(self, x, target=None):
+        """Returns (output, decision or None)."""
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.residual(x)
+        out = self.drop_path(self.residual(x))
         if self.masker is None:
             return self.act_out(identity + out), None
-        hard, dilated, soft = self.masker(x)
-        mask = Mask(hard, dilated, soft, self.masked_macs, self.dilated_macs)
-        if torch.is_grad_enabled() and fused.usable(identity, out):  # training; counting hooks see act_out otherwise
-            return fused.FusedMaskedResidualReLU.apply(identity, out, hard), mask
-        return self.act_out(torch.addcmul(identity, out, hard)), mask
+        decision = self.masker(x, target)
+        hard = decision.hard
+        if torch.is_grad_enabled() and isinstance(self.act_out, nn.ReLU) and fused.usable(identity, out):
+            return fused.FusedMaskedResidualReLU.apply(identity, out, hard), decision  # training, on the CPU
+        return self.act_out(torch.addcmul(identity, out, hard)), decision
 
 
 class BasicBlock(DynBlock):
@@ -56,17 +74,18 @@ class BasicBlock(DynBlock):
 
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, mask_layer=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, gate_layer=None, conv_layer=default_conv,
+                 norm_layer=nn.BatchNorm2d, act_layer=functools.partial(nn.ReLU, inplace=True), drop_path=0.0):
         super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.act_out = nn.ReLU(inplace=True)
+        self.conv1 = conv3x3(inplanes, planes, stride, conv_layer)
+        self.bn1 = norm_layer(planes)
+        self.act1 = act_layer()
+        self.conv2 = conv3x3(planes, planes, 1, conv_layer)
+        self.bn2 = norm_layer(planes)
+        self.act_out = act_layer()
         self.downsample = downsample
         self.stride = stride
-        self._init_masking(mask_layer, inplanes, stride, dilate_stride=1)
+        self._init_gate(gate_layer, inplanes, stride, 1, drop_path)
 
     def conditional_layers(self):
         return {"dilated": (self.conv1, self.bn1, self.act1), "mask": (self.conv2, self.bn2)}
@@ -80,20 +99,21 @@ class Bottleneck(DynBlock):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, mask_layer=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, gate_layer=None, conv_layer=default_conv,
+                 norm_layer=nn.BatchNorm2d, act_layer=functools.partial(nn.ReLU, inplace=True), drop_path=0.0):
         super().__init__()
-        self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.act2 = nn.ReLU(inplace=True)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.act_out = nn.ReLU(inplace=True)
+        self.conv1 = conv1x1(inplanes, planes, 1, conv_layer)
+        self.bn1 = norm_layer(planes)
+        self.act1 = act_layer()
+        self.conv2 = conv3x3(planes, planes, stride, conv_layer)
+        self.bn2 = norm_layer(planes)
+        self.act2 = act_layer()
+        self.conv3 = conv1x1(planes, planes * self.expansion, 1, conv_layer)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.act_out = act_layer()
         self.downsample = downsample
         self.stride = stride
-        self._init_masking(mask_layer, inplanes, stride, dilate_stride=stride)
+        self._init_gate(gate_layer, inplanes, stride, stride, drop_path)
 
     def conditional_layers(self):
         return {"dilated": (self.conv1, self.bn1, self.act1),
@@ -105,23 +125,42 @@ class Bottleneck(DynBlock):
         return self.bn3(self.conv3(out))
 
 
-def make_stage(block, inplanes, planes, num_blocks, stride, mask_layer):
-    """A stage of `num_blocks` blocks; a 1x1 strided conv + BN downsample where the shape changes."""
+register_plan(BasicBlock, ResNetBlockPlan)
+register_plan(Bottleneck, ResNetBlockPlan)
+
+
+def make_stage(block, inplanes, planes, num_blocks, stride, drop_paths=None, **layers):
+    """A stage of `num_blocks` blocks; a 1x1 strided conv + norm downsample where the shape changes. `layers`:
+    the blocks' layer arguments (gate_layer, conv_layer, norm_layer, act_layer); `drop_paths`: a rate per block."""
+    drop_paths = drop_paths or [0.0] * num_blocks
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
-        downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
-                                   nn.BatchNorm2d(planes * block.expansion))
-    blocks = [block(inplanes, planes, stride, downsample, mask_layer)]
-    blocks += [block(planes * block.expansion, planes, 1, None, mask_layer) for _ in range(1, num_blocks)]
+        norm_layer = layers.get("norm_layer", nn.BatchNorm2d)
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                                   norm_layer(planes * block.expansion))
+    blocks = [block(inplanes, planes, stride, downsample, drop_path=drop_paths[0], **layers)]
+    blocks += [block(planes * block.expansion, planes, 1, None, drop_path=drop_paths[i], **layers)
+               for i in range(1, num_blocks)]
     return nn.Sequential(*blocks)
 
 
-def run_stages(stages, x):
-    """Runs the blocks of every stage; returns the features and the list of masks (sparse blocks only)."""
-    masks = []
+def drop_path_rates(rate, blocks_per_stage):
+    """Stochastic depth rising linearly from 0 to `rate` over all blocks (timm's rule), split by stage."""
+    total = sum(blocks_per_stage)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    out, start = [], 0
+    for n in blocks_per_stage:
+        out.append(rates[start:start + n])
+        start += n
+    return out
+
+
+def run_stages(stages, x, target=None):
+    """Runs the blocks of every stage; returns the features and the list of decisions (gated blocks only)."""
+    decisions = []
     for stage in stages:
         for block in stage:
-            x, mask = block(x)
-            if mask is not None:
-                masks.append(mask)
-    return x, masks
+            x, decision = block(x, target)
+            if decision is not None:
+                decisions.append(decision)
+    return x, decisions

@@ -1,23 +1,30 @@
-"""CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels, optionally DynConv."""
+"""CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels, optionally with gates (DynConv)."""
 import math
 
 import torch
 import torch.nn as nn
 
-from dynconv.maskunit import MaskUnit
+from .base import DynamicNetwork, ModelConfig
 from .registry import register_model
-from .resnet import BasicBlock, make_stage, run_stages
+from .resnet import BasicBlock, drop_path_rates, make_stage, run_stages
+
+# the reference's CIFAR-10 normalisation (its checkpoints expect it) and its training defaults
+CIFAR_RESNET = ModelConfig(
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), crop_fraction=1.0,
+    recipe=dict(opt="sgd", lr=0.1, momentum=0.9, sched="step", lr_decay=[150, 250], weight_decay=5e-4,
+                batchsize=256, epochs=350))
 
 
-class CifarResNet(nn.Module):
-    def __init__(self, blocks_per_stage, num_classes=10, mask_layer=None):
+class CifarResNet(DynamicNetwork):
+    def __init__(self, blocks_per_stage, num_classes=10, drop_path_rate=0.0, **layers):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = make_stage(BasicBlock, 16, 16, blocks_per_stage, 1, mask_layer)
-        self.layer2 = make_stage(BasicBlock, 16, 32, blocks_per_stage, 2, mask_layer)
-        self.layer3 = make_stage(BasicBlock, 32, 64, blocks_per_stage, 2, mask_layer)
+        rates = drop_path_rates(drop_path_rate, [blocks_per_stage] * 3)
+        self.layer1 = make_stage(BasicBlock, 16, 16, blocks_per_stage, 1, rates[0], **layers)
+        self.layer2 = make_stage(BasicBlock, 16, 32, blocks_per_stage, 2, rates[1], **layers)
+        self.layer3 = make_stage(BasicBlock, 32, 64, blocks_per_stage, 2, rates[2], **layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
@@ -32,42 +39,39 @@ class CifarResNet(nn.Module):
     def stages(self):
         return (self.layer1, self.layer2, self.layer3)
 
-    def forward_stem(self, x):
-        return self.relu(self.bn1(self.conv1(x)))
+    def uncounted_modules(self, full=False):
+        return () if full else (self.fc,)  # the paper's count leaves the classifier out
+
+    def forward_features(self, x, target=None):
+        return run_stages(self.stages, self.relu(self.bn1(self.conv1(x))), target)
 
     def forward_head(self, x):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-    def forward(self, x):
-        """Returns (logits, masks): one Mask per DynConv block, an empty list for the dense network."""
-        x, masks = run_stages(self.stages, self.forward_stem(x))
-        return self.forward_head(x), masks
+    def get_classifier(self):
+        return self.fc
 
 
-def _cifar_resnet(n, sparse, num_classes):
-    return CifarResNet(n, num_classes, MaskUnit if sparse else None)
+@register_model("cifar", CIFAR_RESNET)
+def resnet8(**kwargs):
+    return CifarResNet(1, **kwargs)
 
 
-@register_model("cifar")
-def resnet8(sparse=False, num_classes=10):
-    return _cifar_resnet(1, sparse, num_classes)
+@register_model("cifar", CIFAR_RESNET)
+def resnet14(**kwargs):
+    return CifarResNet(2, **kwargs)
 
 
-@register_model("cifar")
-def resnet14(sparse=False, num_classes=10):
-    return _cifar_resnet(2, sparse, num_classes)
+@register_model("cifar", CIFAR_RESNET)
+def resnet20(**kwargs):
+    return CifarResNet(3, **kwargs)
 
 
-@register_model("cifar")
-def resnet20(sparse=False, num_classes=10):
-    return _cifar_resnet(3, sparse, num_classes)
+@register_model("cifar", CIFAR_RESNET)
+def resnet26(**kwargs):
+    return CifarResNet(4, **kwargs)
 
 
-@register_model("cifar")
-def resnet26(sparse=False, num_classes=10):
-    return _cifar_resnet(4, sparse, num_classes)
-
-
-@register_model("cifar")
-def resnet32(sparse=False, num_classes=10):
-    return _cifar_resnet(5, sparse, num_classes)
+@register_model("cifar", CIFAR_RESNET)
+def resnet32(**kwargs):
+    return CifarResNet(5, **kwargs)

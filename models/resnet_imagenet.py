@@ -1,18 +1,44 @@
-"""ImageNet ResNets (torchvision's architecture and state-dict keys), optionally with DynConv blocks.
+"""ImageNet ResNets (torchvision's architecture and state-dict keys), optionally with gates (DynConv).
 
 Dense models load torchvision's weights unchanged; DynConv models add `layerX.Y.masker.maskconv.{conv,fc}.*`
 (the reference's checkpoint format).
 """
+import contextlib
+import io
+import os
+
 import torch
 import torch.nn as nn
 
-from dynconv.maskunit import MaskUnit
+from .base import DynamicNetwork, ModelConfig, WeightsUnavailable
 from .registry import register_model
-from .resnet import BasicBlock, Bottleneck, make_stage, run_stages
+from .resnet import BasicBlock, Bottleneck, drop_path_rates, make_stage, run_stages
 
 
-class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, mask_layer=None):
+def torchvision_weights(name):
+    """torchvision's ImageNet weights for model `name`, from the torch hub cache or downloaded into it."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torch.hub announces the download attempt
+            return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:
+        raise WeightsUnavailable(f"torchvision's ImageNet weights for {name} are not cached ({cached}) and could "
+                                 f"not be downloaded ({type(e).__name__}); copy the file there or pass "
+                                 "--pretrained PATH")
+
+
+# the DynConv reference's ImageNet defaults (per process); torchvision's weights for --pretrained
+IMAGENET_RESNET = ModelConfig(
+    pretrained=torchvision_weights,
+    recipe=dict(opt="sgd", lr=0.025, momentum=0.9, sched="step", lr_decay=[30, 60, 90], weight_decay=1e-4,
+                batchsize=64, epochs=100))
+
+
+class ResNet(DynamicNetwork):
+    def __init__(self, block, layers, num_classes=1000, drop_path_rate=0.0, **block_layers):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -20,8 +46,9 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = 64
         stages = []
+        rates = drop_path_rates(drop_path_rate, layers)
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stages.append(make_stage(block, inplanes, planes, blocks, 1 if i == 0 else 2, mask_layer))
+            stages.append(make_stage(block, inplanes, planes, blocks, 1 if i == 0 else 2, rates[i], **block_layers))
             inplanes = planes * block.expansion
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -37,42 +64,39 @@ class ResNet(nn.Module):
     def stages(self):
         return (self.layer1, self.layer2, self.layer3, self.layer4)
 
-    def forward_stem(self, x):
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    def uncounted_modules(self, full=False):
+        return () if full else (self.fc,)  # the paper's count leaves the classifier out
+
+    def forward_features(self, x, target=None):
+        return run_stages(self.stages, self.maxpool(self.relu(self.bn1(self.conv1(x)))), target)
 
     def forward_head(self, x):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-    def forward(self, x):
-        """Returns (logits, masks): one Mask per DynConv block, an empty list for the dense network."""
-        x, masks = run_stages(self.stages, self.forward_stem(x))
-        return self.forward_head(x), masks
+    def get_classifier(self):
+        return self.fc
 
 
-def _resnet(block, layers, sparse, num_classes):
-    return ResNet(block, layers, num_classes, MaskUnit if sparse else None)
+@register_model("imagenet", IMAGENET_RESNET)
+def resnet18(**kwargs):
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
 
 
-@register_model("imagenet")
-def resnet18(sparse=False, num_classes=1000):
-    return _resnet(BasicBlock, (2, 2, 2, 2), sparse, num_classes)
+@register_model("imagenet", IMAGENET_RESNET)
+def resnet34(**kwargs):
+    return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
 
 
-@register_model("imagenet")
-def resnet34(sparse=False, num_classes=1000):
-    return _resnet(BasicBlock, (3, 4, 6, 3), sparse, num_classes)
+@register_model("imagenet", IMAGENET_RESNET)
+def resnet50(**kwargs):
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
 
 
-@register_model("imagenet")
-def resnet50(sparse=False, num_classes=1000):
-    return _resnet(Bottleneck, (3, 4, 6, 3), sparse, num_classes)
+@register_model("imagenet", IMAGENET_RESNET)
+def resnet101(**kwargs):
+    return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
 
 
-@register_model("imagenet")
-def resnet101(sparse=False, num_classes=1000):
-    return _resnet(Bottleneck, (3, 4, 23, 3), sparse, num_classes)
-
-
-@register_model("imagenet")
-def resnet152(sparse=False, num_classes=1000):
-    return _resnet(Bottleneck, (3, 8, 36, 3), sparse, num_classes)
+@register_model("imagenet", IMAGENET_RESNET)
+def resnet152(**kwargs):
+    return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)

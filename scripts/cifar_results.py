@@ -3,8 +3,8 @@
     python scripts/cifar_results.py exp/cifar/*/* --data data/cifar10-jpeg --strip \
         --results exp/cifar/results.jsonl --plot docs/cifar_accuracy_vs_mmac.png
 
-For every run directory: evaluates checkpoint_best.pth with exactly the command the README shows (its
-"* Epoch", "Prec@1" and "MMac" lines are parsed from main_cifar.py's own output), optionally strips the
+For every run directory: evaluates checkpoint_best.pth with exactly the command the README shows (main_cifar.py's
+own run, whose returned metrics are the numbers it prints), optionally strips the
 checkpoint to what evaluation needs (--strip: weights and metadata, no optimizer/scheduler state), then
 writes one JSON line per run and prints the README's markdown table. The plot is drawn from the JSON lines.
 """
@@ -13,14 +13,13 @@ import contextlib
 import io
 import json
 import os
-import re
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_cifar  # noqa: E402
-from dynconv import count_parameters  # noqa: E402
+from dynconv import MaskUnit, count_parameters  # noqa: E402
 from models import create_model  # noqa: E402
 from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.plot import plot_accuracy_vs_macs  # noqa: E402

@@ -10,6 +10,7 @@ import torch
 
 import main_cifar
 from conftest import ROOT
+from dynconv import MaskUnit
 from models import create_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import run_cli
@@ -42,7 +43,7 @@ def trained_run(tiny_cifar, tmp_path_factory):
 def test_training_writes_checkpoints_and_logs(trained_run):
     run_dir, first, _ = trained_run
     assert first["epoch"] == 2
-    assert set(first) >= {"state_dict", "optimizer", "epoch", "best_prec1", "scheduler", "args", "version"}
+    assert set(first) >= {"state_dict", "optimizer", "epoch", "best_prec1", "args", "version"}  # the lr is a function of the update count: no scheduler state
     assert first["args"]["budget"] == 0.5
     for name in ("checkpoint.pth", "checkpoint_best.pth", "log.jsonl"):
         assert os.path.isfile(os.path.join(run_dir, name))
@@ -77,7 +78,7 @@ def test_evaluate_prints_reference_lines(trained_run, capsys, tmp_path):
 def test_reference_checkpoint_evaluates(tiny_cifar, tmp_path, capsys):
     """The reference's format: state_dict (here behind a DataParallel 'module.' prefix), optimizer, epoch,
     best_prec1 as a tensor; no scheduler, args or version."""
-    model = create_model("resnet8", sparse=True, num_classes=3)
+    model = create_model("resnet8", gate_layer=MaskUnit, num_classes=3)
     path = str(tmp_path / "ref.pth")
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()},
                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),

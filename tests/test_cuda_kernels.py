@@ -3,6 +3,7 @@
 Without a GPU: the kernel sources compile with NVRTC, and run on the CPU (tests/cuda_emulation.py) through the
 backend's own host code. With a GPU, the real CuPy launches are tested too.
 """
+import inspect
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ from dynconv.sparse.cuda_kernels import kernel_sources
 KERNELS = sorted(kernel_sources())
 NUM_ROWS = (0, 1, 7, 133)  # K, the length of the index list
 CHANNELS = (1, 3, 17, 64)
+TAPS = (1, 9, 49)  # taps per window: 1x1, 3x3 and 7x7 kernels
+SCATTERS = ("scatter_rows_", "scatter_add_", "scatter_add_relu_")
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +32,12 @@ def random_rows(rows, channels, generator):
     return torch.randn(rows, channels, generator=generator)
 
 
-def tap_tables(windows, num_rows, generator):
-    """(windows, 9) random tap rows into a map of num_rows rows followed by its zero row (index num_rows)."""
-    return torch.randint(num_rows + 1, (windows, 9), generator=generator)
+def tap_tables(windows, taps, num_rows, generator):
+    """(windows, taps) random tap rows into a map of num_rows rows followed by its zero row (index num_rows); the
+    last tap of the first window is always the zero row."""
+    table = torch.randint(num_rows + 1, (windows, taps), generator=generator)
+    table[:1, -1] = num_rows
+    return table
 
 
 # ---- a. NVRTC: the sources compile for real GPUs ----
@@ -97,34 +103,43 @@ def test_gather_rows(emulated, k, channels):
     assert torch.equal(out, ops.gather_rows(src, idx))
 
 
+@pytest.mark.parametrize("taps_per_window", TAPS)
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("k", NUM_ROWS)
-def test_gather_patches(emulated, k, channels):
-    g = torch.Generator().manual_seed(k * 100 + channels)
+def test_gather_patches(emulated, k, channels, taps_per_window):
+    g = torch.Generator().manual_seed(k * 100 + channels + taps_per_window)
     src = torch.cat([random_rows(40, channels, g), torch.zeros(1, channels)])
-    taps = tap_tables(k, 40, g)
+    taps = tap_tables(k, taps_per_window, 40, g)
+    expected = ops.gather_patches(src, taps)
+    # the spec itself, against advanced indexing: (K, T, C) windows, flattened tap-major
+    assert expected.shape == (k, taps_per_window * channels)
+    assert torch.equal(expected.reshape(k, taps_per_window, channels), src[taps])
     out = emulated["gather_patches"](src, taps)
-    assert torch.equal(out, ops.gather_patches(src, taps))
+    assert torch.equal(out, expected)
+    if k:  # the zero row convention: a tap outside the map reads zeros
+        assert torch.equal(out[0, -channels:], torch.zeros(channels))
 
 
-def test_gather_patches_are_3x3_neighbourhoods():
-    """Through the engine's tap table, patches of a real NHWC map are its zero-padded 3x3 neighbourhoods, taps
-    row-major then channels, at stride 1 and 2."""
-    from dynconv.sparse.engine import _tap_table, _with_zero_row
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel_size", [1, 3, 7])
+def test_gather_patches_are_neighbourhoods(kernel_size, stride):
+    """Through the layout's tap table, patches of a real NHWC map are its zero-padded k x k neighbourhoods ("same"
+    padding), taps row-major then channels."""
+    from dynconv.sparse.layout import tap_table, with_zero_row
 
-    g = torch.Generator().manual_seed(0)
-    n, h, w, c = 2, 7, 5, 3
+    g = torch.Generator().manual_seed(kernel_size * 10 + stride)
+    n, h, w, c, pad = 2, 7, 5, 3, kernel_size // 2
     image = torch.randn(n, h, w, c, generator=g)
-    padded = torch.nn.functional.pad(image, (0, 0, 1, 1, 1, 1))  # (n, h+2, w+2, c)
-    for stride in (1, 2):
-        out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-        table = _tap_table(n, out_h, out_w, stride, h, w, torch.device("cpu"))
-        patches = ops.gather_patches(_with_zero_row(image.reshape(-1, c)), table)
-        for b in range(n):
-            for y in range(out_h):
-                for x in range(out_w):
-                    window = padded[b, stride * y:stride * y + 3, stride * x:stride * x + 3, :]
-                    assert torch.equal(patches[(b * out_h + y) * out_w + x], window.reshape(-1))
+    padded = torch.nn.functional.pad(image, (0, 0, pad, pad, pad, pad))  # (n, h + 2 pad, w + 2 pad, c)
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    table = tap_table(n, out_h, out_w, stride, h, w, kernel_size, pad, "cpu")
+    patches = ops.gather_patches(with_zero_row(image.reshape(-1, c)), table)
+    assert patches.shape == (n * out_h * out_w, kernel_size * kernel_size * c)
+    for b in range(n):
+        for y in range(out_h):
+            for x in range(out_w):
+                window = padded[b, stride * y:stride * y + kernel_size, stride * x:stride * x + kernel_size, :]
+                assert torch.equal(patches[(b * out_h + y) * out_w + x], window.reshape(-1))
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
@@ -143,23 +158,27 @@ def test_bias_relu(emulated, k, channels):
     assert torch.equal(rows[[0, -1]], before[[0, -1]])
 
 
-@pytest.mark.parametrize("op", ["scatter_rows_", "scatter_add_relu_"])
+@pytest.mark.parametrize("op", SCATTERS)
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("k", NUM_ROWS)
 def test_scatters(emulated, op, k, channels):
     g = torch.Generator().manual_seed(k * 100 + channels)
     m = 140
-    buffer = random_rows(m + 2, channels, g).abs()  # scatter_add_relu_'s precondition: a non-negative map
+    buffer = random_rows(m + 2, channels, g)
+    if op == "scatter_add_relu_":
+        buffer = buffer.abs()  # its precondition: a non-negative map
     idx = torch.randperm(m, generator=g)[:k]
     rows = random_rows(k, channels, g)
     expected = getattr(ops, op)(buffer[1:-1].clone(), idx, rows)
     before = buffer.clone()
     out = emulated[op](buffer[1:-1], idx, rows)  # dst inside a larger buffer: catches writes past its ends
     assert out.data_ptr() == buffer[1:-1].data_ptr()
-    if op == "scatter_rows_":
-        assert torch.equal(out, expected)
-    else:
+    if op == "scatter_add_relu_":
         torch.testing.assert_close(out, expected)
+    else:  # one float store or add per element: exact
+        assert torch.equal(out, expected)
+    if op == "scatter_add_" and k * channels > 8:  # negative sums survive: no ReLU slipped in
+        assert (out[idx] < 0).any()
     assert torch.equal(buffer[[0, -1]], before[[0, -1]])
 
 
@@ -181,16 +200,62 @@ def test_input_checks(emulated):
         emulated["gather_rows"](src.t(), idx)
     with pytest.raises(ValueError, match="taps must be 2-D"):
         emulated["gather_patches"](src, idx)
-    with pytest.raises(ValueError, match=r"taps must be \(K, 9\)"):
-        emulated["gather_patches"](src, idx[None])
+    with pytest.raises(ValueError, match="taps must be torch.int64"):
+        emulated["gather_patches"](src, idx[None].int())
+    with pytest.raises(ValueError, match="taps must be contiguous"):
+        emulated["gather_patches"](src, torch.zeros(9, 3, dtype=torch.int64).t())
     with pytest.raises(ValueError, match="different devices"):
         emulated["gather_rows"](src, idx.to("meta"))
     with pytest.raises(ValueError, match="bias must have 4 entries"):
         emulated["bias_relu_"](src, torch.zeros(3))
-    with pytest.raises(ValueError, match=r"rows must be \(len\(idx\), dst columns\)"):
-        emulated["scatter_rows_"](src, idx, torch.zeros(3, 5))
-    with pytest.raises(ValueError, match="must not share memory"):
-        emulated["scatter_add_relu_"](src, idx, src[5:8])
+
+
+def bad_scatter_inputs():
+    """{case: (dst, idx, rows, error message)}: what every scatter op must reject before launching."""
+    dst, idx, rows = torch.randn(10, 4), torch.arange(3), torch.randn(3, 4)
+    shape = r"rows must be \(len\(idx\), dst columns\)"
+    return {"dst dtype": (dst.double(), idx, rows, "dst must be torch.float32"),
+            "idx dtype": (dst, idx.int(), rows, "idx must be torch.int64"),
+            "rows dtype": (dst, idx, rows.half(), "rows must be torch.float32"),
+            "dst strided": (torch.randn(4, 10).t(), idx, rows, "dst must be contiguous"),
+            "idx strided": (dst, torch.arange(6)[::2], rows, "idx must be contiguous"),
+            "rows strided": (dst, idx, torch.randn(4, 3).t(), "rows must be contiguous"),
+            "idx 2-D": (dst, idx[None], rows, "idx must be 1-D"),
+            "rows columns": (dst, idx, torch.randn(3, 5), shape),
+            "rows count": (dst, idx, torch.randn(2, 4), shape),
+            "devices": (dst, idx.to("meta"), rows, "different devices"),
+            "rows alias dst": (dst, idx, dst[5:8], "must not share memory")}
+
+
+@pytest.mark.parametrize("case", sorted(bad_scatter_inputs()))
+@pytest.mark.parametrize("op", SCATTERS)
+def test_scatter_input_checks(emulated, op, case):
+    dst, idx, rows, message = bad_scatter_inputs()[case]
+    before = dst.clone()
+    with pytest.raises(ValueError, match=message):
+        emulated[op](dst, idx, rows)
+    assert torch.equal(dst, before)
+
+
+def test_op_tables_match():
+    """The cupy table has the spec's ops, with the same parameters."""
+    assert sorted(cuda_kernels.OPS) == sorted(ops.TORCH_OPS)
+    for name, op in ops.TORCH_OPS.items():
+        assert list(inspect.signature(cuda_kernels.OPS[name]).parameters) == list(inspect.signature(op).parameters)
+
+
+def test_ops_launch_every_compiled_kernel():
+    """Each op runs its own kernel, and every kernel (each one compiled by test_nvrtc_compiles) serves an op."""
+    launched = []
+    table = cuda_kernels.make_ops(lambda name, total, *args: launched.append(name))
+    src, idx, rows = torch.randn(5, 2), torch.arange(2), torch.randn(2, 2)
+    table["gather_rows"](src, idx)
+    table["gather_patches"](src, idx[:, None])
+    table["bias_relu_"](rows, torch.zeros(2))
+    for op in SCATTERS:
+        table[op](src, idx, rows)
+    assert launched == ["gather_rows", "gather_rows", "bias_relu", "scatter_rows", "scatter_add", "scatter_add_relu"]
+    assert sorted(set(launched)) == KERNELS
 
 
 def test_cupy_backend_rejects_cpu_tensors():
@@ -214,16 +279,18 @@ def test_cupy_matches_torch(k, channels):
     idx = torch.randint(50, (k,), generator=g).cuda()
     assert torch.equal(cuda["gather_rows"](src, idx), torch_ops["gather_rows"](src, idx))
 
-    taps = tap_tables(k, 40, g).cuda()
     patch_src = random_rows(41, channels, g).cuda()
-    assert torch.equal(cuda["gather_patches"](patch_src, taps), torch_ops["gather_patches"](patch_src, taps))
+    for taps_per_window in TAPS:
+        taps = tap_tables(k, taps_per_window, 40, g).cuda()
+        assert torch.equal(cuda["gather_patches"](patch_src, taps), torch_ops["gather_patches"](patch_src, taps))
 
     rows, bias = random_rows(k, channels, g).cuda(), torch.randn(channels, generator=g).cuda()
     torch.testing.assert_close(cuda["bias_relu_"](rows.clone(), bias), torch_ops["bias_relu_"](rows.clone(), bias))
 
-    dst, scatter_idx = random_rows(140, channels, g).abs().cuda(), torch.randperm(140, generator=g)[:k].cuda()
-    assert torch.equal(cuda["scatter_rows_"](dst.clone(), scatter_idx, rows),
-                       torch_ops["scatter_rows_"](dst.clone(), scatter_idx, rows))
+    dst, scatter_idx = random_rows(140, channels, g).cuda(), torch.randperm(140, generator=g)[:k].cuda()
+    for op in ("scatter_rows_", "scatter_add_"):  # dst with negative entries: neither may apply a ReLU
+        assert torch.equal(cuda[op](dst.clone(), scatter_idx, rows), torch_ops[op](dst.clone(), scatter_idx, rows))
+    dst = dst.abs()  # scatter_add_relu_'s precondition: a non-negative map
     torch.testing.assert_close(cuda["scatter_add_relu_"](dst.clone(), scatter_idx, rows),
                                torch_ops["scatter_add_relu_"](dst.clone(), scatter_idx, rows))
 

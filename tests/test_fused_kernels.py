@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from dynconv import fused, set_gumbel
+from dynconv import MaskUnit, fused, set_gate_schedule
 from models import create_model
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernels")
@@ -33,8 +33,8 @@ def test_masked_residual_relu_equals_the_eager_ops(shape, dtype):
 
 def test_fused_and_eager_training_steps_agree(monkeypatch):
     """A DynConv ResNet's loss and parameter gradients are the same with the kernels and without them."""
-    model = create_model("resnet8", sparse=True).double().to(memory_format=torch.channels_last).train()
-    set_gumbel(model, noise=False)
+    model = create_model("resnet8", gate_layer=MaskUnit).double().to(memory_format=torch.channels_last).train()
+    set_gate_schedule(model, noise=False)
     images = torch.randn(4, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     calls = []
     apply = fused.FusedMaskedResidualReLU.apply

@@ -11,7 +11,7 @@ import torchvision
 
 import main_imagenet
 from conftest import ROOT, set_mask_logits
-from dynconv import count_mmac, count_parameters
+from dynconv import MaskUnit, count_mmac, count_parameters
 from models import create_model
 from synthetic import make_food101, make_image_folder
 from utils.errors import run_cli
@@ -30,7 +30,7 @@ def test_reference_macs_and_parameters(name):
     dense = create_model(name).eval()
     assert count_mmac(dense, x) == pytest.approx(dense_mmac, abs=5e-7)
     assert count_parameters(dense) == params
-    sparse = create_model(name, sparse=True).eval()
+    sparse = create_model(name, gate_layer=MaskUnit).eval()
     set_mask_logits(sparse, 10.0)
     assert count_mmac(sparse, x) == pytest.approx(on, abs=5e-7)
     set_mask_logits(sparse, -10.0)
@@ -47,7 +47,7 @@ def test_torchvision_resnet50_weights_load_unchanged():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], reference(x), rtol=1e-4, atol=1e-5)
-    sparse_keys = set(create_model("resnet50", sparse=True).state_dict())
+    sparse_keys = set(create_model("resnet50", gate_layer=MaskUnit).state_dict())
     assert sparse_keys - set(reference.state_dict()) == {
         f"layer{i}.{j}.masker.maskconv.{m}.{p}" for i, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for j in range(n)
         for m in ("conv", "fc") for p in ("weight", "bias")}

@@ -4,19 +4,27 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dynconv import MaskUnit, SparsityCriterion, budget_bounds, dilate_mask
-from dynconv.maskunit import Mask
+from dynconv import MaskUnit, SparsityCriterion, UnitCost, budget_bounds, dilate_mask
+from dynconv.decisions import SpatialDecision
 
 
 @pytest.mark.parametrize("stride,size,expected", [(1, 8, 8), (2, 8, 4), (2, 7, 4), (1, 5, 5)])
 def test_mask_unit_shapes(stride, size, expected):
-    unit = MaskUnit(16, stride=stride, dilate_stride=stride).train()
+    unit = MaskUnit(16, stride=stride, dilate_stride=stride, dilated_cost=UnitCost(1, 1)).train()
     x = torch.randn(3, 16, size, size)
-    hard, dilated, soft = unit(x)
+    decision = unit(x)
+    hard, dilated, soft = decision.hard, decision.dilated, decision.soft
     assert hard.shape == soft.shape == (3, 1, expected, expected)
     # dilated mask at the first conv's resolution: input size for strided bottlenecks, output size otherwise
-    assert dilated.shape == (3, 1, size, size) if stride > 1 else (3, 1, expected, expected)
+    assert dilated.shape == ((3, 1, size, size) if stride > 1 else (3, 1, expected, expected))
     assert set(hard.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_mask_unit_without_dilated_cost_has_no_dilated_mask():
+    """Blocks whose layers all run at the mask (e.g. ConvNeXt's) need no dilated mask."""
+    decision = MaskUnit(4).eval()(torch.randn(2, 4, 6, 6))
+    assert decision.dilated is None
+    assert decision.overhead.macs == 2 * 36 * (9 * 4 + 1)  # the 3x3 conv C -> 1 with bias, per output position
 
 
 def test_dilate_stride1_by_hand():
@@ -50,7 +58,8 @@ def test_straight_through_gradient():
     unit.gumbel_noise = False
     unit.temperature = 2.0
     x = torch.randn(2, 4, 5, 5)
-    hard, _, soft = unit(x)
+    decision = unit(x)
+    hard, soft = decision.hard, decision.soft
     logits = unit.maskconv(x)
     assert torch.equal(hard.detach(), (torch.sigmoid(logits / 2.0) >= 0.5).float())
     # the gradient of hard is the gradient of soft = sigmoid(logits / T)
@@ -70,19 +79,20 @@ def test_straight_through_gradient():
 def test_eval_mask_is_sign_of_logits_without_noise():
     unit = MaskUnit(4).eval()
     x = torch.randn(2, 4, 6, 6)
-    hard, _, soft = unit(x)
-    assert soft is None
+    decision = unit(x)
+    hard = decision.hard
+    assert decision.soft is None
     assert torch.equal(hard, (unit.maskconv(x) >= 0).float())
-    assert torch.equal(unit(x)[0], hard)  # deterministic
+    assert torch.equal(unit(x).hard, hard)  # deterministic
 
 
 def test_gumbel_noise_changes_training_masks():
     torch.manual_seed(0)
     unit = MaskUnit(4).train()
     x = torch.randn(2, 4, 16, 16)
-    assert not torch.equal(unit(x)[0], unit(x)[0])
-    unit.gumbel_noise = False
-    assert torch.equal(unit(x)[0], unit(x)[0])
+    assert not torch.equal(unit(x).hard, unit(x).hard)
+    unit.set_schedule(noise=False)
+    assert torch.equal(unit(x).hard, unit(x).hard)
 
 
 def test_gumbel_difference_has_the_distribution_of_two_gumbel_samples():
@@ -126,8 +136,9 @@ def test_budget_bounds_midway_by_hand():
 
 
 def _mask(hard, dilated, fpp, fpp_dil):
-    return Mask(torch.tensor(hard, dtype=torch.float32).view(1, 1, 2, 2),
-                torch.tensor(dilated, dtype=torch.float32).view(1, 1, 2, 2), None, fpp, fpp_dil)
+    return SpatialDecision(torch.tensor(hard, dtype=torch.float32).view(1, 1, 2, 2),
+                           torch.tensor(dilated, dtype=torch.float32).view(1, 1, 2, 2), None,
+                           UnitCost(fpp, fpp), UnitCost(fpp_dil, fpp_dil))
 
 
 def test_sparsity_criterion_by_hand():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import set_mask_logits
-from dynconv import count_mmac, count_parameters
+from dynconv import MaskUnit, count_mmac, count_parameters
 from models import create_model, list_models
 
 DENSE_MMAC = {"resnet8": 12.500992, "resnet14": 26.656768, "resnet20": 40.812544, "resnet26": 54.968320,
@@ -25,7 +25,7 @@ def test_dense_mmac(name):
 
 @pytest.mark.parametrize("name", sorted(ALL_ON))
 def test_sparse_mmac_all_on_and_all_off(name):
-    model = create_model(name, sparse=True).eval()
+    model = create_model(name, gate_layer=MaskUnit).eval()
     set_mask_logits(model, 10.0)
     assert count_mmac(model, torch.randn(2, 3, 32, 32)) == pytest.approx(ALL_ON[name], abs=5e-7)
     set_mask_logits(model, -10.0)
@@ -34,7 +34,7 @@ def test_sparse_mmac_all_on_and_all_off(name):
 
 def test_parameter_counts():
     assert count_parameters(create_model("resnet32")) == 466906
-    assert count_parameters(create_model("resnet32", sparse=True)) == 472056
+    assert count_parameters(create_model("resnet32", gate_layer=MaskUnit)) == 472056
 
 
 def test_dense_count_matches_ptflops():
@@ -62,7 +62,7 @@ def test_full_count_adds_bn_relu_linear_pool_by_hand():
 def test_all_on_masks_equal_dense_computation():
     torch.manual_seed(0)
     dense = create_model("resnet14").eval()
-    sparse = create_model("resnet14", sparse=True).eval()
+    sparse = create_model("resnet14", gate_layer=MaskUnit).eval()
     sparse.load_state_dict(dense.state_dict(), strict=False)
     set_mask_logits(sparse, 10.0)
     x = torch.randn(3, 3, 32, 32)
@@ -75,7 +75,7 @@ def test_all_on_masks_equal_dense_computation():
 def test_every_parameter_gets_a_gradient(name):
     from dynconv import SparsityCriterion
 
-    model = create_model(name, sparse=True).train()
+    model = create_model(name, gate_layer=MaskUnit).train()
     logits, masks = model(torch.randn(2, 3, 32, 32))
     loss = logits.logsumexp(1).mean() + SparsityCriterion(0.5, 10)(masks, 1)[0]
     loss.backward()
@@ -85,7 +85,7 @@ def test_every_parameter_gets_a_gradient(name):
 
 
 def test_reference_state_dict_keys():
-    keys = set(create_model("resnet8", sparse=True).state_dict())
+    keys = set(create_model("resnet8", gate_layer=MaskUnit).state_dict())
     expected = {"conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
                 "bn1.num_batches_tracked", "layer1.0.conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv2.weight",
                 "layer1.0.bn2.running_var", "layer2.0.downsample.0.weight", "layer2.0.downsample.1.weight",

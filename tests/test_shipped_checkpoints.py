@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from dynconv import count_parameters
-from models import create_model
+from dynconv import MaskUnit, count_parameters
+from models import create_model, model_config
 from utils.checkpoint import load_checkpoint, load_model_state
 from utils.data import cifar_transforms
 from utils.training import validate
@@ -38,7 +38,7 @@ def cifar_test_subset(tmp_path_factory):
                       and int(os.path.splitext(os.path.basename(m.name))[0]) < SUBSET // 10]
             tar.extractall(root, members=wanted, filter="data")
         root = os.path.join(root, "cifar10-jpeg")
-    test = datasets.ImageFolder(os.path.join(root, "test"), transform=cifar_transforms()[1])
+    test = datasets.ImageFolder(os.path.join(root, "test"), transform=cifar_transforms(model_config("resnet8"))[1])
     keep = [i for i, (path, _) in enumerate(test.samples) if int(os.path.splitext(os.path.basename(path))[0]) < SUBSET // 10]
     return torch.utils.data.Subset(test, keep)
 
@@ -59,7 +59,7 @@ def test_shipped_checkpoint(row, cifar_test_subset):
     assert tracked == 1, "git would ignore the shipped checkpoint"
     checkpoint = load_checkpoint(path)
     assert "optimizer" not in checkpoint and checkpoint["epoch"] == row["epoch"]
-    model = create_model(row["model"], "cifar", sparse=row["budget"] >= 0)
+    model = create_model(row["model"], "cifar", gate_layer=MaskUnit if row["budget"] >= 0 else None)
     load_model_state(model, checkpoint["state_dict"], path)
     assert count_parameters(model) == row["params"]
     loader = torch.utils.data.DataLoader(cifar_test_subset, batch_size=100)

@@ -1,17 +1,21 @@
 """Checkpoints: written atomically, read with weights_only=True, matched to the model with clear errors.
 
 Format (the reference's keys plus ours): state_dict, optimizer, epoch (epochs completed = the epoch to
-resume at), best_prec1, scheduler, args (a plain dict), version.
+resume at), best_prec1, args (a plain dict), version; with EMA also the EMA weights (utils/recipe.EMA_KEY) and
+best_ema_prec1. The EMA's own files (checkpoint_ema.pth, checkpoint_best_ema.pth) hold its weights as their
+state_dict, so `-r FILE -e` evaluates them like any checkpoint.
 """
 import os
 import tempfile
 
 import torch
 
+from dynconv.gates import gate_state_keys
 from .errors import UserError
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 LATEST, BEST = "checkpoint.pth", "checkpoint_best.pth"
+EMA, BEST_EMA = "checkpoint_ema.pth", "checkpoint_best_ema.pth"
 
 
 def save_checkpoint(state, path):
@@ -52,12 +56,6 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def _strip_prefix(state_dict, prefix="module."):
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def _summarise(keys, limit=3):
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -65,27 +63,23 @@ def _summarise(keys, limit=3):
 
 
 def load_model_state(model, state_dict, source, allow_missing=()):
-    """Loads strictly; a mismatch becomes one line naming the missing/unexpected keys and the likely cause.
-
-    Keys of the model containing one of `allow_missing` may be absent and keep their initialisation (e.g.
-    ".masker." when dense weights start a DynConv model).
-    """
-    state_dict = _strip_prefix(state_dict)
+    """Loads a state dict already in our layout (see ModelConfig.checkpoint_filter) strictly; a mismatch
+    becomes one line naming the missing/unexpected keys. Keys in `allow_missing` (exact names, e.g. the gates'
+    parameters when dense weights start a DynConv model) may be absent and keep their initialisation."""
     own = model.state_dict()
     unexpected = set(state_dict) - set(own)
-    missing = {k for k in set(own) - set(state_dict) if not any(p in k for p in allow_missing)}
+    missing = set(own) - set(state_dict) - set(allow_missing)
     problems = []
     if missing:
         problems.append(f"missing keys {_summarise(missing)}")
     if unexpected:
         problems.append(f"unexpected keys {_summarise(unexpected)}")
-    if any(".masker." in k for k in missing):
-        problems.append("the checkpoint is a dense model: use --budget -1")
-    elif any(".masker." in k for k in unexpected):
-        problems.append("the checkpoint is a DynConv model: pass its --budget")
+    if missing and missing <= gate_state_keys(model):
+        problems.append("the checkpoint has no gates (a static model): use --budget -1")
     shapes = [k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape]
     if shapes:
         problems.append(f"shape mismatch at {_summarise(shapes)} (another architecture or number of classes?)")
     if problems:
         raise UserError(f"{source} does not fit this model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=not allow_missing)
+    model.load_state_dict(state_dict, strict=False)
+

@@ -1,10 +1,24 @@
-"""The command-line flags both entry scripts share (the reference's names and defaults, plus ours)."""
+"""The command-line flags both entry scripts share (the reference's names and defaults, timm's names for the
+training-recipe flags the reference lacks).
+
+Recipe flags default to None on the command line and are then filled from the model's own recipe
+(ModelConfig.recipe, e.g. SGD with steps for the ResNets) and, for what that leaves open, from RECIPE_DEFAULTS:
+a bare command trains a model with its paper's recipe.
+"""
 import argparse
+import ast
 import sys
 
 import torch
 
 from dynconv.sparse.ops import BACKENDS
+from .recipe import OPTIMIZERS, SCHEDULES
+
+RECIPE_DEFAULTS = dict(opt="sgd", lr=0.1, momentum=0.9, sched="step", lr_decay=[], weight_decay=1e-4,
+                       batchsize=64, epochs=100, warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, mixup=0.0,
+                       cutmix=0.0, smoothing=0.0, model_ema=False, model_ema_decay=0.9998, drop_path=0.0,
+                       clip_grad=None, update_freq=1, lr_scale={}, freeze={}, no_wd_norm_bias=False,
+                       gumbel_temp=1.0, gumbel_noise_epochs=0.8, sparsity_weight=10.0)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -15,25 +29,62 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(description, models, defaults, data_aliases=()):
-    """`defaults`: the per-script values of lr, lr_decay, weight_decay, batchsize, epochs, model, data, workers.
-    `data_aliases`: other names for --data (e.g. the reference's --dataset-root)."""
-    p = OneLineErrorParser(description=description)
-    p.add_argument("--model", default=defaults["model"], choices=models, metavar="NAME",
-                   help=f"network ({', '.join(models)}; default {defaults['model']})")
-    p.add_argument("--budget", type=float, default=-1,
-                   help="fraction of conditional MACs to keep, in [0, 1]; -1 = plain ResNet without mask units")
-    p.add_argument("--lr", type=float, default=defaults["lr"], help="initial learning rate")
-    p.add_argument("--lr_decay", type=int, nargs="*", default=defaults["lr_decay"],
-                   help="epochs at which the learning rate is divided by 10")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight_decay", type=float, default=defaults["weight_decay"])
-    p.add_argument("--batchsize", type=int, default=defaults["batchsize"], help="batch size (per process)")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"])
-    p.add_argument("--gumbel_temp", type=float, default=1.0, help="Gumbel-softmax temperature")
-    p.add_argument("--gumbel_noise_epochs", type=float, default=0.8,
-                   help="fraction of the epochs trained with Gumbel noise (off afterwards)")
-    p.add_argument("--sparsity_weight", type=float, default=10.0, help="weight of the sparsity criterion")
+def _value(text):
+    """A flag value as a Python literal where it is one (numbers, lists, True), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def key_values(kind=_value):
+    """argparse type for KEY=VALUE items (collected into a dict by `nargs='*'` + dict() in apply_recipe)."""
+    def parse(text):
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+        return key, kind(value)
+    return parse
+
+
+def _add_recipe_flags(p):
+    """The training recipe (timm's flag names); None = the model's recipe, then RECIPE_DEFAULTS."""
+    g = p.add_argument_group("training recipe (defaults: the model's own recipe)")
+    g.add_argument("--opt", choices=OPTIMIZERS, help="optimizer: sgd (classical momentum, the reference's), "
+                   "nesterov (SGD with Nesterov momentum) or adamw")
+    g.add_argument("--lr", type=float, help="initial (peak) learning rate")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--no_wd_norm_bias", action="store_true", default=None,
+                   help="no weight decay on norm weights and biases")
+    g.add_argument("--sched", choices=SCHEDULES, help="step (lr / 10 at --lr_decay epochs) or cosine; both "
+                   "stepped per iteration")
+    g.add_argument("--lr_decay", type=int, nargs="*", help="step schedule: epochs at which the lr is divided by 10")
+    g.add_argument("--warmup_epochs", type=float, help="linear warm-up from --warmup_lr (cosine)")
+    g.add_argument("--warmup_lr", type=float)
+    g.add_argument("--min_lr", type=float, help="cosine schedule: the final learning rate")
+    g.add_argument("--lr_scale", type=key_values(float), nargs="*", metavar="GROUP=SCALE",
+                   help="learning-rate scale per parameter group: gates (the gates' parameters) and backbone")
+    g.add_argument("--freeze", type=key_values(float), nargs="*", metavar="GROUP=EPOCHS",
+                   help="learning rate 0 for a group during its first EPOCHS epochs, e.g. backbone=5")
+    g.add_argument("--batchsize", type=int, help="batch size (per process)")
+    g.add_argument("--update_freq", type=int, help="minibatches per optimizer update (gradient accumulation)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
+    g.add_argument("--smoothing", type=float, help="label smoothing")
+    g.add_argument("--model_ema", action="store_true", default=None,
+                   help="keep an EMA of the weights, evaluated and saved beside the model")
+    g.add_argument("--model_ema_decay", type=float)
+    g.add_argument("--drop_path", type=float, help="stochastic depth rate (of the last block)")
+    g.add_argument("--clip_grad", type=float, help="clip the gradients' global norm to this value")
+    g.add_argument("--gumbel_temp", type=float, help="Gumbel-softmax temperature")
+    g.add_argument("--gumbel_noise_epochs", type=float,
+                   help="fraction of the epochs trained with Gumbel noise (noise while epoch <= fraction * epochs)")
+    g.add_argument("--sparsity_weight", type=float, help="weight of the sparsity criterion")
+
+
+def _add_run_flags(p, defaults, data_aliases):
     p.add_argument("-s", "--save_dir", default=None,
                    help="run directory for checkpoints, logs and plots (default exp/<dataset>/<model>/<base|sparseBB>)")
     p.add_argument("-r", "--resume", default=None,
@@ -49,11 +100,37 @@ def build_parser(description, models, defaults, data_aliases=()):
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="sparse engine backend (auto: CUDA kernels via CuPy on GPUs, torch otherwise)")
     p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH",
-                   help="initialise from these weights (mask units keep their fresh initialisation)")
+                   help="initialise from these weights (gates keep their fresh initialisation)")
     p.add_argument("--workers", type=int, default=defaults["workers"], help="data loader processes")
     p.add_argument("--data", *data_aliases, dest="data", default=defaults["data"], help="dataset root")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--log_dir", default=None, help="TensorBoard directory (default <run dir>/tb)")
+
+
+def build_parser(description, models, defaults, data_aliases=()):
+    """`defaults`: the script's model, data and workers. `data_aliases`: other names for --data (e.g. the
+    reference's --dataset-root)."""
+    p = OneLineErrorParser(description=description)
+    p.add_argument("--model", default=defaults["model"], choices=models, metavar="NAME",
+                   help=f"network ({', '.join(models)}; default {defaults['model']})")
+    p.add_argument("--budget", type=float, default=-1,
+                   help="fraction of conditional MACs to keep, in [0, 1]; -1 = the static network (no gates)")
+    p.add_argument("--model_kwargs", type=key_values(), nargs="*", default=[], metavar="KEY=VALUE",
+                   help="options of the model's factory (e.g. width=2), as Python literals")
+    _add_recipe_flags(p)
+    _add_run_flags(p, defaults, data_aliases)
     return p
+
+
+def apply_recipe(args, recipe):
+    """Fills the recipe flags left unset from the model's `recipe`, then RECIPE_DEFAULTS; KEY=VALUE lists
+    become dicts."""
+    for name, default in RECIPE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, recipe.get(name, default))
+    for name in ("lr_scale", "freeze"):
+        setattr(args, name, dict(getattr(args, name)))
+    args.model_kwargs = dict(args.model_kwargs)
+    return args

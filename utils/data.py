@@ -8,8 +8,6 @@ from torchvision import datasets, transforms
 
 from .errors import UserError
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class UnreadableImageError(UserError):
@@ -25,9 +23,10 @@ def checked_loader(path):
         raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it")
 
 
-def cifar_transforms():
-    """The reference's CIFAR-10 transforms (its checkpoints expect this normalisation)."""
-    normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
+def cifar_transforms(config):
+    """CIFAR transforms: random 32x32 crops of the 4-padded image + flips for training; the model's
+    normalisation (ModelConfig.mean/std: the reference's for the DynConv ResNets, which its checkpoints expect)."""
+    normalize = transforms.Normalize(config.mean, config.std)
     train = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                 transforms.ToTensor(), normalize])
     evaluation = transforms.Compose([transforms.ToTensor(), normalize])
@@ -45,10 +44,10 @@ def image_folder(root, split, transform):
         raise UserError(f"{path}: {e}")
 
 
-def cifar10_datasets(root):
+def cifar10_datasets(root, config):
     """(train, test, num_classes): an image-folder copy (root/train, root/test) or torchvision's CIFAR-10,
     downloaded into `root` when absent."""
-    train_tf, eval_tf = cifar_transforms()
+    train_tf, eval_tf = cifar_transforms(config)
     if os.path.isdir(os.path.join(root, "train")):
         train, test = image_folder(root, "train", train_tf), image_folder(root, "test", eval_tf)
         if train.classes != test.classes:
@@ -64,12 +63,14 @@ def cifar10_datasets(root):
     return train, test, 10
 
 
-def imagenet_transforms(resolution=224):
-    """Train: RandomResizedCrop + flip; evaluation: Resize(256/224 x) + CenterCrop; ImageNet mean/std."""
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train = transforms.Compose([transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(),
-                                transforms.ToTensor(), normalize])
-    evaluation = transforms.Compose([transforms.Resize(round(resolution * 256 / 224)),
+def imagenet_transforms(config, resolution=224):
+    """Train: RandomResizedCrop + flip; evaluation: Resize(resolution / crop fraction, the model's interpolation)
+    + CenterCrop (ResNets: 256/224 x, bilinear); the model's normalisation."""
+    normalize = transforms.Normalize(config.mean, config.std)
+    interpolation = transforms.InterpolationMode(config.interpolation)
+    train = transforms.Compose([transforms.RandomResizedCrop(resolution, interpolation=interpolation),
+                                transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    evaluation = transforms.Compose([transforms.Resize(round(resolution / config.crop_fraction), interpolation),
                                      transforms.CenterCrop(resolution), transforms.ToTensor(), normalize])
     return train, evaluation
 
@@ -107,10 +108,10 @@ def select_classes(train, val, classes, labels_of, class_names):
     return ClassSubset(train, labels_of(train), keep), ClassSubset(val, labels_of(val), keep), len(keep)
 
 
-def imagenet_style_datasets(root, dataset="imagefolder", resolution=224, classes=None):
+def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224, classes=None):
     """(train, val, num_classes) for main_imagenet.py: an image folder with train/ and val/ (ImageNet or any
     other), or torchvision's Food-101 (downloaded into root when absent). `classes` selects a subset."""
-    train_tf, eval_tf = imagenet_transforms(resolution)
+    train_tf, eval_tf = imagenet_transforms(config, resolution)
     if dataset == "food101":
         try:
             train = datasets.Food101(root, split="train", transform=train_tf, download=True, loader=checked_loader)

@@ -1,7 +1,8 @@
 """The "cupy" backend of dynconv/sparse/ops.py: its gather/scatter ops as CUDA C kernels compiled at run time.
 
-One kernel per op (the 3x3 neighbourhood gather is the row gather, through a table of tap rows), one thread per
-output element on a 1-D grid (launch_config). No shared memory, barriers or atomics: every thread owns one
+One kernel per op (the neighbourhood gather, of any tap count, is the row gather through a table of tap rows; the
+scatters share one kernel template: scatter_rows, scatter_add, scatter_add_relu), one thread per element on a 1-D
+grid (launch_config). No shared memory, barriers or atomics: every thread owns one
 element, and scatter indices never repeat. Each kernel's last two parameters are
 the channel count C and the element count `total`; index arithmetic is 64-bit because blockIdx.x * blockDim.x, a
 32-bit unsigned product, wraps past 2^32 elements. Indices are trusted: checking their range would cost a sync.
@@ -16,6 +17,24 @@ THREADS_PER_BLOCK = 256
 
 # CuPy 14 defaults to -std=c++17; the kernels are plain C, so the oldest standard NVRTC still accepts is enough.
 COMPILE_OPTIONS = ("-std=c++14",)
+
+# A scatter kernel: thread i owns element c of row k of `rows`, and STORE writes it to dst[p], p = idx[k] * C + c.
+_SCATTER_TEMPLATE = r"""
+extern "C" __global__ void NAME(
+    float* __restrict__ dst, const long long* __restrict__ idx, const float* __restrict__ rows, long long C,
+    long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long k = i / C, c = i - k * C;
+    const long long p = idx[k] * C + c;
+    STORE
+}
+"""
+
+
+def _scatter_source(name, store):
+    return _SCATTER_TEMPLATE.replace("NAME", name).replace("STORE", store)
+
 
 _SOURCES = {
     "gather_rows": r"""
@@ -37,26 +56,11 @@ extern "C" __global__ void bias_relu(float* __restrict__ rows, const float* __re
     rows[i] = v < 0.0f ? 0.0f : v;
 }
 """,
-    "scatter_rows": r"""
-extern "C" __global__ void scatter_rows(float* __restrict__ dst, const long long* __restrict__ idx,
-                                        const float* __restrict__ rows, long long C, long long total) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const long long k = i / C, c = i - k * C;
-    dst[idx[k] * C + c] = rows[i];
-}
-""",
-    "scatter_add_relu": r"""
-extern "C" __global__ void scatter_add_relu(float* __restrict__ dst, const long long* __restrict__ idx,
-                                            const float* __restrict__ rows, long long C, long long total) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const long long k = i / C, c = i - k * C;
-    const long long p = idx[k] * C + c;
-    const float v = dst[p] + rows[i];
-    dst[p] = v < 0.0f ? 0.0f : v;
-}
-""",
+    "scatter_rows": _scatter_source("scatter_rows", "dst[p] = rows[i];"),
+    "scatter_add": _scatter_source("scatter_add", "dst[p] += rows[i];"),
+    # NaN propagates, as in bias_relu ("v < 0 ? 0 : v", not fmaxf)
+    "scatter_add_relu": _scatter_source("scatter_add_relu", "const float v = dst[p] + rows[i];\n"
+                                                            "    dst[p] = v < 0.0f ? 0.0f : v;"),
 }
 
 
@@ -112,6 +116,17 @@ def _scatter_checks(dst, idx, rows):
 
 # ---- the ops, over an abstract launcher ----
 
+def _scatter_op(run, kernel):
+    """The op (dst, idx, rows) -> dst of a scatter kernel: the scatter ops differ only in their kernel's store."""
+
+    def scatter_op_(dst, idx, rows):
+        _scatter_checks(dst, idx, rows)
+        run(kernel, rows.numel(), dst, idx, rows, dst.shape[1])
+        return dst
+
+    return scatter_op_
+
+
 def make_ops(launch):
     """The op table (same keys and signatures as ops.TORCH_OPS) on top of `launch(name, total, *args)`, which runs
     kernel `name` with launch_config(total) on `args` (tensors and ints) followed by `total`."""
@@ -129,13 +144,12 @@ def make_ops(launch):
         return out
 
     def gather_patches(src, taps):
-        # a row gather through the (K, 9) tap table: row k * 9 + t of the result is tap t of window k
+        # a row gather through the (K, T) tap table, read flat: row k * T + t of the (K * T, C) result is tap t of
+        # window k, so the (K, T * C) output is the same memory
         _rows("src", src)
         _check("taps", taps, torch.int64, 2)
-        if taps.shape[1] != 9:
-            raise ValueError(f"taps must be (K, 9), got shape {tuple(taps.shape)}")
         _same_device(src=src, taps=taps)
-        out = src.new_empty((taps.shape[0], 9 * src.shape[1]))
+        out = src.new_empty((taps.shape[0], taps.shape[1] * src.shape[1]))
         run("gather_rows", out.numel(), src, taps, out, src.shape[1])
         return out
 
@@ -148,16 +162,6 @@ def make_ops(launch):
         run("bias_relu", rows.numel(), rows, bias, rows.shape[1])
         return rows
 
-    def scatter_rows_(dst, idx, rows):
-        _scatter_checks(dst, idx, rows)
-        run("scatter_rows", rows.numel(), dst, idx, rows, dst.shape[1])
-        return dst
-
-    def scatter_add_relu_(dst, idx, rows):
-        _scatter_checks(dst, idx, rows)
-        run("scatter_add_relu", rows.numel(), dst, idx, rows, dst.shape[1])
-        return dst
-
     def linear(rows, weight, bias, relu):
         # With ReLU: the GEMM alone, then bias and ReLU in one pass of the fused kernel (addmm would first copy the
         # bias into the output, and relu_ would be a second pass). Without: addmm, whose bias copy is that one pass.
@@ -166,7 +170,9 @@ def make_ops(launch):
         return torch.addmm(bias, rows, weight)
 
     return dict(gather_rows=gather_rows, gather_patches=gather_patches, bias_relu_=bias_relu_,
-                scatter_rows_=scatter_rows_, scatter_add_relu_=scatter_add_relu_, linear=linear)
+                scatter_rows_=_scatter_op(run, "scatter_rows"),
+                scatter_add_=_scatter_op(run, "scatter_add"), scatter_add_relu_=_scatter_op(run, "scatter_add_relu"),
+                linear=linear)
 
 
 # ---- the CuPy launcher ----

@@ -3,6 +3,7 @@ masks) or i.i.d. random pixels (the worst case: dilation then covers almost ever
 import torch
 import torch.nn.functional as F
 
+from ..decisions import ZERO, SpatialDecision
 from ..maskunit import MaskUnit
 
 KINDS = ("clustered", "random")
@@ -31,7 +32,8 @@ class SyntheticMaskUnit(MaskUnit):
     """A mask unit whose logits are computed as usual (so their cost is real) but which decides a synthetic mask."""
 
     def __init__(self, unit, density, kind, seed):
-        super().__init__(unit.maskconv.conv.in_channels, unit.maskconv.conv.stride[0], unit.dilate_stride)
+        super().__init__(unit.maskconv.conv.in_channels, unit.maskconv.conv.stride[0], unit.dilate_stride,
+                         unit.cost, unit.dilated_cost)
         self.maskconv = unit.maskconv
         self.density, self.kind, self.seed = density, kind, seed
         self._cache = {}
@@ -42,12 +44,14 @@ class SyntheticMaskUnit(MaskUnit):
             n, _, h, w = logits.shape
             self._cache[key] = synthetic_mask(n, h, w, self.density, self.kind, self.seed).to(logits.device)
         hard = self._cache[key]
-        return hard, self.dilate(hard, input_size), None
+        dilated = self.dilate(hard, input_size) if self.dilated_cost is not None else None
+        return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO, self.overhead(logits.shape))
 
 
 def install_synthetic_masks(model, density, kind="clustered", seed=0):
-    """Replaces every block's mask unit by a SyntheticMaskUnit (same weights); returns the model."""
-    blocks = [b for stage in model.stages for b in stage]
-    for i, block in enumerate(blocks):
-        block.masker = SyntheticMaskUnit(block.masker, density, kind, seed + i)
+    """Replaces every mask unit of the model by a SyntheticMaskUnit (same weights); returns the model."""
+    parents = [(m, name, child) for m in model.modules() for name, child in m.named_children()
+               if isinstance(child, MaskUnit)]
+    for i, (parent, name, unit) in enumerate(parents):
+        setattr(parent, name, SyntheticMaskUnit(unit, density, kind, seed + i))
     return model

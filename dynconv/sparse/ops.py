@@ -1,5 +1,10 @@
 """The gather/scatter operations of sparse execution, behind one dispatching API.
 
+Ops (the same names and signatures in every backend's table; a trailing underscore: in place, returns its first
+argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, bias_relu_(rows, bias),
+scatter_rows_(dst, idx, rows), scatter_add_(dst, idx, rows) (the residual add of a block with no activation after
+it), scatter_add_relu_(dst, idx, rows), linear(rows, weight, bias, relu).
+
 Every feature map is position-major: a (rows, channels) float32 matrix, one row per pixel of an NHWC map
 (flattened over batch, height and width), contiguous. Index vectors are int64 row numbers.
 
@@ -46,9 +51,10 @@ def gather_rows(src, idx):
 
 
 def gather_patches(src, taps):
-    """3x3 neighbourhoods: out[k, t*C + c] = src[taps[k, t], c]; taps (K, 9) int64 rows, taps (dy, dx) row-major
-    (outside the map: a zero row of src). -> (K, 9C), the im2col rows of K output pixels."""
-    return src.index_select(0, taps.reshape(-1)).reshape(taps.shape[0], 9 * src.shape[1])
+    """Neighbourhoods of T taps (9 for a 3x3 kernel, 49 for 7x7, 1 for 1x1): out[k, t*C + c] = src[taps[k, t], c];
+    taps (K, T) int64 rows, taps (dy, dx) row-major (outside the map: a zero row of src). -> (K, T*C), the im2col
+    rows of K output pixels."""
+    return src.index_select(0, taps.reshape(-1)).reshape(taps.shape[0], taps.shape[1] * src.shape[1])
 
 
 def bias_relu_(rows, bias):
@@ -60,6 +66,12 @@ def scatter_rows_(dst, idx, rows):
     """dst[idx[k], :] = rows[k, :] (idx without repeats)."""
     dst.index_copy_(0, idx, rows)
     return dst
+
+
+def scatter_add_(dst, idx, rows):
+    """dst[idx[k], :] += rows[k, :] (idx without repeats): the masked residual add of a block with no activation
+    after it (ConvNeXt)."""
+    return dst.index_add_(0, idx, rows)
 
 
 def scatter_add_relu_(dst, idx, rows):
@@ -76,7 +88,8 @@ def linear(rows, weight, bias, relu):
 
 
 TORCH_OPS = dict(gather_rows=gather_rows, gather_patches=gather_patches, bias_relu_=bias_relu_,
-                 scatter_rows_=scatter_rows_, scatter_add_relu_=scatter_add_relu_, linear=linear)
+                 scatter_rows_=scatter_rows_, scatter_add_=scatter_add_, scatter_add_relu_=scatter_add_relu_,
+                 linear=linear)
 
 
 def get_ops(backend):

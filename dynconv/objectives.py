@@ -1,0 +1,113 @@
+"""The training loss as a sum of named terms. Each term reads what one training step produced (`StepOutput`) and
+returns its value (weight included), optionally with metrics to log; `Loss` adds them up and reports every
+term by name, so the training loop logs them without knowing which exist.
+
+Terms: the task loss (cross-entropy with optional label smoothing, or soft targets after mixup), the sparsity
+criterion (DynConv), distillation from a teacher, and `DecisionLosses` for method regularisers that decisions
+carry themselves.
+"""
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .loss import SparsityCriterion
+
+
+@dataclass
+class StepOutput:
+    """One training step's forward pass and its inputs."""
+
+    images: torch.Tensor
+    logits: torch.Tensor
+    decisions: list
+    labels: torch.Tensor  # class indices, or (N, classes) soft targets after mixup
+    epoch: float  # epochs done, fractional within the epoch
+    target: Any = None  # what the step ran (e.g. a budget), for multi-target terms
+
+
+class Objective:
+    """A named loss term: `term(step) -> value` or `(value, metrics)`; metrics are detached numbers/tensors."""
+
+    name = "objective"
+
+    def __call__(self, step):
+        raise NotImplementedError
+
+
+class TaskLoss(Objective):
+    """Cross-entropy on class indices (optional label smoothing) or soft-target cross-entropy (mixup/cutmix)."""
+
+    name = "task"
+
+    def __init__(self, smoothing=0.0):
+        self.smoothing = smoothing
+
+    def __call__(self, step):
+        if step.labels.dim() == 2:  # soft targets: mixup/cutmix already applied the smoothing
+            return torch.sum(-step.labels * F.log_softmax(step.logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(step.logits, step.labels, label_smoothing=self.smoothing)
+
+
+class Sparsity(Objective):
+    """DynConv's sparsity criterion on the step's decisions, with the network and per-block cost fractions."""
+
+    name = "sparsity"
+
+    def __init__(self, budget, num_epochs, weight=10.0):
+        self.criterion = SparsityCriterion(budget, num_epochs, weight)
+
+    def __call__(self, step):
+        loss, cost, block_costs = self.criterion(step.decisions, int(step.epoch))
+        return loss, {"cost": cost, "block_cost": block_costs}
+
+
+class Distillation(Objective):
+    """weight * KL(softmax(teacher / T) || softmax(student / T)) * T^2, batch mean (Hinton et al.); the teacher
+    runs in eval mode without gradients on the same (possibly mixed) images."""
+
+    name = "kd"
+
+    def __init__(self, teacher, temperature=20.0, weight=0.01):
+        self.teacher = teacher.eval()
+        self.temperature, self.weight = temperature, weight
+
+    def __call__(self, step):
+        with torch.no_grad():
+            teacher_logits = self.teacher(step.images)
+        if isinstance(teacher_logits, tuple):  # one of our models: (logits, decisions)
+            teacher_logits = teacher_logits[0]
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(step.logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                      reduction="batchmean", log_target=True)
+        return self.weight * kl * t * t
+
+
+class DecisionLosses(Objective):
+    """Regularisers that decisions carry (`decision.loss`, weighted by the layer that made it), summed."""
+
+    name = "regulariser"
+
+    def __call__(self, step):
+        losses = [d.loss for d in step.decisions if d.loss is not None]
+        return torch.stack(losses).sum() if losses else step.logits.new_zeros(())
+
+
+class Loss:
+    """The sum of the terms. `loss(step) -> (total, values)`: values maps '<name>_loss' to each detached term
+    and holds the terms' metrics."""
+
+    def __init__(self, terms):
+        self.terms = list(terms)
+
+    def __call__(self, step):
+        total: Optional[torch.Tensor] = None
+        values = {}
+        for term in self.terms:
+            out = term(step)
+            value, metrics = out if isinstance(out, tuple) else (out, {})
+            total = value if total is None else total + value
+            values[f"{term.name}_loss"] = value.detach()
+            values.update(metrics)
+        return total, values

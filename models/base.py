@@ -1,0 +1,60 @@
+"""What every model shares: the forward contract and the per-model configuration.
+
+Forward: `model(x, target=None) -> (logits, decisions)`, one Decision per dynamic layer (an empty list for a
+static network). `target` selects an operating point in models that have several (e.g. a budget); single models
+ignore it. The per-model `ModelConfig` holds what a user should not have to know: data normalisation, the
+evaluation resize and crop, the default training recipe, where pretrained weights come from and how foreign
+checkpoint formats map to ours.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+from dynconv.decisions import Dynamic
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(Exception):
+    """Published weights that cannot be had here (not cached, no network); the message says what to do."""
+
+
+def strip_module_prefix(state_dict, model=None):
+    """The checkpoint filter of models whose foreign formats differ from ours only by DataParallel's 'module.'."""
+    prefix = "module."
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+@dataclass
+class ModelConfig:
+    mean: tuple = IMAGENET_MEAN  # input normalisation
+    std: tuple = IMAGENET_STD
+    interpolation: str = "bilinear"  # evaluation resize (torchvision InterpolationMode name)
+    crop_fraction: float = 0.875  # evaluation: resize to resolution / crop_fraction, then centre-crop
+    recipe: dict = field(default_factory=dict)  # training defaults: flag name -> value (utils/cli.py's flags)
+    # pretrained(model_name) -> state dict of published weights (raises UserError when they cannot be had)
+    pretrained: Optional[Callable] = None
+    # checkpoint_filter(state_dict, model) -> state dict in our layout (reference, torchvision, upstream formats)
+    checkpoint_filter: Callable = strip_module_prefix
+
+
+class DynamicNetwork(Dynamic, nn.Module):
+    """Base of the models: forward = forward_features (stem + blocks, collecting decisions) + forward_head."""
+
+    def forward_features(self, x, target=None):
+        """(features, decisions)."""
+        raise NotImplementedError
+
+    def forward_head(self, x):
+        raise NotImplementedError
+
+    def get_classifier(self):
+        """The final Linear (timm's name): replaced when weights for another number of classes are loaded."""
+        raise NotImplementedError
+
+    def forward(self, x, target=None):
+        x, decisions = self.forward_features(x, target)
+        return self.forward_head(x), decisions
