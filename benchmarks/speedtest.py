@@ -96,7 +96,7 @@ def checkpoint_images(args, name, batch, resolution):
     return first_images(val, batch)
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet32", "resnet50", "resnet101"],
                    choices=list_models("cifar") + list_models("imagenet"))
@@ -114,35 +114,41 @@ def main():
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", default=None, help="PNG of achieved against ideal speedup")
     args = p.parse_args()
+    if args.checkpoint and len(args.models) != 1:
+        p.error("--checkpoint needs exactly one --models name")
+    return args
+
+
+def model_rows(name, args, checkpoint, device):
+    """One measured row per batch size and mask configuration of model `name`, printed as they come."""
+    resolution = args.resolution or (32 if family_of(name) == "cifar" else 224)
+    num_classes = checkpoint["state_dict"]["fc.weight"].shape[0] if checkpoint else (
+        10 if family_of(name) == "cifar" else 1000)
+    configs = [("trained", None)] if checkpoint else [(k, d) for k in args.masks for d in args.densities]
+    for batch in args.batch_sizes:
+        for kind, density in configs:
+            dense, sparse = build_models(name, num_classes, device, checkpoint)
+            if checkpoint is None:
+                install_synthetic_masks(sparse, density, kind)
+                images = torch.randn(batch, 3, resolution, resolution)
+            else:
+                images = checkpoint_images(args, name, batch, resolution)
+            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            row = {"model": name, "batch": batch, "density": density if density is not None else "trained",
+                   "masks": kind, **measure(dense, sparse, images, args.runs, args.warmup, args.backend)}
+            print(" ".join(f"{str(row[c]):>15}" for c in COLUMNS), flush=True)
+            yield row
+
+
+def main():
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device(args.device)
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None and len(args.models) != 1:
-        p.error("--checkpoint needs exactly one --models name")
-
-    rows = []
     print(f"# {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(" ".join(f"{c:>15}" for c in COLUMNS), flush=True)
-    for name in args.models:
-        resolution = args.resolution or (32 if family_of(name) == "cifar" else 224)
-        num_classes = checkpoint["state_dict"]["fc.weight"].shape[0] if checkpoint else (
-            10 if family_of(name) == "cifar" else 1000)
-        for batch in args.batch_sizes:
-            configs = [("trained", None)] if checkpoint else [(k, d) for k in args.masks for d in args.densities]
-            for kind, density in configs:
-                dense, sparse = build_models(name, num_classes, device, checkpoint)
-                if checkpoint is None:
-                    install_synthetic_masks(sparse, density, kind)
-                    images = torch.randn(batch, 3, resolution, resolution)
-                else:
-                    images = checkpoint_images(args, name, batch, resolution)
-                images = images.to(device).contiguous(memory_format=torch.channels_last)
-                row = {"model": name, "batch": batch, "density": density if density is not None else "trained",
-                       "masks": kind, **measure(dense, sparse, images, args.runs, args.warmup, args.backend)}
-                rows.append(row)
-                print(" ".join(f"{str(row[c]):>15}" for c in COLUMNS), flush=True)
+    rows = [row for name in args.models for row in model_rows(name, args, checkpoint, torch.device(args.device))]
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -85,18 +85,19 @@ class Distillation(Objective):
 
 
 class DecisionLosses(Objective):
-    """Regularisers that decisions carry (`decision.loss`, weighted by the layer that made it), summed."""
+    """Regularisers that decisions carry (`decision.loss`, weighted by the layer that made it), summed; None
+    (no term) when no decision carries one, so models without regularisers log nothing for it."""
 
     name = "regulariser"
 
     def __call__(self, step):
         losses = [d.loss for d in step.decisions if d.loss is not None]
-        return torch.stack(losses).sum() if losses else step.logits.new_zeros(())
+        return torch.stack(losses).sum() if losses else None
 
 
 class Loss:
     """The sum of the terms. `loss(step) -> (total, values)`: values maps '<name>_loss' to each detached term
-    and holds the terms' metrics."""
+    and holds the terms' metrics. A term that returns None takes no part in this step."""
 
     def __init__(self, terms):
         self.terms = list(terms)
@@ -106,6 +107,8 @@ class Loss:
         values = {}
         for term in self.terms:
             out = term(step)
+            if out is None:
+                continue
             value, metrics = out if isinstance(out, tuple) else (out, {})
             total = value if total is None else total + value
             values[f"{term.name}_loss"] = value.detach()

@@ -27,3 +27,17 @@ def set_mask_logits(model, value):
             torch.nn.init.zeros_(m.fc.weight)
             torch.nn.init.constant_(m.conv.bias, value / 2)
             torch.nn.init.constant_(m.fc.bias, value / 2)
+
+
+def run_entry(main, argv, capsys=None):
+    """Runs an entry script's main(argv) in-process as the command line does (run_cli: one-line errors, exit
+    codes); returns (exit code, stdout, stderr)."""
+    from utils.errors import run_cli
+
+    code = 0
+    try:
+        run_cli(lambda: main(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err

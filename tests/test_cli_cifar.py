@@ -9,24 +9,16 @@ import pytest
 import torch
 
 import main_cifar
-from conftest import ROOT
+from conftest import ROOT, run_entry
 from dynconv import MaskUnit
 from models import create_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import run_cli
 
 TRAIN = ["--model", "resnet8", "--batchsize", "8", "--workers", "0", "--lr", "0.05"]
 
 
 def cli(argv, capsys=None):
-    """Runs main_cifar in-process like the command line does; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        run_cli(lambda: main_cifar.main(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr() if capsys else ("", "")
-    return code, out, err
+    return run_entry(main_cifar.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +32,7 @@ def trained_run(tiny_cifar, tmp_path_factory):
     return run_dir, first, args
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_and_logs(trained_run):
     run_dir, first, _ = trained_run
     assert first["epoch"] == 2
@@ -50,6 +43,7 @@ def test_training_writes_checkpoints_and_logs(trained_run):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tb")))
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_epoch_and_lr(trained_run):
     run_dir, first, _ = trained_run
     final = load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))
@@ -61,6 +55,7 @@ def test_resume_continues_at_the_right_epoch_and_lr(trained_run):
     assert set(train_logs[0]) >= {"task_loss", "sparsity_loss", "cost", "block_cost"}
 
 
+@pytest.mark.slow
 def test_evaluate_prints_reference_lines(trained_run, capsys, tmp_path):
     run_dir, _, args = trained_run
     code, out, _ = cli(TRAIN + ["--budget", "0.5", "--data", args[args.index("--data") + 1], "-e",
@@ -109,6 +104,7 @@ def dense_checkpoint(tiny_cifar, tmp_path_factory):
     return os.path.join(run_dir, "checkpoint_best.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,message", [
     (["--model", "resnet9"], "invalid choice"),
     (["--budget", "1.5"], "--budget must be in [0, 1]"),
@@ -129,6 +125,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_cifar, dense_check
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_a_clear_error_from_the_real_command(tmp_path):
     """A data root without CIFAR-10 and no network: one line, exit 2, no traceback (a real process)."""
     result = subprocess.run([sys.executable, "main_cifar.py", "--data", str(tmp_path / "none"), "--epochs", "1",

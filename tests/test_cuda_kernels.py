@@ -81,6 +81,7 @@ def nvrtc_results():
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("name", KERNELS)
 def test_nvrtc_compiles(nvrtc_results, name, arch):

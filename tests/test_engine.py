@@ -137,6 +137,7 @@ def test_fast_evaluation_gives_the_same_prec1(tiny_cifar, tmp_path, capsys):
     assert "* Images/s: masked-dense" in fast and "sparse engine (torch)" in fast
 
 
+@pytest.mark.slow
 def test_speed_benchmark_runs_end_to_end(tmp_path):
     out_csv, out_png = tmp_path / "speed.csv", tmp_path / "speed.png"
     result = subprocess.run([sys.executable, "benchmarks/speedtest.py", "--models", "resnet8", "resnet50",

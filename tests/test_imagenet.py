@@ -10,11 +10,12 @@ import torch
 import torchvision
 
 import main_imagenet
-from conftest import ROOT, set_mask_logits
+from conftest import ROOT, run_entry, set_mask_logits
 from dynconv import MaskUnit, count_mmac, count_parameters
 from models import create_model
 from synthetic import make_food101, make_image_folder
-from utils.errors import run_cli
+
+pytestmark = pytest.mark.slow
 
 REFERENCE = {  # name: dense MMac, params, sparse all-on MMac, all-off MMac, sparse params
     "resnet18": (1813.561344, 11689512, 1819.553162, 143.273354, None),
@@ -58,14 +59,8 @@ def test_torchvision_resnet50_weights_load_unchanged():
 COMMON = ["--model", "resnet18", "--resolution", "32", "--batchsize", "4", "--workers", "0"]
 
 
-def cli(argv, capsys):
-    code = 0
-    try:
-        run_cli(lambda: main_imagenet.main(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(argv, capsys=None):
+    return run_entry(main_imagenet.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,19 @@
-"""The CIFAR-10 checkpoints shipped in exp/cifar: small, loadable, and accurate on real test images.
+"""The CIFAR-10 checkpoints shipped in exp/: found from the tree (git's tracked files, else a glob), at least the
+issue's 7 runs, each with exactly one row in exp/cifar/results.jsonl and each row with its checkpoint.
 
-The accuracy check runs when the real data is on the machine (../shared/data/cifar10-jpeg.tar.gz next to the
-project, or CIFAR10_JPEG=<unpacked cifar10-jpeg root>); it evaluates a fixed subset of the test split."""
+Without any data every shipped checkpoint is checked for what can be checked from the file alone: small (< 5 MiB),
+tracked by git and not ignored by .gitignore, loadable strictly into the row's model through the model's checkpoint
+filter, without optimizer state, with the row's epoch and parameter count, and with an MMac count on a fixed batch
+of random images that the model can have (dense: exactly the dense count; DynConv: strictly between its all-off
+and all-on counts).
+
+Only the accuracy check needs the real data (../shared/data/cifar10-jpeg.tar.gz next to the project, or
+CIFAR10_JPEG=<unpacked cifar10-jpeg root>) and skips without it; it evaluates a fixed subset of the test split."""
+import collections
+import glob
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 
@@ -11,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from dynconv import MaskUnit, count_parameters
+from dynconv import MaskUnit, count_mmac, count_parameters
 from models import create_model, model_config
 from utils.checkpoint import load_checkpoint, load_model_state
 from utils.data import cifar_transforms
@@ -19,8 +29,93 @@ from utils.training import validate
 from utils.distributed import DistContext
 
 RESULTS = os.path.join(ROOT, "exp", "cifar", "results.jsonl")
-ROWS = [json.loads(line) for line in open(RESULTS)] if os.path.isfile(RESULTS) else []
+CHECKPOINT = "checkpoint_best.pth"
 SUBSET = 500  # test images, the first 50 of every class
+MAX_BYTES = 5 * 2**20
+ISSUE_RUNS = {("resnet8", -1), ("resnet8", 0.25), ("resnet8", 0.5), ("resnet8", 0.75), ("resnet32", -1),
+              ("resnet32", 0.5), ("resnet20", -1)}
+# MMac per 32x32 image (tests/test_models_cifar.py holds the models to these numbers)
+DENSE_MMAC = {"resnet8": 12.500992, "resnet20": 40.812544, "resnet32": 69.124096}
+DYNCONV_MMAC = {"resnet8": (0.908608, 12.705088), "resnet32": (1.946176, 70.365760)}  # (all off, all on)
+
+
+def _in_git_work_tree():
+    if shutil.which("git") is None:
+        return False
+    done = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True, text=True)
+    return done.returncode == 0 and done.stdout.strip() == "true"
+
+
+def shipped_checkpoints():
+    """Paths (relative to the project, '/'-separated) of the checkpoint_best.pth files under exp/ that git tracks;
+    every such file under exp/ where there is no git."""
+    if _in_git_work_tree():
+        listed = subprocess.run(["git", "ls-files", "-z", f"exp/**/{CHECKPOINT}"], cwd=ROOT, capture_output=True,
+                                text=True, check=True)
+        return sorted(p for p in listed.stdout.split("\0") if p)
+    found = glob.glob(os.path.join(ROOT, "exp", "**", CHECKPOINT), recursive=True)
+    return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in found)
+
+
+ROWS = [json.loads(line) for line in open(RESULTS) if line.strip()] if os.path.isfile(RESULTS) else []
+ROWS_BY_RUN = collections.defaultdict(list)
+for _row in ROWS:
+    ROWS_BY_RUN[_row["run"]].append(_row)
+CHECKPOINTS = shipped_checkpoints()
+RUNS = [os.path.dirname(p) for p in CHECKPOINTS]  # a run is its checkpoint's directory, as in the results rows
+
+
+def load_shipped(run):
+    """(results row, checkpoint dict, model in eval mode with the checkpoint's weights loaded strictly)."""
+    assert len(ROWS_BY_RUN[run]) == 1, f"{run}: expected one row in {RESULTS}, found {len(ROWS_BY_RUN[run])}"
+    row = ROWS_BY_RUN[run][0]
+    path = os.path.join(ROOT, run, CHECKPOINT)
+    checkpoint = load_checkpoint(path)
+    model = create_model(row["model"], "cifar", gate_layer=MaskUnit if row["budget"] >= 0 else None)
+    load_model_state(model, model_config(row["model"]).checkpoint_filter(checkpoint["state_dict"], model), path)
+    return row, checkpoint, model.eval()
+
+
+def test_every_shipped_checkpoint_has_one_results_row_and_every_row_a_checkpoint():
+    assert os.path.isfile(RESULTS), f"{RESULTS} is missing"
+    assert len(CHECKPOINTS) >= 7, f"expected at least the issue's 7 shipped checkpoints, found {CHECKPOINTS}"
+    counts = collections.Counter(r["run"] for r in ROWS)
+    assert {run: n for run, n in counts.items() if n != 1} == {}, "runs with more than one results row"
+    assert sorted(counts) == sorted(RUNS), "results rows and shipped checkpoints differ"
+    assert ISSUE_RUNS <= {(r["model"], r["budget"]) for r in ROWS}
+
+
+def test_shipped_checkpoints_are_tracked_and_not_ignored():
+    if not _in_git_work_tree():
+        pytest.skip("not a git work tree")
+    for path in CHECKPOINTS:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True)
+        assert tracked.returncode == 0, f"git does not track {path}"
+        # --no-index: the .gitignore rules themselves (without it git never reports a tracked file as ignored),
+        # so a re-trained checkpoint at this path would be picked up by `git add`
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode
+        assert ignored == 1, f".gitignore ignores the shipped checkpoint {path}"
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_shipped_checkpoint_without_data(run):
+    assert os.path.getsize(os.path.join(ROOT, run, CHECKPOINT)) < MAX_BYTES
+    row, checkpoint, model = load_shipped(run)
+    assert "optimizer" not in checkpoint
+    assert checkpoint["epoch"] == row["epoch"]
+    assert count_parameters(model) == row["params"]
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mmac = count_mmac(model, images)
+    name = row["model"]
+    if row["budget"] < 0:
+        assert name in DENSE_MMAC, f"no reference dense MMac for {name}: add it to DENSE_MMAC"
+        assert mmac == pytest.approx(DENSE_MMAC[name], abs=5e-7)
+        assert row["mmac"] == pytest.approx(DENSE_MMAC[name], abs=5e-7)
+    else:
+        assert name in DYNCONV_MMAC, f"no reference all-off/all-on MMac for {name}: add it to DYNCONV_MMAC"
+        all_off, all_on = DYNCONV_MMAC[name]
+        assert all_off < mmac < all_on
+        assert all_off < row["mmac"] < all_on
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +138,10 @@ def cifar_test_subset(tmp_path_factory):
     return torch.utils.data.Subset(test, keep)
 
 
-def test_results_cover_the_issue_runs():
-    if not ROWS:
-        pytest.skip("no results shipped yet")
-    runs = {(r["model"], r["budget"]) for r in ROWS}
-    assert {("resnet8", -1), ("resnet8", 0.25), ("resnet8", 0.5), ("resnet8", 0.75), ("resnet32", -1),
-            ("resnet32", 0.5), ("resnet20", -1)} <= runs
-
-
-@pytest.mark.parametrize("row", ROWS, ids=[r["run"] for r in ROWS])
-def test_shipped_checkpoint(row, cifar_test_subset):
-    path = os.path.join(ROOT, row["run"], "checkpoint_best.pth")
-    assert os.path.getsize(path) < 5 * 2**20
-    tracked = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode
-    assert tracked == 1, "git would ignore the shipped checkpoint"
-    checkpoint = load_checkpoint(path)
-    assert "optimizer" not in checkpoint and checkpoint["epoch"] == row["epoch"]
-    model = create_model(row["model"], "cifar", gate_layer=MaskUnit if row["budget"] >= 0 else None)
-    load_model_state(model, checkpoint["state_dict"], path)
-    assert count_parameters(model) == row["params"]
+@pytest.mark.slow
+@pytest.mark.parametrize("run", RUNS)
+def test_shipped_checkpoint_accuracy_on_real_images(run, cifar_test_subset):
+    row, _, model = load_shipped(run)
     loader = torch.utils.data.DataLoader(cifar_test_subset, batch_size=100)
     metrics = validate(model, loader, DistContext(), show_progress=False)
     # a fixed 500-image subset: close to the full-test-set number in the README (binomial noise ~2 points)

@@ -83,3 +83,28 @@ def load_model_state(model, state_dict, source, allow_missing=()):
         raise UserError(f"{source} does not fit this model: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=False)
 
+
+
+def rng_state():
+    """The random generators' states (torch, numpy, Python) in a form weights_only loading accepts, so that a
+    resumed run draws the same data order, noise and mixup as an uninterrupted one."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+
+
+def restore_rng(state):
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))

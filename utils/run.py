@@ -3,16 +3,17 @@
 import os
 import random
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from dynconv import MaskUnit, SpatialDecision, count_parameters, set_gate_schedule
 from dynconv.gates import gate_state_keys
-from dynconv.objectives import Loss, Sparsity, TaskLoss
+from dynconv.objectives import DecisionLosses, Loss, Sparsity, TaskLoss
 from models import WeightsUnavailable, create_model, model_config
 from . import recipe
 from .checkpoint import (BEST, BEST_EMA, EMA, LATEST, load_checkpoint, load_model_state, resolve_checkpoint,
-                         save_checkpoint)
+                         restore_rng, rng_state, save_checkpoint)
 from .cli import apply_recipe
 from .data import build_loaders, first_images
 from .distributed import broadcast_buffers, init_distributed, shutdown
@@ -110,6 +111,7 @@ def _run(args, family, config, make_datasets, topk, checkpoint_path, run_dir, ct
     torch.manual_seed(args.seed + ctx.rank)
     torch.set_flush_denormal(True)  # denormal gradients slow CPU arithmetic many times over
     random.seed(args.seed + ctx.rank)
+    np.random.seed(args.seed + ctx.rank)  # timm's mixup draws from numpy
     if ctx.is_main and not args.evaluate:
         _check_writable(run_dir)
     train_set, val_set, num_classes = make_datasets(args, config)
@@ -219,7 +221,7 @@ def build_setup(model, args, num_classes, updates_per_epoch, ctx):
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                         min_lr=args.min_lr)
     mixup = recipe.create_mixup(args.mixup, args.cutmix, args.smoothing, num_classes)
-    terms = [TaskLoss(0.0 if mixup else args.smoothing)]
+    terms = [TaskLoss(0.0 if mixup else args.smoothing), DecisionLosses()]
     if args.budget >= 0:
         terms.append(Sparsity(args.budget, args.epochs, args.sparsity_weight))
     return TrainSetup(optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=args.amp), Loss(terms),
@@ -244,6 +246,8 @@ def _resume(setup, model, checkpoint, checkpoint_path, ctx):
         raise UserError(f"{checkpoint_path} cannot resume training: optimizer state missing or "
                         f"incompatible ({type(e).__name__}: {e})")
     start = int(checkpoint.get("epoch", 0))
+    if "rng" in checkpoint and not ctx.distributed:  # under torchrun each process keeps its own seed
+        restore_rng(checkpoint["rng"])
     if ctx.is_main:
         print(f"=> resuming at epoch {start + 1}")
     return start, float(checkpoint.get("best_prec1", 0.0)), float(checkpoint.get("best_ema_prec1", 0.0))
@@ -302,7 +306,7 @@ def _save_epoch(model, setup, args, run_dir, epoch, metrics, ema_metrics, best, 
     """checkpoint.pth (resumable: optimizer and EMA state), checkpoint_best.pth, and the EMA's own pair."""
     common = {"epoch": epoch + 1, "args": dict(vars(args)), "version": 2}
     state = {"state_dict": model.state_dict(), "optimizer": setup.optimizer.state_dict(), "best_prec1": best,
-             "prec1": metrics["prec1"], "mmac": metrics["mmac"], **common}
+             "prec1": metrics["prec1"], "mmac": metrics["mmac"], "rng": rng_state(), **common}
     if setup.ema is not None:
         state.update({recipe.EMA_KEY: recipe.ema_state(setup.ema), "best_ema_prec1": best_ema})
     save_checkpoint(state, os.path.join(run_dir, LATEST))
