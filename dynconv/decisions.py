@@ -118,3 +118,8 @@ class Dynamic:
 
     def uncounted_modules(self, full=False):
         return ()
+
+    def foldable_conv_bn(self):
+        """(conv, BatchNorm) pairs outside the gated blocks where the norm directly follows the conv and nothing
+        else reads the conv's output (e.g. a ResNet stem): the sparse engine folds each into one conv."""
+        return ()

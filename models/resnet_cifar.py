@@ -48,6 +48,9 @@ class CifarResNet(DynamicNetwork):
     def forward_head(self, x):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+    def foldable_conv_bn(self):
+        return ((self.conv1, self.bn1),)  # the stem
+
     def get_classifier(self):
         return self.fc
 

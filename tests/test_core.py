@@ -211,3 +211,17 @@ def test_engine_refuses_a_gated_block_without_a_plan():
 
     with pytest.raises(ValueError, match="unsupported block type UnplannedBlock"):
         SparseEngine(nn.Sequential(UnplannedBlock()).eval())
+
+
+def test_drop_path_rates_rise_linearly_and_act_only_in_training():
+    model = create_model("resnet8", gate_layer=MaskUnit, drop_path_rate=0.5)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for stage in model.stages for b in stage]
+    assert rates == pytest.approx([0.0, 0.25, 0.5])
+    x = torch.randn(8, 3, 32, 32)
+    model.train()
+    set_gate_schedule(model, noise=False)
+    torch.manual_seed(0)
+    first = model(x)[0]
+    assert not torch.equal(first, model(x)[0])  # different residual branches dropped
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])

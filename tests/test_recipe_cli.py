@@ -104,3 +104,26 @@ def test_bad_recipe_input_is_one_line_and_exit_2(argv, message, tiny_cifar, tmp_
                         "--epochs", "1", "-s", str(tmp_path / "run")] + argv, capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_frozen_backbone_keeps_its_weights_while_the_gates_train(tiny_cifar, tmp_path):
+    """--freeze backbone=1: lr 0 for every non-gate parameter during epoch 1 (SGD without momentum and weight
+    decay, so nothing moves them); the gates train at 2x. With accumulation, clipping and drop path on too."""
+    run_dir = str(tmp_path / "frozen")
+    torch.manual_seed(0)
+    command = ["--model", "resnet8", "--budget", "0.5", "--data", tiny_cifar, "--workers", "0", "--batchsize", "4",
+               "--update_freq", "2", "--clip_grad", "1.0", "--drop_path", "0.1", "--lr_scale", "gates=2",
+               "--freeze", "backbone=1", "--momentum", "0", "--weight_decay", "0", "--no_wd_norm_bias",
+               "--epochs", "1", "-s", run_dir]
+    assert cli(command)[0] == 0
+    trained = load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))["state_dict"]
+    from dynconv import MaskUnit
+    from models import create_model
+
+    torch.manual_seed(0)  # the run's own seed: the same initial weights
+    initial = create_model("resnet8", gate_layer=MaskUnit, num_classes=3, drop_path_rate=0.1).state_dict()
+    weights = [k for k in initial if k.endswith("weight") and "bn" not in k and "downsample.1" not in k]
+    gates = [k for k in weights if ".masker." in k]
+    assert gates and all(not torch.equal(trained[k], initial[k]) for k in gates)
+    assert all(torch.equal(trained[k], initial[k]) for k in weights if k not in gates)

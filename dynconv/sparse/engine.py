@@ -9,7 +9,9 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..decisions import Dynamic
 from ..gates import Gate
 from .ops import get_ops, resolve_backend
 from .plans import EngineSettings, plan_type_for
@@ -24,6 +26,13 @@ class _Planned(nn.Module):
 
     def forward(self, x, target=None):
         return self.plan(x, target)
+
+    __call__ = forward  # no hook machinery: called once per block and image batch, where microseconds count
+
+
+def _folded(conv, bn):
+    """conv followed by its BatchNorm as one conv (torch's eval-mode fusion), channels-last like the maps."""
+    return fuse_conv_bn_eval(conv, bn).to(memory_format=torch.channels_last)
 
 
 def _has_gate(module):
@@ -56,10 +65,16 @@ class SparseEngine:
         self.ops = get_ops(self.backend)
         self.settings = EngineSettings(dense_above, gather_overhead_macs, min_gather_width)
         self.plans = {}
+        with torch.no_grad():  # the model's own conv + BN pairs outside the blocks (e.g. a ResNet stem), folded
+            pairs = model.foldable_conv_bn() if isinstance(model, Dynamic) else ()
+            self.replaced = {m: r for conv, bn in pairs for m, r in ((conv, _folded(conv, bn)), (bn, nn.Identity()))}
         self.network = self._planned_copy(model, is_root=True)
 
     def _planned_copy(self, module, is_root=False):
-        """`module` with its gated, planned blocks replaced by plans; a shallow copy wherever a child changed."""
+        """`module` with its gated, planned blocks replaced by plans and folded layers by their replacements; a
+        shallow copy wherever a child changed (the model itself is never modified)."""
+        if module in self.replaced:
+            return self.replaced[module]
         plan_type = plan_type_for(module)
         if not is_root and plan_type is not None and _has_gate(module):
             self.plans[module] = plan_type(module, self.ops, self.settings)
