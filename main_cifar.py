@@ -6,18 +6,25 @@
 import os
 
 from models import list_models
-from utils.cli import build_parser
+from utils.cli import build_parser, parse
 from utils.data import cifar10_datasets
 from utils.errors import run_cli
 from utils.run import run
 
+EXAMPLES = """examples:
+  python main_cifar.py --model resnet32 --budget 0.5 -s runs/cifar/resnet32/sparse05      # train (the reference's recipe)
+  python main_cifar.py -r runs/cifar/resnet32/sparse05                                     # resume (flags from the checkpoint)
+  python main_cifar.py -r exp/cifar/resnet32/sparse05 -e --data data/cifar10-jpeg          # evaluate checkpoint_best.pth
+  python main_cifar.py -r exp/cifar/resnet32/sparse05 -e --fast --plot_ponder --data data/cifar10-jpeg
+"""
 DEFAULTS = dict(model="resnet32", workers=min(4, os.cpu_count() or 1), data="data/cifar10")
 
 
 def main(argv=None):
-    parser = build_parser("DynConv on CIFAR-10", list_models("cifar"), DEFAULTS)
-    args = parser.parse_args(argv)
-    return run(args, "cifar", lambda a, config: cifar10_datasets(a.data, config), topk=(1,))
+    parser = build_parser("DynConv on CIFAR-10", list_models("cifar"), DEFAULTS, epilog=EXAMPLES)
+    args, explicit = parse(parser, argv)
+    return run(args, "cifar", lambda a, config: cifar10_datasets(a.data, config), topk=(1,), explicit=explicit,
+               default_model=DEFAULTS["model"])
 
 
 if __name__ == "__main__":

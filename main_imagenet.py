@@ -7,25 +7,31 @@
 import os
 
 from models import list_models
-from utils.cli import build_parser
+from utils.cli import build_parser, parse
 from utils.data import imagenet_style_datasets
 from utils.errors import run_cli
 from utils.run import run
 
+EXAMPLES = """examples:
+  python main_imagenet.py --model resnet101 --budget 0.3 --data /data/imagenet -s runs/imagenet/resnet101/sparse03
+  torchrun --nproc_per_node=4 main_imagenet.py --model resnet50 --budget 0.5 --data /data/imagenet --pretrained
+  python main_imagenet.py -r runs/imagenet/resnet101/sparse03 -e --data /data/imagenet --fast
+"""
 DEFAULTS = dict(model="resnet101", workers=min(8, os.cpu_count() or 1), data="data/imagenet")
 
 
 def main(argv=None):
     parser = build_parser("DynConv on ImageNet-style image folders", list_models("imagenet"), DEFAULTS,
-                          data_aliases=("--dataset-root",))
+                          data_aliases=("--dataset-root",), epilog=EXAMPLES)
     parser.add_argument("--dataset", choices=["imagefolder", "food101"], default="imagefolder",
                         help="image folder with train/ and val/ (ImageNet or any other), or torchvision's Food-101")
     parser.add_argument("--classes", nargs="+", default=None, metavar="C",
                         help="train on a subset: the first N classes (one number) or class names")
     parser.add_argument("--resolution", type=int, default=224, help="crop size (evaluation resizes to 256/224 x)")
-    args = parser.parse_args(argv)
+    args, explicit = parse(parser, argv)
     return run(args, "imagenet", lambda a, config: imagenet_style_datasets(a.data, config, a.dataset, a.resolution,
-                                                                            a.classes), topk=(1, 5))
+                                                                            a.classes), topk=(1, 5),
+               explicit=explicit, default_model=DEFAULTS["model"])
 
 
 if __name__ == "__main__":

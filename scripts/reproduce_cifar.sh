@@ -3,6 +3,9 @@
 # Gumbel noise off for the last 20%), in two lanes of one thread each: on a 2-core CPU two single-threaded
 # runs side by side get through more images per second than one two-threaded run.
 # Every run uses `-s DIR -r DIR`, so starting this script again resumes unfinished runs where they stopped.
+# Runs go to runs/cifar/<model>/<base|sparseBB> (ignored by git). To ship one: strip it with
+#   python scripts/cifar_results.py runs/cifar/*/* --data DATA_ROOT --strip --results runs/cifar/results.jsonl
+# then copy its checkpoint_best.pth into exp/cifar/<model>/<base|sparseBB>/ (the tracked, shipped tree).
 # Usage: bash scripts/reproduce_cifar.sh [DATA_ROOT]   (default data/cifar10-jpeg)
 set -u
 DATA=${1:-data/cifar10-jpeg}
@@ -14,14 +17,14 @@ run() {  # model budget dir
 }
 
 lane_a() {
-    run resnet32 0.5 exp/cifar/resnet32/sparse05
-    run resnet8 -1 exp/cifar/resnet8/base
-    run resnet8 0.25 exp/cifar/resnet8/sparse025
+    run resnet32 0.5 runs/cifar/resnet32/sparse05
+    run resnet8 -1 runs/cifar/resnet8/base
+    run resnet8 0.25 runs/cifar/resnet8/sparse025
 }
 lane_b() {
-    run resnet32 -1 exp/cifar/resnet32/base
-    run resnet20 -1 exp/cifar/resnet20/base
-    run resnet8 0.5 exp/cifar/resnet8/sparse05
-    run resnet8 0.75 exp/cifar/resnet8/sparse075
+    run resnet32 -1 runs/cifar/resnet32/base
+    run resnet20 -1 runs/cifar/resnet20/base
+    run resnet8 0.5 runs/cifar/resnet8/sparse05
+    run resnet8 0.75 runs/cifar/resnet8/sparse075
 }
 lane_a & lane_b & wait

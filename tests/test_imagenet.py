@@ -141,7 +141,7 @@ def _bad_root_with_unreadable_image(tmp_path):
     (_bad_root_without_val, [], "needs train/ and val/ folders"),
     (_bad_root_with_empty_class, [], "class9"),
     (_bad_root_with_unreadable_image, ["-e", "-r", "RUN"], "cannot read image"),
-    (None, ["-e", "-r", "RUN", "--model", "resnet34"], "does not fit this model"),
+    (None, ["-e", "-r", "RUN", "--model", "resnet34"], "--model resnet34 contradicts the checkpoint"),
     (None, ["--pretrained", "/nonexistent/weights.pth"], "does not exist"),
     (None, ["--model", "resnet50", "--pretrained"], "not cached"),
 ])

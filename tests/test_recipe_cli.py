@@ -3,6 +3,7 @@ EMA, mixup and label smoothing train; the EMA checkpoint evaluates with -e; an i
 checkpoint ends exactly where the uninterrupted run does; bad recipe flags are one line and exit 2."""
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -29,20 +30,20 @@ def _logs(run_dir, kind):
 def runs(tiny_cifar, tmp_path_factory):
     """The same 3-epoch recipe run straight through, and interrupted after its second epoch's checkpoint (a
     Ctrl-C there), then resumed with the same command."""
-    import utils.run
+    from utils.fit import Trainer
 
     straight, resumed = (str(tmp_path_factory.mktemp(n)) for n in ("straight", "resumed"))
     command = RECIPE + ["--data", tiny_cifar, "--epochs", "3"]
     assert cli(command + ["-s", straight])[0] == 0
-    save = utils.run._save_epoch
+    save = Trainer.save_epoch
 
-    def save_then_interrupt(*args):
-        save(*args)
-        if args[4] == 1:  # epoch index 1: two epochs done
-            raise KeyboardInterrupt
+    def save_then_ctrl_c(trainer, epoch, *args):
+        save(trainer, epoch, *args)
+        if epoch == 1:  # two epochs done: a real SIGINT, caught by the run's handler
+            os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils.run, "_save_epoch", save_then_interrupt)
+        patch.setattr(Trainer, "save_epoch", save_then_ctrl_c)
         assert cli(command + ["-s", resumed])[0] == 130
     assert load_checkpoint(os.path.join(resumed, "checkpoint.pth"))["epoch"] == 2
     assert cli(command + ["-s", resumed, "-r", resumed])[0] == 0
@@ -96,7 +97,9 @@ def test_ema_checkpoint_evaluates_with_e(runs, tiny_cifar, capsys):
     (["--lr_scale", "heads=0.5"], "unknown parameter group heads"),
     (["--freeze", "backbone"], "expected KEY=VALUE"),
     (["--model_kwargs", "width=2"], "resnet8 does not take 'width'"),
-    (["-e", "-r", "CKPT", "--fast", "--budget", "-1"], "--fast runs the sparse engine"),
+    (["--fast"], "--fast is an evaluation mode"),
+    (["--plot_count", "0"], "--plot_count must be at least 1"),
+    (["--save_every_steps", "0"], "must be positive"),
 ])
 def test_bad_recipe_input_is_one_line_and_exit_2(argv, message, tiny_cifar, tmp_path, capsys):
     argv = [str(tmp_path / "none.pth") if a == "CKPT" else a for a in argv]

@@ -23,6 +23,7 @@ def save_checkpoint(state, path):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pth")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets: a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -34,16 +35,19 @@ def save_checkpoint(state, path):
         raise
 
 
-def resolve_checkpoint(path):
-    """A checkpoint file, or a directory holding checkpoint.pth; None when the directory has none yet."""
-    if os.path.isdir(path):
-        path = os.path.join(path, LATEST)
-    return path if os.path.isfile(path) else None
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
+        raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -21,12 +21,40 @@ RECIPE_DEFAULTS = dict(opt="sgd", lr=0.1, momentum=0.9, sched="step", lr_decay=[
                        gumbel_temp=1.0, gumbel_noise_epochs=0.8, sparsity_weight=10.0)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h shows every default (the recipe flags: the default model's recipe), and the examples as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help  # "(default: None)" says nothing: those flags state their default themselves
+        return super()._get_help_string(action)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives one line on stderr (no usage block) and exit code 2."""
+    """argparse, but a bad flag gives one line on stderr (no usage block) and exit code 2; -h shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse(parser, argv=None):
+    """(args, explicit): the parsed flags and the names of those given on the command line (the rest may come
+    from a checkpoint or the model's recipe)."""
+    args = parser.parse_args(argv)
+    defaults = {a.dest: a.default for a in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        explicit = set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+    return args, explicit
 
 
 def _value(text):
@@ -49,19 +77,20 @@ def key_values(kind=_value):
 
 def _add_recipe_flags(p):
     """The training recipe (timm's flag names); None = the model's recipe, then RECIPE_DEFAULTS."""
-    g = p.add_argument_group("training recipe (defaults: the model's own recipe)")
+    g = p.add_argument_group("training recipe", "None = the model's own recipe (e.g. the DynConv reference's "
+                             "SGD and steps for the ResNets); on resume, the checkpoint's")
     g.add_argument("--opt", choices=OPTIMIZERS, help="optimizer: sgd (classical momentum, the reference's), "
                    "nesterov (SGD with Nesterov momentum) or adamw")
     g.add_argument("--lr", type=float, help="initial (peak) learning rate")
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--momentum", type=float, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, help="weight decay (decoupled for adamw)")
     g.add_argument("--no_wd_norm_bias", action="store_true", default=None,
                    help="no weight decay on norm weights and biases")
     g.add_argument("--sched", choices=SCHEDULES, help="step (lr / 10 at --lr_decay epochs) or cosine; both "
                    "stepped per iteration")
     g.add_argument("--lr_decay", type=int, nargs="*", help="step schedule: epochs at which the lr is divided by 10")
     g.add_argument("--warmup_epochs", type=float, help="linear warm-up from --warmup_lr (cosine)")
-    g.add_argument("--warmup_lr", type=float)
+    g.add_argument("--warmup_lr", type=float, help="learning rate the warm-up starts from")
     g.add_argument("--min_lr", type=float, help="cosine schedule: the final learning rate")
     g.add_argument("--lr_scale", type=key_values(float), nargs="*", metavar="GROUP=SCALE",
                    help="learning-rate scale per parameter group: gates (the gates' parameters) and backbone")
@@ -69,13 +98,13 @@ def _add_recipe_flags(p):
                    help="learning rate 0 for a group during its first EPOCHS epochs, e.g. backbone=5")
     g.add_argument("--batchsize", type=int, help="batch size (per process)")
     g.add_argument("--update_freq", type=int, help="minibatches per optimizer update (gradient accumulation)")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="epochs to train (on resume: the total, not the ones left)")
     g.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
     g.add_argument("--smoothing", type=float, help="label smoothing")
     g.add_argument("--model_ema", action="store_true", default=None,
                    help="keep an EMA of the weights, evaluated and saved beside the model")
-    g.add_argument("--model_ema_decay", type=float)
+    g.add_argument("--model_ema_decay", type=float, help="EMA decay per optimizer update")
     g.add_argument("--drop_path", type=float, help="stochastic depth rate (of the last block)")
     g.add_argument("--clip_grad", type=float, help="clip the gradients' global norm to this value")
     g.add_argument("--gumbel_temp", type=float, help="Gumbel-softmax temperature")
@@ -86,11 +115,22 @@ def _add_recipe_flags(p):
 
 def _add_run_flags(p, defaults, data_aliases):
     p.add_argument("-s", "--save_dir", default=None,
-                   help="run directory for checkpoints, logs and plots (default exp/<dataset>/<model>/<base|sparseBB>)")
+                   help="run directory for checkpoints, logs and plots "
+                        "(default runs/<dataset>/<model>/<base|sparseBB>; with -r DIR, DIR)")
     p.add_argument("-r", "--resume", default=None,
                    help="checkpoint file, or a directory holding checkpoint.pth (a directory without one starts a new run)")
-    p.add_argument("-e", "--evaluate", action="store_true", help="evaluate the checkpoint given with -r")
-    p.add_argument("--plot_ponder", action="store_true", help="save ponder-cost plots of the first images")
+    p.add_argument("-e", "--evaluate", action="store_true",
+                   help="evaluate the checkpoint given with -r (a directory: its checkpoint_best.pth)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace the checkpoints of another run in its directory")
+    p.add_argument("--save_every_steps", type=int, default=None,
+                   help="also write a resumable checkpoint every N optimizer updates within an epoch")
+    p.add_argument("--save_every_minutes", type=float, default=None,
+                   help="also write a resumable checkpoint every M minutes within an epoch")
+    p.add_argument("--plot_ponder", action="store_true",
+                   help="save a figure per image of the first --plot_count images: input, ponder cost, masks")
+    p.add_argument("--plot_only", action="store_true",
+                   help="with -e --plot_ponder: only the figures (no evaluation of the whole set)")
     p.add_argument("--plot_dir", default=None, help="where ponder plots go (default <run dir>/ponder)")
     p.add_argument("--plot_count", type=int, default=8, help="number of images to plot")
     p.add_argument("--full_macs", action="store_true",
@@ -103,25 +143,39 @@ def _add_run_flags(p, defaults, data_aliases):
                    help="initialise from these weights (gates keep their fresh initialisation)")
     p.add_argument("--workers", type=int, default=defaults["workers"], help="data loader processes")
     p.add_argument("--data", *data_aliases, dest="data", default=defaults["data"], help="dataset root")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, noise)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--log_dir", default=None, help="TensorBoard directory (default <run dir>/tb)")
 
 
-def build_parser(description, models, defaults, data_aliases=()):
+def build_parser(description, models, defaults, data_aliases=(), epilog=None):
     """`defaults`: the script's model, data and workers. `data_aliases`: other names for --data (e.g. the
-    reference's --dataset-root)."""
-    p = OneLineErrorParser(description=description)
+    reference's --dataset-root). `epilog`: examples shown by -h."""
+    p = OneLineErrorParser(description=description, epilog=epilog)
     p.add_argument("--model", default=defaults["model"], choices=models, metavar="NAME",
-                   help=f"network ({', '.join(models)}; default {defaults['model']})")
+                   help=f"network ({', '.join(models)}); with -r, the checkpoint's")
     p.add_argument("--budget", type=float, default=-1,
-                   help="fraction of conditional MACs to keep, in [0, 1]; -1 = the static network (no gates)")
+                   help="fraction of conditional MACs to keep, in [0, 1]; -1 = the static network (no gates, a plain "
+                        "ResNet); with -r, the checkpoint's")
     p.add_argument("--model_kwargs", type=key_values(), nargs="*", default=[], metavar="KEY=VALUE",
-                   help="options of the model's factory (e.g. width=2), as Python literals")
+                   help="options of the model's factory (e.g. drop_path_rate=0.1), as Python literals")
     _add_recipe_flags(p)
     _add_run_flags(p, defaults, data_aliases)
+    _show_recipe_defaults(p, defaults["model"])
     return p
+
+
+def _show_recipe_defaults(parser, model):
+    """Appends to each recipe flag's help the value it takes for the script's default model."""
+    from models import model_config
+
+    recipe = dict(RECIPE_DEFAULTS, **model_config(model).recipe)
+    for action in parser._actions:
+        if action.dest in recipe:
+            value = recipe[action.dest]
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            action.help = f"{action.help or ''} (default: the model's recipe; {model}: {shown})".lstrip()
 
 
 def apply_recipe(args, recipe):

@@ -1,4 +1,5 @@
 """Data sets and loaders. Errors about missing or malformed data become one-line UserErrors."""
+import contextlib
 import os
 
 import torch
@@ -44,6 +45,23 @@ def image_folder(root, split, transform):
         raise UserError(f"{path}: {e}")
 
 
+@contextlib.contextmanager
+def _removed_on_failure(root):
+    """A failed download leaves no empty folders behind where there were none (only empty ones are removed)."""
+    missing = []
+    path = os.path.abspath(root)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            if os.path.isdir(folder) and not any(os.scandir(folder)):
+                os.rmdir(folder)
+        raise
+
+
 def cifar10_datasets(root, config):
     """(train, test, num_classes): an image-folder copy (root/train, root/test) or torchvision's CIFAR-10,
     downloaded into `root` when absent."""
@@ -54,8 +72,9 @@ def cifar10_datasets(root, config):
             raise UserError(f"{root}: train/ and test/ have different class folders")
         return train, test, len(train.classes)
     try:
-        train = datasets.CIFAR10(root, train=True, transform=train_tf, download=True)
-        test = datasets.CIFAR10(root, train=False, transform=eval_tf, download=True)
+        with _removed_on_failure(root):
+            train = datasets.CIFAR10(root, train=True, transform=train_tf, download=True)
+            test = datasets.CIFAR10(root, train=False, transform=eval_tf, download=True)
     except Exception as e:
         raise UserError(f"CIFAR-10 is not in '{root}' and could not be downloaded ({type(e).__name__}); "
                         "pass --data pointing at torchvision's cifar-10-batches-py parent folder or at an "
@@ -114,8 +133,10 @@ def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224,
     train_tf, eval_tf = imagenet_transforms(config, resolution)
     if dataset == "food101":
         try:
-            train = datasets.Food101(root, split="train", transform=train_tf, download=True, loader=checked_loader)
-            val = datasets.Food101(root, split="test", transform=eval_tf, download=True, loader=checked_loader)
+            with _removed_on_failure(root):
+                train = datasets.Food101(root, split="train", transform=train_tf, download=True,
+                                         loader=checked_loader)
+                val = datasets.Food101(root, split="test", transform=eval_tf, download=True, loader=checked_loader)
         except Exception as e:
             raise UserError(f"Food-101 is not in '{root}' and could not be downloaded ({type(e).__name__}); "
                             "put torchvision's food-101/ folder there")
@@ -129,20 +150,55 @@ def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224,
     return select_classes(train, val, classes, lambda d: d.targets, train.classes)
 
 
-def build_loaders(train_set, val_set, batch_size, workers, ctx):
-    """Training loader (DistributedSampler under torchrun) and a validation loader over this process's
-    share of the validation set: every image is evaluated by exactly one process (no padding)."""
-    train_sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True) if ctx.distributed else None
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order: a permutation that is a function of (seed, epoch) alone (DistributedSampler's own
+    order under torchrun), fixed by `begin(epoch, skip)` before the epoch runs. A run resumed in the middle of an
+    epoch gets the same order and skips the samples already trained on, without loading them."""
+
+    def __init__(self, dataset, seed, ctx):
+        self.size, self.seed = len(dataset), seed
+        self.distributed = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
+            if ctx.distributed else None
+        self.order, self.skip = [], 0
+
+    def begin(self, epoch, skip=0):
+        if self.distributed is not None:
+            self.distributed.set_epoch(epoch)
+            order = list(self.distributed)
+        else:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        self.order, self.skip = order[skip:], skip
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return (len(self.distributed) if self.distributed is not None else self.size) - self.skip
+
+
+def build_loaders(train_set, val_set, batch_size, workers, ctx, seed=0):
+    """Training loader (an EpochSampler: call `loader.sampler.begin(epoch)` before each epoch) and a validation
+    loader over this process's share of the validation set: every image is evaluated by exactly one process (no
+    padding)."""
     if ctx.distributed:
         val_set = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=train_sampler is None,
-                              sampler=train_sampler, drop_last=len(train_set) > batch_size, **common)
+    # the loader's own generator (worker seeds) keeps it from drawing on the global RNG that the model uses
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(train_set, seed, ctx),
+                              drop_last=len(train_set) > batch_size, generator=torch.Generator().manual_seed(seed),
+                              **common)
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, **common)
-    return train_loader, val_loader, train_sampler
+    return train_loader, val_loader
 
 
 def first_images(dataset, count):
-    """The first `count` images of a dataset as one batch (for ponder plots)."""
-    images = [dataset[i][0] for i in range(min(count, len(dataset)))]
-    return torch.stack(images)
+    """The first `count` images of a dataset as one batch, and their labels (for ponder plots)."""
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
+
+
+def class_names(dataset):
+    """The class names of a data set (through subsets and class selections), or None."""
+    while not hasattr(dataset, "classes") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "classes", None)

@@ -14,12 +14,18 @@ def _one_line(error):
 
 
 def run_cli(main):
-    """Runs `main()`; turns UserError into 'error: ...' + exit 2 and Ctrl-C into a one-line exit 130."""
+    """Runs `main()`; turns UserError into 'error: ...' + exit 2, a training run stopped by a signal into its
+    one-line message and exit code (utils.interrupt), and any other Ctrl-C into 'interrupted' + exit 130."""
+    from .interrupt import Interrupted
+
     try:
         main()
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -8,15 +8,20 @@ class RunLogger:
 
     def __init__(self, tb_dir=None, jsonl_path=None, active=True):
         self.writer = None
+        self.tb_dir = tb_dir if active else None
         self.jsonl_path = jsonl_path if active else None
-        if active and tb_dir:
+
+    def _tensorboard(self):
+        """The event file, opened at the first scalar: a resumed run that logs nothing adds no empty file."""
+        if self.writer is None and self.tb_dir:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(tb_dir)
+            self.writer = SummaryWriter(self.tb_dir)
+        return self.writer
 
     def log(self, step, scalars, kind):
         """`scalars`: name -> number or list of numbers (a list is logged as name/0, name/1, ...)."""
-        if self.writer is not None:
+        if self._tensorboard() is not None:
             for name, value in scalars.items():
                 if isinstance(value, (list, tuple)):
                     for i, v in enumerate(value):

@@ -1,74 +1,147 @@
-"""Ponder plots: where a DynConv network spends its computation, saved as PNG files (no screen needed)."""
+"""Ponder figures (where a DynConv network spends its computation) and the README's accuracy-vs-MMac plot.
+
+Figures are built as `matplotlib.figure.Figure` objects rather than through pyplot: they need no screen or GUI
+backend (PNG goes through Agg), pyplot keeps no reference to them (a loop over many images leaks nothing), and
+the builders return them so that tests can read titles and colour-bar ticks before anything is saved.
+"""
+import math
 import os
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from dynconv.decisions import SpatialDecision
 
-
-def ponder_cost_map(masks, index):
-    """Sum over blocks of the hard masks of image `index`, upsampled (nearest) to the first block's size."""
-    size = masks[0].hard.shape[-2:]
-    maps = [F.interpolate(m.hard[index:index + 1].float(), size=size, mode="nearest") for m in masks]
-    return torch.cat(maps).sum(0)[0]
-
-
-def _denormalize(image, mean, std):
-    mean = torch.tensor(mean).view(3, 1, 1)
-    std = torch.tensor(std).view(3, 1, 1)
-    return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+MASK_COLUMNS = 6  # blocks per row of the mask grid
+MAX_COST_TICKS = 17  # more integer ticks than this overlap on the colour bar of a deep network
+ACCURACY_TITLE = "CIFAR-10: Prec@1 against MMac per image"
 
 
-def save_ponder_plots(images, masks, out_dir, mean, std):
-    """Per image: <i>_input.png, <i>_ponder.png (colour bar 0..#blocks) and <i>_masks.png (every block's mask).
+def spatial_masks(decisions):
+    """The hard masks (N, 1, H, W) of the spatial decisions, in block order; other decision types carry no map."""
+    return [d.hard.detach() for d in decisions if isinstance(d, SpatialDecision)]
 
-    Returns the written paths."""
+
+def ponder_cost_map(decisions, index):
+    """Blocks executed per position for image `index`: the sum of the hard masks of the spatial decisions, each
+    upsampled (nearest, so a position counts 0 or 1 per block) to the first one's resolution. A float (H, W)."""
+    masks = spatial_masks(decisions)
+    size = masks[0].shape[-2:]
+    maps = [F.interpolate(m[index:index + 1].float(), size=size, mode="nearest") for m in masks]
+    return torch.cat(maps).sum(0)[0].cpu()
+
+
+def cost_ticks(num_blocks):
+    """Integer ticks 0..num_blocks; thinned for deep networks, keeping 0 and num_blocks."""
+    step = max(1, math.ceil((num_blocks + 1) / MAX_COST_TICKS))
+    ticks = list(range(0, num_blocks + 1, step))
+    ticks[-1] = num_blocks
+    return ticks
+
+
+def _class_name(c, class_names):
+    c = int(c)
+    return str(class_names[c]) if class_names is not None else str(c)
+
+
+def _caption(label, prediction, class_names):
+    parts = []
+    if label is not None:
+        parts.append(f"true: {_class_name(label, class_names)}")
+    if prediction is not None:
+        parts.append(f"predicted: {_class_name(prediction, class_names)}")
+    return "\n".join(parts)
+
+
+def _draw_input(ax, image, mean, std, caption):
+    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    ax.imshow((image.detach().cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+    ax.set_title(caption, fontsize=9)
+    ax.set_axis_off()
+
+
+def _draw_cost(subfig, ax, cost, num_blocks):
+    # one colour per count: boundaries at half-integers put every integer count in the middle of its own band
+    cmap = colormaps["viridis"].resampled(num_blocks + 1)
+    norm = BoundaryNorm(np.arange(num_blocks + 2) - 0.5, cmap.N)
+    shown = ax.imshow(cost.numpy(), cmap=cmap, norm=norm, interpolation="nearest")
+    bar = subfig.colorbar(shown, ax=ax, ticks=cost_ticks(num_blocks))
+    bar.set_label("blocks executed", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_title("ponder cost", fontsize=9)
+    ax.set_axis_off()
+
+
+def mask_title(block, mask):
+    """`b3 16x16 42%`: block index, resolution, and the fraction of positions computed of one image's mask."""
+    h, w = mask.shape[-2:]
+    return f"b{block} {h}x{w} {mask.float().mean().item():.0%}"
+
+
+def _draw_masks(subfig, masks, index):
+    cols = min(len(masks), MASK_COLUMNS)
+    axes = subfig.subplots(math.ceil(len(masks) / cols), cols, squeeze=False)
+    for b, ax in enumerate(axes.flat):
+        if b >= len(masks):
+            ax.set_axis_off()
+            continue
+        mask = masks[b][index, 0].cpu()
+        ax.imshow(mask.float().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(mask_title(b, mask), fontsize=8)
+        # ticks off but a grey frame kept: an all-white (or all-black) mask still shows where it is
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor("0.5")
+    subfig.suptitle("block masks: white = computed, black = skipped", fontsize=9)
+
+
+def ponder_figure(images, decisions, index, mean, std, label=None, prediction=None, class_names=None):
+    """The figure of image `index`: the input (titled with its true and predicted class), its ponder-cost map
+    and every block's mask. `decisions` as the model returns them; only SpatialDecision ones are drawn."""
+    masks = spatial_masks(decisions)
+    if not masks:
+        raise ValueError("ponder figures need spatial decisions (SpatialDecision); none were given")
+    rows = math.ceil(len(masks) / MASK_COLUMNS)
+    fig = Figure(figsize=(max(7.0, 1.6 * min(len(masks), MASK_COLUMNS)), 3.6 + 1.7 * rows), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3.6, 1.7 * rows])
+    ax_input, ax_cost = top.subplots(1, 2)
+    _draw_input(ax_input, images[index], mean, std, _caption(label, prediction, class_names))
+    cost = ponder_cost_map(decisions, index)
+    _draw_cost(top, ax_cost, cost, len(masks))
+    _draw_masks(bottom, masks, index)
+    fig.suptitle(f"ponder cost: {cost.mean().item():.1f} of {len(masks)} blocks per position on average")
+    return fig
+
+
+def _item(values, i):
+    return None if values is None else values[i]
+
+
+def save_ponder_figures(images, decisions, out_dir, mean, std, labels=None, predictions=None,
+                        class_names=None):
+    """One PNG per image, `out_dir/NNN.png` (see ponder_figure); `labels`/`predictions` are per-image class
+    indices (or None), `class_names` maps them to names. Returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    num_blocks = len(masks)
     for i in range(images.shape[0]):
-        prefix = os.path.join(out_dir, f"{i:03d}")
-        fig, ax = plt.subplots(figsize=(3, 3))
-        ax.imshow(_denormalize(images[i], mean, std))
-        ax.set_axis_off()
-        fig.savefig(prefix + "_input.png", bbox_inches="tight", dpi=100)
-        plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(3.6, 3))
-        shown = ax.imshow(ponder_cost_map(masks, i).cpu().numpy(), vmin=0, vmax=num_blocks, cmap="viridis")
-        fig.colorbar(shown, ax=ax)
-        ax.set_title("ponder cost (blocks executed)")
-        ax.set_axis_off()
-        fig.savefig(prefix + "_ponder.png", bbox_inches="tight", dpi=100)
-        plt.close(fig)
-
-        cols = min(num_blocks, 6)
-        rows = (num_blocks + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
-        for b, ax in enumerate(axes.flat):
-            if b < num_blocks:  # white = computed; ticks off but the frame kept, so all-white masks show
-                ax.imshow(masks[b].hard[i, 0].cpu().numpy(), vmin=0, vmax=1, cmap="gray")
-                ax.set_title(f"block {b}", fontsize=8)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            else:
-                ax.set_axis_off()
-        fig.savefig(prefix + "_masks.png", bbox_inches="tight", dpi=100)
-        plt.close(fig)
-        paths += [prefix + s for s in ("_input.png", "_ponder.png", "_masks.png")]
+        fig = ponder_figure(images, decisions, i, mean, std, _item(labels, i), _item(predictions, i), class_names)
+        path = os.path.join(out_dir, f"{i:03d}.png")
+        fig.savefig(path, dpi=100)
+        paths.append(path)
     return paths
 
 
-def plot_accuracy_vs_macs(results_path, out_path):
-    """Prec@1 against MMac per image from a results .jsonl (scripts/cifar_results.py): dense ResNets as one
-    curve, DynConv models (one curve per network) with their budgets as labels."""
-    from .logger import read_jsonl
-
-    rows = read_jsonl(results_path)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
+    """Prec@1 against MMac per image from result rows (scripts/cifar_results.py): dense ResNets as one curve,
+    DynConv models (one curve per network) with their budgets as labels."""
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     dense = sorted((r for r in rows if r["budget"] < 0), key=lambda r: r["mmac"])
     if dense:
         ax.plot([r["mmac"] for r in dense], [r["prec1"] for r in dense], "o-", color="black", label="ResNet (dense)")
@@ -80,10 +153,17 @@ def plot_accuracy_vs_macs(results_path, out_path):
         for r in sparse:
             ax.annotate(f"b={r['budget']:g}", (r["mmac"], r["prec1"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("MMac per image")
     ax.set_ylabel("Prec@1 on the CIFAR-10 test set (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_accuracy_vs_macs(results_path, out_path, title=ACCURACY_TITLE):
+    """The README's plot: accuracy_vs_macs_figure of a results .jsonl, saved to `out_path`."""
+    from .logger import read_jsonl
+
+    accuracy_vs_macs_figure(read_jsonl(results_path), title).savefig(out_path, dpi=110)

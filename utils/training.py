@@ -1,6 +1,7 @@
 """One training epoch and one evaluation pass; both return dicts of metrics. The run driver is utils/run.py."""
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -34,6 +35,8 @@ class TrainSetup:
     freeze: dict = field(default_factory=dict)  # parameter group -> epochs at learning rate 0
     # which target (e.g. budget) minibatch i of the run trains; None for single-target models
     choose_target: Callable[[int], Any] = field(default=lambda i: None)
+    # called after every optimizer update with (epoch, batches done in it): mid-epoch checkpoints, stopping
+    after_update: Callable[[int, int], None] = field(default=lambda epoch, step: None)
 
     def updates_per_epoch(self, batches):
         return math.ceil(batches / self.update_freq)
@@ -75,16 +78,44 @@ class _Sums:
         return out
 
 
-def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True):
-    """One pass over `loader`: every loss term's mean, the cost fractions the terms report, Prec@1 and lr."""
+class _Progress:
+    """The epoch's progress: a tqdm bar with the running loss and cost fraction on a terminal; when the output is
+    redirected (nohup, Slurm, log files), a plain line every `seconds` instead."""
+
+    def __init__(self, loader, epoch, start, show, seconds=30.0):
+        self.terminal = sys.stdout.isatty()
+        self.show, self.seconds, self.epoch = show, seconds, epoch
+        self.total, self.last = len(loader), time.monotonic()
+        self.bar = tqdm(total=self.total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
+                        disable=not (show and self.terminal))
+
+    def step(self, i, values):
+        self.bar.update(1)
+        if not self.show or (i + 1) % 10 and i + 1 != self.total:
+            return  # reading the values syncs the device: every 10 steps is enough
+        shown = {k: f"{values[k].item():.4g}" for k in ("task_loss", "cost") if k in values}
+        if self.terminal:
+            self.bar.set_postfix(shown, refresh=False)
+        elif time.monotonic() - self.last >= self.seconds or i + 1 == self.total:
+            self.last = time.monotonic()
+            print(f"epoch {self.epoch + 1}: {i + 1}/{self.total} batches, "
+                  + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_step=0):
+    """One pass over `loader` (from batch `start_step` when resuming mid-epoch; the loader's sampler skips the
+    batches before it): every loss term's mean, the cost fractions the terms report, Prec@1 and lr."""
     model.train()
-    device, batches = ctx.device, len(loader)
+    device, batches = ctx.device, len(loader) + start_step
     per_epoch = setup.updates_per_epoch(batches)
     sums = _Sums()
-    set_lr(setup.scheduler, epoch, 0, per_epoch, setup.freeze)
+    set_lr(setup.scheduler, epoch, start_step // setup.update_freq, per_epoch, setup.freeze)
     lr = max(group["lr"] for group in setup.optimizer.param_groups)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None if show_progress else True)
-    for i, (images, labels) in enumerate(bar):
+    progress = _Progress(loader, epoch, start_step, show_progress)
+    for i, (images, labels) in enumerate(loader, start=start_step):
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         hard_labels = labels
@@ -94,11 +125,15 @@ def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True):
             logits, decisions = model(images, target=target)
             total, values = setup.loss(StepOutput(images, logits, decisions, labels, epoch + i / batches, target))
         setup.scaler.scale(total / setup.update_freq).backward()
+        values["train_prec1"] = 100.0 * (logits.detach().argmax(1) == hard_labels).float().mean()
+        sums.add(values, images.shape[0])
+        progress.step(i, values)
         if (i + 1) % setup.update_freq == 0 or i + 1 == batches:
             set_lr(setup.scheduler, epoch, i // setup.update_freq, per_epoch, setup.freeze)
             _optimizer_update(model, setup)
-        values["train_prec1"] = 100.0 * (logits.detach().argmax(1) == hard_labels).float().mean()
-        sums.add(values, images.shape[0])
+            if i + 1 < batches:
+                setup.after_update(epoch, i + 1)
+    progress.close()
     return {**sums.means(), "lr": lr}
 
 

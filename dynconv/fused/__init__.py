@@ -13,6 +13,7 @@ relu(addcmul(identity, residual, mask)), the specification the tests hold the ke
 import functools
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -25,8 +26,12 @@ def _load():
     """Builds and loads the kernels once per process; False (with one warning) when they cannot be built."""
     try:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" is noise here
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        build_dir = _get_build_directory("dynconv_fused", verbose=False)
+        if not os.path.isfile(os.path.join(build_dir, "dynconv_fused.so")):
+            print(f"building DynConv's fused CPU kernels (once, ~15 s; cached in {build_dir})", file=sys.stderr,
+                  flush=True)
         # -fopenmp: at::parallel_for is an OpenMP pragma in the headers, ignored (one thread) without it
         load(name="dynconv_fused", sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False)

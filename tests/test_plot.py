@@ -1,0 +1,115 @@
+"""Ponder figures and the accuracy-vs-MMac plot: the cost map by hand, one PNG per image, what the figure says."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dynconv.decisions import SpatialDecision, StaticDecision, UnitCost  # noqa: E402
+from utils.plot import (ACCURACY_TITLE, accuracy_vs_macs_figure, cost_ticks, plot_accuracy_vs_macs,  # noqa: E402
+                        ponder_cost_map, ponder_figure, save_ponder_figures)
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def spatial(hard):
+    return SpatialDecision(hard=torch.tensor(hard, dtype=torch.float32), dilated=None, soft=None, cost=UnitCost(1, 1))
+
+
+def example_decisions():
+    """Two images; block 0 at 4x4, block 1 at 2x2 (image 0: only its top-left position), and a non-spatial
+    decision in between that the plots must ignore."""
+    b0 = [[[[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]], [[[1] * 4] * 4]]
+    b1 = [[[[1, 0], [0, 0]]], [[[0, 0], [0, 0]]]]
+    return [spatial(b0), StaticDecision(work=UnitCost(5, 5)), spatial(b1)]
+
+
+def blocks(decisions):
+    return [d for d in decisions if isinstance(d, SpatialDecision)]
+
+
+def mask_titles(fig):
+    return [ax.get_title() for sub in fig.subfigs for ax in sub.axes if ax.get_title().startswith("b")]
+
+
+def test_ponder_cost_map_by_hand():
+    decisions = example_decisions()
+    # block 1's top-left position covers the 2x2 top-left quarter at 4x4 (nearest upsampling)
+    expected0 = torch.tensor([[2, 2, 0, 0], [2, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    assert torch.equal(ponder_cost_map(decisions, 0), expected0)
+    assert torch.equal(ponder_cost_map(decisions, 1), torch.ones(4, 4))
+
+
+def test_cost_ticks_are_the_integers_up_to_the_block_count():
+    assert cost_ticks(15) == list(range(16))
+    deep = cost_ticks(33)  # ResNet-101: thinned, but still integers from 0 to the block count
+    assert deep[0] == 0 and deep[-1] == 33 and len(deep) <= 17 and all(isinstance(t, int) for t in deep)
+
+
+def test_figure_colour_bar_ticks_and_suptitle():
+    decisions = example_decisions()
+    num_blocks = len(blocks(decisions))
+    fig = ponder_figure(torch.zeros(2, 3, 4, 4), decisions, 0, MEAN, STD)
+    bars = [im.colorbar for sub in fig.subfigs for ax in sub.axes for im in ax.images if im.colorbar]
+    assert len(bars) == 1
+    assert list(bars[0].get_ticks()) == list(range(num_blocks + 1))
+    # image 0: 2+2+2+1 + 1+1+1+1 = 11 executed block-positions over 16 positions = 0.6875
+    assert fig.get_suptitle() == "ponder cost: 0.7 of 2 blocks per position on average"
+
+
+def test_mask_titles_give_block_resolution_and_density():
+    fig = ponder_figure(torch.zeros(2, 3, 4, 4), example_decisions(), 0, MEAN, STD)
+    assert mask_titles(fig) == ["b0 4x4 44%", "b1 2x2 25%"]  # 7 of 16 and 1 of 4 positions
+    fig = ponder_figure(torch.zeros(2, 3, 4, 4), example_decisions(), 1, MEAN, STD)
+    assert mask_titles(fig) == ["b0 4x4 100%", "b1 2x2 0%"]
+    assert "white = computed" in fig.subfigs[1].get_suptitle()
+
+
+@pytest.mark.parametrize("labels, predictions, class_names, caption", [
+    (None, None, None, ""),
+    ([2, 0], None, None, "true: 2"),
+    (None, torch.tensor([1, 0]), None, "predicted: 1"),
+    (torch.tensor([2, 0]), torch.tensor([1, 0]), ["cat", "dog", "ship"], "true: ship\npredicted: dog"),
+])
+def test_input_title_names_the_classes(labels, predictions, class_names, caption):
+    label = None if labels is None else labels[0]
+    prediction = None if predictions is None else predictions[0]
+    fig = ponder_figure(torch.zeros(2, 3, 4, 4), example_decisions(), 0, MEAN, STD, label, prediction, class_names)
+    assert fig.subfigs[0].axes[0].get_title() == caption
+
+
+def test_save_writes_one_png_per_image(tmp_path):
+    # image 1 has an all-white (block 0) and an all-black (block 1) mask
+    images = torch.randn(2, 3, 4, 4)
+    paths = save_ponder_figures(images, example_decisions(), str(tmp_path / "p"), MEAN, STD,
+                                labels=[2, 0], predictions=[1, 0], class_names=["cat", "dog", "ship"])
+    assert paths == [str(tmp_path / "p" / "000.png"), str(tmp_path / "p" / "001.png")]
+    assert sorted(os.listdir(tmp_path / "p")) == ["000.png", "001.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(path) > 10_000
+
+
+def test_save_without_labels(tmp_path):
+    paths = save_ponder_figures(torch.randn(2, 3, 4, 4), example_decisions(), str(tmp_path), MEAN, STD)
+    assert [os.path.basename(p) for p in paths] == ["000.png", "001.png"]
+
+
+def test_no_spatial_decisions_is_an_error():
+    with pytest.raises(ValueError, match="SpatialDecision"):
+        ponder_figure(torch.zeros(1, 3, 4, 4), [], 0, MEAN, STD)
+
+
+def test_accuracy_plot_has_a_title(tmp_path):
+    rows = [dict(model="resnet32", budget=-1, mmac=69.1, prec1=93.0),
+            dict(model="resnet32", budget=0.5, mmac=40.0, prec1=92.5)]
+    assert accuracy_vs_macs_figure(rows).axes[0].get_title() == ACCURACY_TITLE
+    assert accuracy_vs_macs_figure(rows, "mine").axes[0].get_title() == "mine"
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_accuracy_vs_macs(str(results), str(tmp_path / "acc.png"))
+    assert os.path.getsize(tmp_path / "acc.png") > 10_000

@@ -1,0 +1,172 @@
+"""Training a model from the flags: the TrainSetup (timm optimizer, schedule, EMA, mixup, loss terms), the epoch
+loop with evaluation, checkpoints at the end of every epoch and mid-epoch (on SIGINT/SIGTERM, or every N steps or
+minutes), and resuming from any of them exactly where the run stopped."""
+import os
+
+import torch
+from tqdm import tqdm
+
+from dynconv import set_gate_schedule
+from dynconv.gates import gate_state_keys
+from dynconv.objectives import DecisionLosses, Loss, Sparsity, TaskLoss
+from . import recipe
+from .checkpoint import BEST, BEST_EMA, EMA, LATEST, restore_rng, rng_state, save_checkpoint
+from .distributed import broadcast_buffers
+from .errors import UserError
+from .interrupt import Interrupted, SavePolicy, StopRequest
+from .logger import RunLogger
+from .training import TrainSetup, train_one_epoch, validate
+
+
+def build_setup(model, args, num_classes, updates_per_epoch, ctx):
+    """Optimizer (parameter groups gates/backbone), per-iteration schedule, EMA, mixup and the loss terms."""
+    gates = gate_state_keys(model)
+    groups = recipe.param_groups(model, args.weight_decay, args.lr_scale,
+                                 group_of=lambda name: "gates" if name in gates else "backbone",
+                                 no_weight_decay_norm_bias=args.no_wd_norm_bias)
+    optimizer = recipe.create_optimizer(groups, args.opt, args.lr, args.weight_decay, args.momentum)
+    scheduler = recipe.create_scheduler(optimizer, args.sched, args.epochs, updates_per_epoch, args.lr_decay,
+                                        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                        min_lr=args.min_lr)
+    mixup = recipe.create_mixup(args.mixup, args.cutmix, args.smoothing, num_classes)
+    terms = [TaskLoss(0.0 if mixup else args.smoothing), DecisionLosses()]
+    if args.budget >= 0:
+        terms.append(Sparsity(args.budget, args.epochs, args.sparsity_weight))
+    return TrainSetup(optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=args.amp), Loss(terms),
+                      ema=recipe.create_ema(model, args.model_ema_decay) if args.model_ema else None,
+                      mixup=mixup, update_freq=args.update_freq, clip_grad=args.clip_grad, amp=args.amp,
+                      freeze=args.freeze)
+
+
+def gumbel_noise_on(epoch, args):
+    """The reference's rule: noise while not (epoch > fraction * epochs), epoch 0-based (30 epochs: off from 25)."""
+    return not epoch > args.gumbel_noise_epochs * args.epochs
+
+
+class Trainer:
+    """The epoch loop of one run: the state it resumes from and saves (epoch, step, best Prec@1s) and its files."""
+
+    def __init__(self, model, setup, args, run_dir, ctx):
+        self.model, self.setup, self.args, self.run_dir, self.ctx = model, setup, args, run_dir, ctx
+        self.epoch, self.step, self.best, self.best_ema = 0, 0, 0.0, 0.0
+        self.saved = None  # what the last checkpoint written by this run holds, for the messages
+        self.stop = StopRequest()
+        self.policy = SavePolicy(args.save_every_steps, args.save_every_minutes)
+        setup.after_update = self.after_update
+
+    def resume(self, checkpoint, path):
+        """Optimizer, EMA and random-generator states; the epoch and, for a mid-epoch checkpoint, the step."""
+        try:
+            self.setup.optimizer.load_state_dict(checkpoint["optimizer"])
+            recipe.restore_ema(self.setup.ema, checkpoint)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{path} cannot resume training: optimizer state missing or incompatible "
+                            f"({type(e).__name__}: {e})")
+        self.epoch, self.step = int(checkpoint.get("epoch", 0)), int(checkpoint.get("step", 0))
+        self.best = float(checkpoint.get("best_prec1", 0.0))
+        self.best_ema = float(checkpoint.get("best_ema_prec1", 0.0))
+        if "rng" in checkpoint and not self.ctx.distributed:  # under torchrun each process keeps its own seed
+            restore_rng(checkpoint["rng"])
+
+    def _state(self, **extra):
+        state = {"state_dict": self.model.state_dict(), "optimizer": self.setup.optimizer.state_dict(),
+                 "best_prec1": self.best, "args": dict(vars(self.args)), "version": 2, "rng": rng_state(), **extra}
+        if self.setup.ema is not None:
+            state.update({recipe.EMA_KEY: recipe.ema_state(self.setup.ema), "best_ema_prec1": self.best_ema})
+        return state
+
+    def _write(self, state, name):
+        os.makedirs(self.run_dir, exist_ok=True)
+        save_checkpoint(state, os.path.join(self.run_dir, name))
+
+    def after_update(self, epoch, step):
+        """After an optimizer update inside an epoch: a mid-epoch checkpoint when due or asked to stop."""
+        stop = self.stop.requested(self.ctx)
+        if not (stop or self.policy.due()):
+            return
+        if self.ctx.is_main:
+            self._write(self._state(epoch=epoch, step=step), LATEST)
+        self.saved = f"{os.path.join(self.run_dir, LATEST)} (epoch {epoch + 1}, after batch {step})"
+        self.policy.saved()
+        if stop:
+            raise Interrupted(f"interrupted: saved {self.saved}; resume with the same command and "
+                              f"-r {self.run_dir}", self.stop.exit_code)
+
+    def save_epoch(self, epoch, metrics, ema_metrics):
+        """checkpoint.pth (resumable), checkpoint_best.pth, and the EMA's own pair (its weights as state_dict)."""
+        state = self._state(epoch=epoch + 1, prec1=metrics["prec1"], mmac=metrics["mmac"])
+        self._write(state, LATEST)
+        if metrics["prec1"] >= self.best:
+            self._write(state, BEST)
+        if self.setup.ema is not None:
+            common = {"epoch": epoch + 1, "args": state["args"], "version": 2, "ema": True}
+            ema_state = {"state_dict": state[recipe.EMA_KEY], "prec1": ema_metrics["prec1"],
+                         "mmac": ema_metrics["mmac"], "best_prec1": self.best_ema, **common}
+            self._write(ema_state, EMA)
+            if ema_metrics["prec1"] >= self.best_ema:
+                self._write(ema_state, BEST_EMA)
+        self.saved = f"{os.path.join(self.run_dir, LATEST)} (end of epoch {epoch + 1})"
+
+
+def fit(model, data, checkpoint, args, topk, run_dir, ctx):
+    """Trains from the checkpoint's epoch (and step) to --epochs; evaluates (and the EMA) and saves after every
+    epoch. Returns the last epoch's metrics with the best Prec@1."""
+    train_loader, val_loader, val_set, num_classes = data
+    setup = build_setup(model, args, num_classes, recipe.count_updates(len(train_loader), args.update_freq), ctx)
+    trainer = Trainer(model, setup, args, run_dir, ctx)
+    if checkpoint is not None:
+        trainer.resume(checkpoint, args.resume)
+    if ctx.is_main:
+        print(f"=> training epochs {trainer.epoch + 1}-{args.epochs}" +
+              (f" (resuming epoch {trainer.epoch + 1} after batch {trainer.step})" if trainer.step else ""))
+    with trainer.stop:
+        try:
+            metrics = _epochs(trainer, train_loader, val_loader, topk)
+        except KeyboardInterrupt:  # a second Ctrl-C
+            raise Interrupted("interrupted: " + (f"the last checkpoint is {trainer.saved}" if trainer.saved else
+                                                 "no checkpoint was saved by this run"), 130)
+    if ctx.is_main:
+        print(f"=> done: best Prec@1 {trainer.best:.3f}; checkpoints in {run_dir}")
+    return {**metrics, "best_prec1": trainer.best,
+            **({"best_ema_prec1": trainer.best_ema} if setup.ema is not None else {})}
+
+
+def _epochs(trainer, train_loader, val_loader, topk):
+    model, setup, args, ctx = trainer.model, trainer.setup, trainer.args, trainer.ctx
+    train_model = model
+    if ctx.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    logger = RunLogger(args.log_dir or os.path.join(trainer.run_dir, "tb"),
+                       os.path.join(trainer.run_dir, "log.jsonl"), ctx.is_main)
+    metrics = {}
+    for epoch in tqdm(range(trainer.epoch, args.epochs), desc="training", initial=trainer.epoch,
+                      total=args.epochs, disable=None if ctx.is_main else True):
+        start_step = trainer.step if epoch == trainer.epoch else 0
+        train_loader.sampler.begin(epoch, start_step * args.batchsize)
+        set_gate_schedule(model, noise=gumbel_noise_on(epoch, args), temperature=args.gumbel_temp)
+        train_metrics = train_one_epoch(train_model, train_loader, setup, epoch, ctx, ctx.is_main, start_step)
+        broadcast_buffers(model, ctx)  # the checkpoint holds rank 0's BN statistics: evaluate exactly that
+        metrics = validate(model, val_loader, ctx, topk, False, args.amp, ctx.is_main)
+        trainer.best = max(trainer.best, metrics["prec1"])
+        ema_metrics = {} if setup.ema is None else validate(setup.ema.module, val_loader, ctx, topk, False,
+                                                             args.amp, ctx.is_main)
+        trainer.best_ema = max(trainer.best_ema, ema_metrics.get("prec1", 0.0))
+        if ctx.is_main:
+            _report_epoch(epoch, train_metrics, metrics, ema_metrics, trainer.best, logger)
+            trainer.save_epoch(epoch, metrics, ema_metrics)
+        if trainer.stop.requested(ctx):
+            raise Interrupted(f"interrupted: saved {trainer.saved}; resume with the same command and "
+                              f"-r {trainer.run_dir}", trainer.stop.exit_code)
+    logger.close()
+    return metrics
+
+
+def _report_epoch(epoch, train_metrics, metrics, ema_metrics, best, logger):
+    ema = f", EMA Prec@1 {ema_metrics['prec1']:.3f}" if ema_metrics else ""
+    tqdm.write(f"* Epoch {epoch + 1} - Prec@1 {metrics['prec1']:.3f}  (task loss {train_metrics['task_loss']:.4f}, "
+               f"MMac {metrics['mmac']:.3f}, lr {train_metrics['lr']:g}{ema})")
+    logger.log(epoch + 1, train_metrics, "train")
+    logger.log(epoch + 1, {**metrics, "best_prec1": best}, "val")
+    if ema_metrics:
+        logger.log(epoch + 1, ema_metrics, "val_ema")
