@@ -1,17 +1,15 @@
 """Inference speed of DynConv ResNets: dense model vs masked-dense model vs the sparse engine.
 
-    python benchmarks/speedtest.py --models resnet50 resnet101 --batch-sizes 1 16 \\
-        --densities 0.1 0.3 0.5 1.0 --masks clustered --csv out.csv --plot out.png
-
 Masks are synthetic at the requested density (spatially clustered blobs like trained masks, or i.i.d. random
 pixels, the worst case since dilation then covers almost everything), or come from a trained checkpoint
 (--checkpoint, with images from --data when given). For each configuration: the median time of each variant
 over --runs runs after --warmup runs, the variants alternated run by run; MMac of the dense and the sparse
 model; ideal speedup = dense MMac / sparse MMac; achieved speedup = dense time / engine time; efficiency =
 achieved / ideal. The dense model has the same weights (the DynConv model without its mask units). OpenMP threads
-wait actively (OMP_WAIT_POLICY=ACTIVE unless set otherwise), for every variant alike.
+wait actively (OMP_WAIT_POLICY=ACTIVE unless set otherwise), for every variant alike. Prints a compact table;
+--csv keeps every column at full precision, --plot draws achieved against ideal speedup (--plot-from redraws it
+from a CSV without measuring).
 """
-import argparse
 import csv
 import os
 import statistics
@@ -33,9 +31,50 @@ from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
 from models import create_model, list_models, model_config  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.run import classifier_keys  # noqa: E402
 
 COLUMNS = ["model", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
            "dense_mmac", "sparse_mmac", "ideal_speedup", "speedup", "efficiency"]
+
+EXAMPLES = """examples:
+  # synthetic masks: table, CSV and plot of achieved against ideal speedup
+  python benchmarks/speedtest.py --models resnet50 resnet101 --batch-sizes 1 16 --densities 0.1 0.3 0.5 1.0 \\
+      --masks clustered random --csv speed.csv --plot speed.png
+  # a trained model's own masks (on images from --data when given, else random inputs)
+  python benchmarks/speedtest.py --models resnet32 --checkpoint exp/cifar/resnet32/sparse05/checkpoint_best.pth
+  # redraw the plot of an earlier run's CSV without measuring
+  python benchmarks/speedtest.py --plot-from docs/engine_speed_cpu.csv --plot docs/engine_speed_cpu.png
+"""
+
+
+def fmt_ms(value):
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def fixed(digits):
+    return lambda value: f"{value:.{digits}f}"
+
+
+# The printed table, narrow enough for a terminal: (header, CSV column, width, format). The CSV keeps COLUMNS.
+TABLE = [("model", "model", 9, str), ("batch", "batch", 5, str), ("masks", "masks", 9, str),
+         ("dens", "density", 7, str), ("active", "active_fraction", 6, fixed(3)),
+         ("dense ms", "dense_ms", 9, fmt_ms), ("masked ms", "masked_ms", 9, fmt_ms),
+         ("engine ms", "engine_ms", 9, fmt_ms), ("ideal", "ideal_speedup", 5, fixed(2)),
+         ("speedup", "speedup", 7, fixed(2)), ("eff.", "efficiency", 5, fixed(2))]
+
+
+def table_line(cells):
+    return " ".join(f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, TABLE))
+
+
+def table_header():
+    return table_line([header for header, _, _, _ in TABLE])
+
+
+def table_row(row):
+    return table_line([fmt(row[key]) for _, key, _, fmt in TABLE])
 
 
 def family_of(name):
@@ -56,11 +95,12 @@ def time_variants(variants, runs, warmup, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def build_models(name, num_classes, device, checkpoint=None):
-    """(dense, sparse) models with the same weights, eval mode, channels-last."""
+def build_models(name, num_classes, device, trained=None):
+    """(dense, sparse) models with the same weights, eval mode, channels-last. `trained`: (path, state dict in
+    our layout) of --checkpoint."""
     sparse = create_model(name, family_of(name), gate_layer=MaskUnit, num_classes=num_classes)
-    if checkpoint is not None:
-        load_model_state(sparse, model_config(name).checkpoint_filter(checkpoint["state_dict"], sparse), "--checkpoint")
+    if trained is not None:
+        load_model_state(sparse, trained[1], trained[0])
     dense = create_model(name, family_of(name), num_classes=num_classes)
     gates = gate_state_keys(sparse)
     dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if k not in gates})
@@ -68,7 +108,10 @@ def build_models(name, num_classes, device, checkpoint=None):
 
 
 def measure(dense, sparse, images, runs, warmup, backend):
-    engine = SparseEngine(sparse, backend=backend)
+    try:
+        engine = SparseEngine(sparse, backend=backend)
+    except ValueError as e:  # e.g. the cupy backend without a GPU: the message says what to pass instead
+        raise UserError(str(e))
     with torch.no_grad():
         ms = time_variants({"dense": lambda: dense(images), "masked": lambda: sparse(images),
                             "engine": lambda: engine(images)}, runs, warmup, images.device)
@@ -83,6 +126,25 @@ def measure(dense, sparse, images, runs, warmup, backend):
             "ideal_speedup": round(ideal, 3), "speedup": round(speedup, 3), "efficiency": round(speedup / ideal, 3)}
 
 
+
+def load_trained(name, path):
+    """--checkpoint: (path, its state dict in our layout) and its number of classes, read from the classifier
+    (whatever the model calls it) after the model's checkpoint filter (e.g. the reference's 'module.')."""
+    checkpoint = load_checkpoint(path)
+    trained_as = (checkpoint.get("args") or {}).get("model")
+    if trained_as not in (None, name):
+        raise UserError(f"{path} holds a {trained_as}, not a {name}: pass --models {trained_as}")
+    model = create_model(name, family_of(name), gate_layer=MaskUnit)
+    state = model_config(name).checkpoint_filter(checkpoint["state_dict"], model)
+    if not gate_state_keys(model) & set(state):
+        raise UserError(f"{path} is a static model (no gates): the sparse engine needs a checkpoint with gates "
+                        "(mask units), e.g. one trained with --budget 0.5")
+    weight = next(k for k in classifier_keys(model) if k.endswith("weight"))
+    if weight not in state:
+        raise UserError(f"{path} does not fit {name}: it has no classifier weight '{weight}'")
+    return (path, state), state[weight].shape[0]
+
+
 def checkpoint_images(args, name, batch, resolution):
     """A batch of evaluation images from --data (CIFAR or image-folder layout), else random inputs."""
     if not args.data:
@@ -93,95 +155,178 @@ def checkpoint_images(args, name, batch, resolution):
         val = cifar10_datasets(args.data, model_config(name))[1]
     else:
         val = imagenet_style_datasets(args.data, model_config(name), resolution=resolution)[1]
-    return first_images(val, batch)
+    return first_images(val, batch)[0]  # (images, labels)
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet32", "resnet50", "resnet101"],
-                   choices=list_models("cifar") + list_models("imagenet"))
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
-    p.add_argument("--masks", nargs="+", default=["clustered"], choices=KINDS)
-    p.add_argument("--checkpoint", default=None, help="use a trained model's own masks (one model)")
-    p.add_argument("--data", default=None, help="with --checkpoint: evaluation images from this data set root")
-    p.add_argument("--resolution", type=int, default=None, help="input size (default 32 CIFAR, 224 ImageNet)")
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--csv", default=None)
-    p.add_argument("--plot", default=None, help="PNG of achieved against ideal speedup")
-    args = p.parse_args()
-    if args.checkpoint and len(args.models) != 1:
-        p.error("--checkpoint needs exactly one --models name")
-    return args
-
-
-def model_rows(name, args, checkpoint, device):
-    """One measured row per batch size and mask configuration of model `name`, printed as they come."""
+def model_rows(name, args, device, trained=None):
+    """One measured row per batch size and mask configuration of model `name`, printed as they come.
+    `trained`: load_trained's result for --checkpoint, else None (synthetic masks)."""
     resolution = args.resolution or (32 if family_of(name) == "cifar" else 224)
-    num_classes = checkpoint["state_dict"]["fc.weight"].shape[0] if checkpoint else (
-        10 if family_of(name) == "cifar" else 1000)
-    configs = [("trained", None)] if checkpoint else [(k, d) for k in args.masks for d in args.densities]
+    trained, num_classes = trained or (None, 10 if family_of(name) == "cifar" else 1000)
+    configs = [("trained", None)] if trained else [(k, d) for k in args.masks for d in args.densities]
     for batch in args.batch_sizes:
         for kind, density in configs:
-            dense, sparse = build_models(name, num_classes, device, checkpoint)
-            if checkpoint is None:
+            dense, sparse = build_models(name, num_classes, device, trained)
+            if trained is None:
                 install_synthetic_masks(sparse, density, kind)
                 images = torch.randn(batch, 3, resolution, resolution)
             else:
                 images = checkpoint_images(args, name, batch, resolution)
             images = images.to(device).contiguous(memory_format=torch.channels_last)
-            row = {"model": name, "batch": batch, "density": density if density is not None else "trained",
+            row = {"model": name, "batch": len(images), "density": density if density is not None else "trained",
                    "masks": kind, **measure(dense, sparse, images, args.runs, args.warmup, args.backend)}
-            print(" ".join(f"{str(row[c]):>15}" for c in COLUMNS), flush=True)
+            print(table_row(row), flush=True)
             yield row
 
 
-def main():
-    args = parse_args()
+def parse_args(argv=None):
+    p = OneLineErrorParser(description=__doc__, epilog=EXAMPLES)
+    p.add_argument("--models", nargs="+", default=["resnet32", "resnet50", "resnet101"],
+                   choices=list_models("cifar") + list_models("imagenet"), metavar="NAME",
+                   help=f"networks to measure ({', '.join(list_models('cifar') + list_models('imagenet'))})")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batch sizes to measure")
+    p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+                   help="fractions of active positions of the synthetic masks, in (0, 1]")
+    p.add_argument("--masks", nargs="+", default=["clustered"], choices=KINDS,
+                   help="synthetic mask kinds: clustered blobs (like trained masks) or i.i.d. random pixels")
+    p.add_argument("--checkpoint", help="use a trained DynConv model's own masks (one --models name)")
+    p.add_argument("--data", help="with --checkpoint: evaluation images from this data set root "
+                   "(default: random inputs)")
+    p.add_argument("--resolution", type=int, help="input size (default: 32 for CIFAR, 224 for ImageNet models)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per variant (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="sparse engine backend (auto: CUDA kernels via CuPy on GPUs, torch otherwise)")
+    p.add_argument("--device", default="cpu", help="device to measure on (with --plot-from: named in the title)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--csv", help="write every measured row here, full precision")
+    p.add_argument("--plot", help="PNG of achieved against ideal speedup (with --plot-from: default CSV.png)")
+    p.add_argument("--plot-from", metavar="CSV", help="only redraw --plot from this CSV of an earlier run")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every flag and path checked before anything is measured: one line each (p.error exits with code 2)."""
+    if args.plot_from:
+        if not os.path.isfile(args.plot_from):
+            p.error(f"--plot-from {args.plot_from} does not exist")
+        args.plot = args.plot or os.path.splitext(args.plot_from)[0] + ".png"
+    elif args.checkpoint and len(args.models) != 1:
+        p.error("--checkpoint needs exactly one --models name (the checkpoint's network)")
+    elif args.data and not args.checkpoint:
+        p.error("--data needs --checkpoint (synthetic masks run on random inputs)")
+    elif args.data and not os.path.isdir(args.data):
+        p.error(f"--data {args.data} does not exist")
+    for flag, values, low in (("--batch-sizes", args.batch_sizes, 1), ("--runs", [args.runs], 1),
+                              ("--warmup", [args.warmup], 0), ("--threads", [args.threads], 1),
+                              ("--resolution", [args.resolution], 8)):
+        if None not in values and min(values) < low:  # None: the flag's default choice
+            p.error(f"{flag} must be at least {low}, got {min(values)}")
+    if not all(0 < d <= 1 for d in args.densities):
+        p.error(f"--densities must lie in (0, 1], got {' '.join(f'{d:g}' for d in args.densities)}")
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist")
+    if not args.plot_from:
+        check_device(p, args.device)
+
+
+def check_device(p, name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device {name} is not a device name (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+
+
+def device_label(name):
+    """The device as the plot's title names it: the GPU's own name where there is one."""
+    if name.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(name))
+    return name.upper() if name == "cpu" else name
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path):
+    """Rows of an earlier run's CSV with the plotted columns as numbers."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in ("model", "batch", "masks", "ideal_speedup", "speedup") if rows and c not in rows[0]]
+    if not rows or missing:
+        raise UserError(f"{path} is not a speedtest CSV: " + (f"no column {', '.join(missing)}" if rows else "no rows"))
+    try:
+        return [{**r, "batch": int(r["batch"]), "ideal_speedup": float(r["ideal_speedup"]),
+                 "speedup": float(r["speedup"])} for r in rows]
+    except ValueError as e:
+        raise UserError(f"{path}: {e}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot_from:
+        plot(read_csv(args.plot_from), args.plot, device_label(args.device))
+        print(f"=> plot written to {args.plot}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    print(f"# {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    print(" ".join(f"{c:>15}" for c in COLUMNS), flush=True)
-    rows = [row for name in args.models for row in model_rows(name, args, checkpoint, torch.device(args.device))]
+    trained = load_trained(args.models[0], args.checkpoint) if args.checkpoint else None  # errors before the table
+    print(f"# {args.device}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          "times in ms (medians), speedups against the dense model")
+    print(table_header(), flush=True)
+    device = torch.device(args.device)
+    rows = [row for name in args.models for row in model_rows(name, args, device, trained)]
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, device_label(args.device))
 
 
-def plot(rows, path):
+# line style per batch size, marker per mask kind, colour per model
+LINESTYLES, MARKERS = ("-", "--", ":", "-."), {"clustered": "o", "random": "X", "trained": "D"}
+# random-mask rows are often single points on top of a clustered curve: larger, black-edged, drawn on top
+MARKER_STYLE = {"random": dict(markersize=10, markeredgecolor="black", zorder=3)}
+
+
+def plot(rows, path, device="CPU"):
+    """Achieved against ideal speedup, one curve per (model, batch, masks) group, every group of `rows`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    groups = sorted({(r["model"], r["batch"], r["masks"]) for r in rows})
-    for model, batch, masks in groups:
-        sel = [r for r in rows if (r["model"], r["batch"], r["masks"]) == (model, batch, masks)]
-        ax.plot([r["ideal_speedup"] for r in sel], [r["speedup"] for r in sel], "o-",
-                label=f"{model}, batch {batch}, {masks}")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for model, batch, masks in dict.fromkeys((r["model"], r["batch"], r["masks"]) for r in rows):
+        sel = sorted((r for r in rows if (r["model"], r["batch"], r["masks"]) == (model, batch, masks)),
+                     key=lambda r: r["ideal_speedup"])
+        ax.plot([r["ideal_speedup"] for r in sel], [r["speedup"] for r in sel], color=f"C{models.index(model) % 10}",
+                linestyle=LINESTYLES[batches.index(batch) % len(LINESTYLES)], marker=MARKERS.get(masks, "s"),
+                label=f"{model}, batch {batch}, {masks}", **MARKER_STYLE.get(masks, {}))
     top = max(max(r["ideal_speedup"] for r in rows), max(r["speedup"] for r in rows)) * 1.05
     ax.plot([0, top], [0, top], "k--", linewidth=1, label="ideal (efficiency 1)")
+    ax.set_title(f"Sparse engine on {device}: achieved against ideal speedup", fontsize=11)
     ax.set_xlabel("ideal speedup (dense MMac / sparse MMac)")
     ax.set_ylabel("achieved speedup (dense time / engine time)")
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # outside the axes: the legend never covers a point, however many groups there are
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

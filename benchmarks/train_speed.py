@@ -1,12 +1,9 @@
 """Training throughput of dense vs DynConv (budget 0.5) ResNets on random data (CPU or --device).
 
-    python benchmarks/train_speed.py --models resnet8 resnet32 --batchsize 128 --steps 20 [--csv out.csv]
-
 Each step is timed separately; the two variants alternate step by step so that machine noise hits both;
 images/s come from the median step time. DynConv's fused CPU kernels (dynconv.fused) are used when they build;
 DYNCONV_FUSED=0 measures the eager ops instead. The first line printed says which ran.
 """
-import argparse
 import csv
 import os
 import statistics
@@ -19,6 +16,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import MaskUnit, SparsityCriterion, fused, set_gate_schedule  # noqa: E402
 from models import create_model, list_models  # noqa: E402
+from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+
+EXAMPLES = """examples:
+  python benchmarks/train_speed.py --models resnet8 resnet32 --batchsize 128 --steps 20 --csv train_speed.csv
+  # the eager ops instead of the fused CPU kernels, for comparison
+  DYNCONV_FUSED=0 python benchmarks/train_speed.py --models resnet32 --steps 10
+"""
 
 
 def make_step(model, budget, images, target):
@@ -59,16 +64,33 @@ def measure(name, batchsize, steps, warmup, device, resolution):
             "sparse_img_s": round(sparse_ips, 1), "ratio": round(sparse_ips / dense_ips, 3)}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet8", "resnet32"], choices=list_models("cifar"))
-    p.add_argument("--batchsize", type=int, default=128)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--csv", default=None)
-    args = p.parse_args()
+def parse_args(argv=None):
+    p = OneLineErrorParser(description=__doc__, epilog=EXAMPLES)
+    p.add_argument("--models", nargs="+", default=["resnet8", "resnet32"], choices=list_models("cifar"),
+                   metavar="NAME", help=f"CIFAR networks to measure ({', '.join(list_models('cifar'))})")
+    p.add_argument("--batchsize", type=int, default=128, help="images per training step")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--resolution", type=int, default=32, help="input size")
+    p.add_argument("--device", default="cpu", help="device to train on")
+    p.add_argument("--csv", help="also write the table here")
+    args = p.parse_args(argv)
+    for flag, value, low in (("--batchsize", args.batchsize, 1), ("--steps", args.steps, 1),
+                             ("--warmup", args.warmup, 0), ("--resolution", args.resolution, 8)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
+        p.error(f"--csv {args.csv}: the folder {os.path.dirname(args.csv)} does not exist")
+    try:
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is available (use --device cpu)")
+    except RuntimeError:
+        p.error(f"--device {args.device} is not a device name (e.g. cpu, cuda, cuda:1)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
     probe = torch.zeros(1, 2, 1, 1, device=args.device).contiguous(memory_format=torch.channels_last)
@@ -87,4 +109,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,18 +1,16 @@
 """Evaluate the CIFAR-10 reproduction runs, ship their best checkpoints, and tabulate/plot the results.
 
-    python scripts/cifar_results.py exp/cifar/*/* --data data/cifar10-jpeg --strip \
-        --results exp/cifar/results.jsonl --plot docs/cifar_accuracy_vs_mmac.png
-
 For every run directory: evaluates checkpoint_best.pth with exactly the command the README shows (main_cifar.py's
-own run, whose returned metrics are the numbers it prints), optionally strips the
-checkpoint to what evaluation needs (--strip: weights and metadata, no optimizer/scheduler state), then
-writes one JSON line per run and prints the README's markdown table. The plot is drawn from the JSON lines.
+own run, whose returned metrics are the numbers it prints), optionally strips the checkpoint to what evaluation
+needs (--strip: weights and metadata, no optimizer/scheduler state), then writes one JSON line per run to
+--results and prints the README's markdown table. The plot is drawn from the JSON lines. The default --results
+lies outside the tracked tree; replacing a results file that git tracks (the README's exp/cifar/results.jsonl)
+takes both --results FILE and --overwrite. Every flag and path is checked before anything is evaluated.
 """
-import argparse
 import contextlib
-import io
 import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -20,11 +18,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_cifar  # noqa: E402
 from dynconv import MaskUnit, count_parameters  # noqa: E402
-from models import create_model  # noqa: E402
+from models import create_model, list_models  # noqa: E402
 from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 from utils.plot import plot_accuracy_vs_macs  # noqa: E402
 
 KEEP = ("state_dict", "epoch", "best_prec1", "prec1", "mmac", "args", "version")
+DEFAULT_RESULTS = os.path.join("runs", "cifar_results.jsonl")
+
+EXAMPLES = """examples:
+  # evaluate new runs, strip their checkpoints for shipping (results: runs/cifar_results.jsonl)
+  python scripts/cifar_results.py runs/cifar/*/* --data data/cifar10-jpeg --strip
+  # the README's table and plot from the shipped checkpoints (replaces the tracked results file)
+  python scripts/cifar_results.py exp/cifar/*/* --data data/cifar10-jpeg --results exp/cifar/results.jsonl \\
+      --overwrite --plot docs/cifar_accuracy_vs_mmac.png
+"""
 
 
 def evaluate_command(run_dir, args, data):
@@ -33,20 +42,17 @@ def evaluate_command(run_dir, args, data):
             "--data", data]
 
 
-def evaluate(run_dir, data, workers):
-    checkpoint = load_checkpoint(os.path.join(run_dir, BEST))
-    args = checkpoint["args"]
+def evaluate(run_dir, args, data, workers):
+    """main_cifar's own evaluation (its printed lines go to stderr, stdout keeps the table); its metrics as a
+    results row, rounded as it prints them."""
     argv = evaluate_command(run_dir, args, data) + ["--workers", str(workers)]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main_cifar.main(argv)
-    text = out.getvalue()
-    epoch, prec1 = re.search(r"^\* Epoch (\d+) - Prec@1 (\S+)$", text, re.M).groups()
-    mmac = re.search(r"^\* FLOPS \(multiply-accumulates, MACs\) per image:  (\S+) MMac$", text, re.M).group(1)
-    model = create_model(args["model"], "cifar", sparse=args["budget"] >= 0)
-    return checkpoint, {"run": run_dir, "model": args["model"], "budget": args["budget"], "epoch": int(epoch),
-                        "prec1": float(prec1), "mmac": float(mmac), "params": count_parameters(model),
-                        "command": "python main_cifar.py " + " ".join(evaluate_command(run_dir, args, data))}
+    with contextlib.redirect_stdout(sys.stderr):
+        metrics = main_cifar.main(argv)
+    model = create_model(args["model"], "cifar", gate_layer=MaskUnit if args["budget"] >= 0 else None)
+    return {"run": run_dir, "model": args["model"], "budget": args["budget"], "epoch": int(metrics["epoch"]),
+            "prec1": round(float(metrics["prec1"]), 3), "mmac": round(float(metrics["mmac"]), 6),
+            "params": count_parameters(model),
+            "command": "python main_cifar.py " + " ".join(evaluate_command(run_dir, args, data))}
 
 
 def markdown_table(rows):
@@ -59,23 +65,70 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def tracked_by_git(path):
+    """Whether git tracks `path` (False outside a git checkout or without git)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        done = subprocess.run(["git", "-C", folder, "ls-files", "--error-unmatch", os.path.basename(path)],
+                              capture_output=True)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def parse_args(argv=None):
+    p = OneLineErrorParser(description=__doc__, epilog=EXAMPLES)
     p.add_argument("runs", nargs="+", help="run directories holding checkpoint_best.pth")
-    p.add_argument("--data", default="data/cifar10-jpeg")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data", default="data/cifar10-jpeg", help="CIFAR-10 root (image folders or torchvision's)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--strip", action="store_true", help="rewrite checkpoint_best.pth without optimizer state")
-    p.add_argument("--results", default="exp/cifar/results.jsonl")
-    p.add_argument("--plot", default=None)
-    args = p.parse_args()
+    p.add_argument("--results", help=f"JSON lines written here (default: {DEFAULT_RESULTS}, its folder created)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --results: replace that file even when git tracks it")
+    p.add_argument("--plot", help="PNG of Prec@1 against MMac drawn from the results")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Flags and paths, before anything is evaluated: one line each (p.error exits with code 2)."""
+    missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, BEST))]
+    if missing:
+        p.error(f"no {BEST} in {', '.join(missing)} (each argument is a run directory)")
+    if not os.path.isdir(args.data):
+        p.error(f"--data {args.data} does not exist")
+    if args.workers < 0:
+        p.error(f"--workers must be at least 0, got {args.workers}")
+    explicit, args.results = args.results is not None, args.results or DEFAULT_RESULTS
+    if os.path.exists(args.results) and tracked_by_git(args.results) and not (explicit and args.overwrite):
+        p.error(f"{args.results} is tracked by git: to replace it pass --results {args.results} --overwrite")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        p.error(f"--plot {args.plot}: the folder {os.path.dirname(args.plot)} does not exist")
+
+
+def training_args(run_dir):
+    """The checkpoint's model and budget (main_cifar.py saves its flags), checked before any evaluation."""
+    path = os.path.join(run_dir, BEST)
+    args = load_checkpoint(path).get("args") or {}
+    if args.get("model") not in list_models("cifar") or not isinstance(args.get("budget"), (int, float)):
+        raise UserError(f"{path} names no CIFAR model and budget in its 'args': not a main_cifar.py checkpoint")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = {run_dir: training_args(run_dir) for run_dir in sorted(set(args.runs))}
     rows = []
-    for run_dir in sorted(r for r in args.runs if os.path.isfile(os.path.join(r, BEST))):
-        checkpoint, row = evaluate(run_dir, args.data, args.workers)
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+    for run_dir, train_args in runs.items():
+        rows.append(evaluate(run_dir, train_args, args.data, args.workers))
+        print(json.dumps(rows[-1]), file=sys.stderr)
         if args.strip:
-            save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, os.path.join(run_dir, BEST))
+            path = os.path.join(run_dir, BEST)
+            checkpoint = load_checkpoint(path)
+            save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, path)
     rows.sort(key=lambda r: (int(r["model"][len("resnet"):]), r["budget"]))
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -87,4 +140,4 @@ def main():
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    main()
+    run_cli(main)

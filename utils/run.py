@@ -224,7 +224,7 @@ def load_pretrained(model, args, config):
         state_dict, source = load_checkpoint(args.pretrained)["state_dict"], args.pretrained
     state_dict = config.checkpoint_filter(state_dict, model)
     allow_missing = gate_state_keys(model)
-    classifier = set(_classifier_keys(model))
+    classifier = set(classifier_keys(model))
     own = model.state_dict()
     if any(k in state_dict and state_dict[k].shape != own[k].shape for k in classifier):
         state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
@@ -232,7 +232,7 @@ def load_pretrained(model, args, config):
     load_model_state(model, state_dict, source, allow_missing=allow_missing)
 
 
-def _classifier_keys(model):
+def classifier_keys(model):
     """State-dict keys of the model's classifier (timm's get_classifier())."""
     classifier = model.get_classifier()
     prefix = next(name for name, m in model.named_modules() if m is classifier)

@@ -1,0 +1,204 @@
+"""The benchmarks and scripts/cifar_results.py as a new user meets them: one-line errors with exit code 2 (never a
+traceback), -h with defaults and examples, a table that fits a terminal, a plot of every CSV group (also redrawn
+from a CSV), and a results file that git tracks left alone unless asked."""
+import csv
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_entry
+from dynconv import MaskUnit
+from models import create_model
+
+SPEEDTEST, TRAIN_SPEED = "benchmarks/speedtest.py", "benchmarks/train_speed.py"
+CIFAR_RESULTS = "scripts/cifar_results.py"
+TINY_RUN = ["--models", "resnet8", "--batch-sizes", "1", "--densities", "0.5", "--runs", "1", "--warmup", "0",
+            "--resolution", "32"]
+SHIPPED_RUN = os.path.join("exp", "cifar", "resnet8", "base")
+TRACKED_RESULTS = os.path.join("exp", "cifar", "results.jsonl")
+
+
+def script(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(code, err, *words):
+    """The contract of every user error: exit code 2 and one line on stderr that says what is wrong."""
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err[-2000:]
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def load_script(path):
+    """A script as a module, the environment left as it was (speedtest sets OMP_WAIT_POLICY for its own run)."""
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved
+    return module
+
+
+@pytest.fixture(scope="module")
+def speedtest():
+    return load_script(SPEEDTEST)
+
+
+@pytest.fixture(scope="module")
+def cifar_results():
+    return load_script(CIFAR_RESULTS)
+
+
+def in_git_checkout():
+    try:
+        done = subprocess.run(["git", "ls-files", "--error-unmatch", TRACKED_RESULTS], cwd=ROOT, capture_output=True)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+# quick lane: the scripts' functions in-process
+
+def test_the_compact_table_fits_120_columns(speedtest):
+    row = {"model": "resnet101", "batch": 256, "density": 0.125, "masks": "clustered", "active_fraction": 0.1234,
+           "dense_ms": 123456.789, "masked_ms": 1.234, "engine_ms": 99999.9, "dense_mmac": 7799.357,
+           "sparse_mmac": 1495.097, "ideal_speedup": 15.034, "speedup": 12.345, "efficiency": 1.234}
+    lines = [speedtest.table_header(), speedtest.table_row(row)]
+    assert all(len(line) <= 120 for line in lines) and "123456.8" in lines[1] and "1.23" in lines[1]
+
+
+def test_the_plot_draws_every_group_with_a_title(speedtest, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    rows = [{"model": m, "batch": b, "masks": k, "ideal_speedup": i, "speedup": s}
+            for m, b, k, i, s in [("resnet50", 1, "clustered", 2.0, 1.5), ("resnet50", 1, "clustered", 4.0, 2.2),
+                                  ("resnet50", 16, "clustered", 4.0, 3.0), ("resnet50", 1, "random", 2.0, 1.6),
+                                  ("resnet101", 1, "random", 2.1, 1.7)]]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    speedtest.plot(rows, str(tmp_path / "speed.png"), "CPU")
+    ax = figures[0].axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert {"resnet50, batch 1, random", "resnet101, batch 1, random", "resnet50, batch 16, clustered"} <= set(labels)
+    assert len(labels) == 5 and ax.get_title() == "Sparse engine on CPU: achieved against ideal speedup"
+    assert os.path.getsize(tmp_path / "speed.png") > 0
+
+
+def test_cifar_results_checks_paths_before_evaluating(cifar_results, tmp_path, capsys):
+    missing = str(tmp_path / "no_run")
+    code, _, err = run_entry(cifar_results.main, [missing, SHIPPED_RUN, "--data", str(tmp_path)], capsys)
+    one_line_error(code, err, missing, "checkpoint_best.pth")
+    assert SHIPPED_RUN not in err, "only the run directories without a checkpoint are named"
+    code, _, err = run_entry(cifar_results.main, [SHIPPED_RUN, "--data", str(tmp_path / "nowhere")], capsys)
+    one_line_error(code, err, "--data")
+
+
+@pytest.mark.skipif(not in_git_checkout(), reason="needs the git checkout (the results file tracked)")
+def test_cifar_results_leaves_a_tracked_results_file_alone(cifar_results, tmp_path, capsys):
+    path = os.path.join(ROOT, TRACKED_RESULTS)
+    before = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    code, _, err = run_entry(cifar_results.main, [SHIPPED_RUN, "--data", str(tmp_path), "--results", path], capsys)
+    one_line_error(code, err, "tracked by git", "--overwrite")
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == before
+
+
+# the scripts as subprocesses (each starts torch: several seconds)
+
+@pytest.mark.slow
+def test_speedtest_missing_checkpoint_is_one_line(tmp_path):
+    done = script(SPEEDTEST, "--models", "resnet8", "--checkpoint", str(tmp_path / "missing.pth"))
+    one_line_error(done.returncode, done.stderr, "missing.pth", "does not exist")
+    assert done.stdout == "", "nothing is printed before the error"
+
+
+@pytest.mark.slow
+def test_speedtest_dense_checkpoint_asks_for_gates(tmp_path):
+    path = tmp_path / "dense.pth"
+    torch.save({"state_dict": create_model("resnet8").state_dict()}, path)
+    done = script(SPEEDTEST, *TINY_RUN, "--checkpoint", str(path))
+    one_line_error(done.returncode, done.stderr, "gates (mask units)", "static model")
+    assert "--budget" not in done.stderr.replace("--budget 0.5", ""), "no advice to pass a flag speedtest lacks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--models", "resnet8", "resnet32", "--checkpoint", "x.pth"],
+                                  ["--models", "resnet8", "--checkpoint", "x.pth", "--data", "no_such_dir"],
+                                  ["--threads", "0"], ["--densities", "0"], ["--models", "resnet9"]])
+def test_speedtest_bad_flags_are_one_line(argv):
+    done = script(SPEEDTEST, *argv)
+    one_line_error(done.returncode, done.stderr)
+
+
+@pytest.mark.slow
+def test_speedtest_reads_a_foreign_checkpoint_layout(tiny_cifar, tmp_path):
+    """The reference's 'module.' prefix and another number of classes (read from the classifier)."""
+    state = create_model("resnet8", gate_layer=MaskUnit, num_classes=3).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "trained.pth")
+    done = script(SPEEDTEST, *TINY_RUN, "--checkpoint", str(tmp_path / "trained.pth"), "--data", tiny_cifar)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert " trained " in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [SPEEDTEST, TRAIN_SPEED, CIFAR_RESULTS])
+def test_help_shows_defaults_and_examples(path):
+    done = script(path, "-h")
+    assert done.returncode == 0 and "default:" in done.stdout and "example" in done.stdout
+
+
+@pytest.mark.slow
+def test_speedtest_prints_a_compact_table_and_keeps_the_full_csv(tmp_path):
+    done = script(SPEEDTEST, *TINY_RUN, "--csv", str(tmp_path / "speed.csv"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all(len(line) <= 120 for line in lines), done.stdout
+    with open(tmp_path / "speed.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and list(rows[0]) == [
+        "model", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms", "dense_mmac",
+        "sparse_mmac", "ideal_speedup", "speedup", "efficiency"]
+
+
+@pytest.mark.slow
+def test_plot_from_redraws_a_csv_without_measuring(tmp_path):
+    done = script(SPEEDTEST, "--plot-from", os.path.join("docs", "engine_speed_cpu.csv"), "--plot",
+                  str(tmp_path / "speed.png"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.path.getsize(tmp_path / "speed.png") > 0 and "ms" not in done.stdout
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    done = script(SPEEDTEST, "--plot-from", str(tmp_path / "bad.csv"))
+    one_line_error(done.returncode, done.stderr, "not a speedtest CSV")
+
+
+@pytest.mark.slow
+def test_train_speed_bad_flags_are_one_line(tmp_path):
+    done = script(TRAIN_SPEED, "--steps", "0")
+    one_line_error(done.returncode, done.stderr, "--steps")
+    done = script(TRAIN_SPEED, "--csv", str(tmp_path / "no" / "x.csv"))
+    one_line_error(done.returncode, done.stderr, "--csv")
+
+
+@pytest.mark.slow
+def test_cifar_results_evaluates_strips_and_writes_where_told(tiny_cifar, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model = create_model("resnet8", gate_layer=MaskUnit, num_classes=3)
+    torch.save({"state_dict": model.state_dict(), "epoch": 1, "optimizer": {"state": {}},
+                "args": {"model": "resnet8", "budget": 0.5, "model_kwargs": {}}}, run_dir / "checkpoint_best.pth")
+    results, png = tmp_path / "out" / "results.jsonl", tmp_path / "accuracy.png"
+    done = script(CIFAR_RESULTS, str(run_dir), "--data", tiny_cifar, "--workers", "0", "--strip",
+                  "--results", str(results), "--plot", str(png))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("| model | budget |") and "| resnet8 | 0.5 |" in done.stdout
+    assert results.read_text().count("\n") == 1 and os.path.getsize(png) > 0
+    assert "optimizer" not in torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
