@@ -19,6 +19,7 @@ from dynconv.decisions import Dynamic
 from dynconv.flops import position_cost
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.resnet import ResNetBlockPlan
+from .base import DynamicNetwork
 
 
 def default_conv(in_planes, out_planes, kernel_size, stride=1):
@@ -153,6 +154,22 @@ def drop_path_rates(rate, blocks_per_stage):
         out.append(rates[start:start + n])
         start += n
     return out
+
+
+class ResNetBase(DynamicNetwork):
+    """What the CIFAR and ImageNet ResNets share: a conv1 + bn1 stem, stages of blocks, avgpool + fc head."""
+
+    def uncounted_modules(self, full=False):
+        return () if full else (self.fc,)  # the paper's count leaves the classifier out
+
+    def forward_head(self, x):
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def foldable_conv_bn(self):
+        return ((self.conv1, self.bn1),)  # the stem
+
+    def get_classifier(self):
+        return self.fc
 
 
 def run_stages(stages, x, target=None):

@@ -1,12 +1,11 @@
 """CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels, optionally with gates (DynConv)."""
 import math
 
-import torch
 import torch.nn as nn
 
-from .base import DynamicNetwork, ModelConfig
+from .base import ModelConfig
 from .registry import register_model
-from .resnet import BasicBlock, drop_path_rates, make_stage, run_stages
+from .resnet import BasicBlock, ResNetBase, drop_path_rates, make_stage, run_stages
 
 # the reference's CIFAR-10 normalisation (its checkpoints expect it) and its training defaults
 CIFAR_RESNET = ModelConfig(
@@ -15,7 +14,7 @@ CIFAR_RESNET = ModelConfig(
                 batchsize=256, epochs=350))
 
 
-class CifarResNet(DynamicNetwork):
+class CifarResNet(ResNetBase):
     def __init__(self, blocks_per_stage, num_classes=10, drop_path_rate=0.0, **layers):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False)
@@ -39,20 +38,9 @@ class CifarResNet(DynamicNetwork):
     def stages(self):
         return (self.layer1, self.layer2, self.layer3)
 
-    def uncounted_modules(self, full=False):
-        return () if full else (self.fc,)  # the paper's count leaves the classifier out
-
     def forward_features(self, x, target=None):
         return run_stages(self.stages, self.relu(self.bn1(self.conv1(x))), target)
 
-    def forward_head(self, x):
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def foldable_conv_bn(self):
-        return ((self.conv1, self.bn1),)  # the stem
-
-    def get_classifier(self):
-        return self.fc
 
 
 @register_model("cifar", CIFAR_RESNET)

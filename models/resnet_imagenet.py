@@ -10,9 +10,9 @@ import os
 import torch
 import torch.nn as nn
 
-from .base import DynamicNetwork, ModelConfig, WeightsUnavailable
+from .base import ModelConfig, WeightsUnavailable
 from .registry import register_model
-from .resnet import BasicBlock, Bottleneck, drop_path_rates, make_stage, run_stages
+from .resnet import BasicBlock, Bottleneck, ResNetBase, drop_path_rates, make_stage, run_stages
 
 
 def torchvision_weights(name):
@@ -37,7 +37,7 @@ IMAGENET_RESNET = ModelConfig(
                 batchsize=64, epochs=100))
 
 
-class ResNet(DynamicNetwork):
+class ResNet(ResNetBase):
     def __init__(self, block, layers, num_classes=1000, drop_path_rate=0.0, **block_layers):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -64,20 +64,9 @@ class ResNet(DynamicNetwork):
     def stages(self):
         return (self.layer1, self.layer2, self.layer3, self.layer4)
 
-    def uncounted_modules(self, full=False):
-        return () if full else (self.fc,)  # the paper's count leaves the classifier out
-
     def forward_features(self, x, target=None):
         return run_stages(self.stages, self.maxpool(self.relu(self.bn1(self.conv1(x)))), target)
 
-    def forward_head(self, x):
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def foldable_conv_bn(self):
-        return ((self.conv1, self.bn1),)  # the stem
-
-    def get_classifier(self):
-        return self.fc
 
 
 @register_model("imagenet", IMAGENET_RESNET)

@@ -1,6 +1,5 @@
 """Run logs: TensorBoard scalars (tensorboardX) and the same numbers as JSON lines for scripts to read back."""
 import json
-import os
 
 
 class RunLogger:
