@@ -52,6 +52,8 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if isinstance(checkpoint, dict) and "state_dict" not in checkpoint and isinstance(checkpoint.get("model"), dict):
+        checkpoint = {**checkpoint, "state_dict": checkpoint.pop("model")}  # official ConvNeXt files: {"model": ...}
     if isinstance(checkpoint, dict) and "state_dict" not in checkpoint and all(
             isinstance(v, torch.Tensor) for v in checkpoint.values()):
         checkpoint = {"state_dict": checkpoint}  # a bare state dict

@@ -1,0 +1,99 @@
+"""ConvNeXt with spatial gates: the issue's parameter and MAC numbers, timm's and the official layouts load to the
+same logits, a block's MACs by hand, all-on equals dense and all-off equals the identity, gradients everywhere."""
+import pytest
+import torch
+
+from conftest import set_mask_logits
+from dynconv import MaskUnit, count_mmac, count_parameters
+from models import create_model, model_config
+from models.convnext import ConvNeXtBlock, convnext_checkpoint_filter
+from utils.checkpoint import load_model_state
+
+
+@pytest.mark.parametrize("name,params", [("convnext_tiny", 28_589_128),
+                                         pytest.param("convnext_small", 50_223_688, marks=pytest.mark.slow),
+                                         pytest.param("convnext_base", 88_591_464, marks=pytest.mark.slow)])
+def test_parameter_counts(name, params):
+    assert count_parameters(create_model(name)) == params
+
+
+@pytest.mark.parametrize("size,dense,off,on", [
+    (64, 364.750848, 16.958556, 366.327900),
+    pytest.param(224, 4468.197888, 207.742311, 4487.516775, marks=pytest.mark.slow)])
+def test_convnext_tiny_macs(size, dense, off, on):
+    x = torch.randn(1, 3, size, size)
+    assert count_mmac(create_model("convnext_tiny").eval(), x) == pytest.approx(dense, abs=5e-7)
+    sparse = create_model("convnext_tiny", gate_layer=MaskUnit).eval()
+    set_mask_logits(sparse, -10.0)
+    assert count_mmac(sparse, x) == pytest.approx(off, abs=5e-7)
+    set_mask_logits(sparse, 10.0)
+    assert count_mmac(sparse, x) == pytest.approx(on, abs=5e-7)
+
+
+def test_one_block_macs_by_hand():
+    torch.manual_seed(0)
+    c, h, w = 8, 5, 6
+    block = ConvNeXtBlock(c, gate_layer=MaskUnit).eval()
+    per_position = 55 * c + 8 * c * c  # dwconv 49 C + C bias, fc1 4 C^2 + 4 C, fc2 4 C^2 + C
+    assert block.masker.cost.macs == per_position
+    _, decision = block(torch.randn(1, c, h, w))
+    active = decision.hard.sum().item()
+    assert 0 < active < h * w
+    assert float(decision.macs()) == active * per_position + h * w * (9 * c + 1)  # + the mask unit's 3x3 conv
+
+
+def _official_keys(state_dict):
+    """Our (timm) layout renamed to the official facebookresearch/ConvNeXt one."""
+    import re
+
+    rules = [(r"^stem\.(\d)\.", r"downsample_layers.0.\1."), (r"^stages\.(\d)\.downsample\.", r"downsample_layers.\1."),
+             (r"\.blocks\.(\d+)\.conv_dw\.", r".\1.dwconv."), (r"\.blocks\.(\d+)\.mlp\.fc1\.", r".\1.pwconv1."),
+             (r"\.blocks\.(\d+)\.mlp\.fc2\.", r".\1.pwconv2."), (r"\.blocks\.(\d+)\.", r".\1."),
+             (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "head.")]
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, official in rules:
+            key = re.sub(pattern, official, key)
+        out[key] = value
+    return out
+
+
+def test_timm_and_official_layouts_give_identical_logits():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    reference = timm.create_model("convnext_tiny").eval()
+    x = torch.randn(2, 3, 64, 64)
+    for state_dict in (reference.state_dict(), _official_keys(reference.state_dict())):
+        ours = create_model("convnext_tiny").eval()
+        load_model_state(ours, model_config("convnext_tiny").checkpoint_filter(state_dict, ours), "test")
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x)[0], reference(x))
+    atto = timm.create_model("convnext_atto").eval()  # 1x1-conv MLPs in timm: Linear weights here
+    ours = create_model("convnext_atto").eval()
+    load_model_state(ours, convnext_checkpoint_filter(atto.state_dict()), "atto")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], atto(x), rtol=1e-4, atol=1e-5)
+
+
+def test_gated_blocks_all_on_equal_dense_and_all_off_are_the_identity():
+    torch.manual_seed(0)
+    dense = create_model("convnext_atto", layer_scale=1.0).eval()
+    sparse = create_model("convnext_atto", layer_scale=1.0, gate_layer=MaskUnit).eval()
+    load_model_state(sparse, dense.state_dict(), "dense", allow_missing=set(sparse.state_dict()) - set(
+        dense.state_dict()))
+    x = torch.randn(2, 3, 64, 64)
+    set_mask_logits(sparse, 10.0)
+    torch.testing.assert_close(sparse(x)[0], dense(x)[0])
+    set_mask_logits(sparse, -10.0)
+    block = sparse.stages[1].blocks[0]
+    y = torch.randn(2, 80, 8, 8)
+    assert torch.equal(block(y)[0], y)
+
+
+def test_every_parameter_gets_a_gradient():
+    from dynconv import SparsityCriterion
+
+    model = create_model("convnext_atto", gate_layer=MaskUnit, num_classes=5).train()
+    logits, decisions = model(torch.randn(2, 3, 64, 64))
+    (logits.logsumexp(1).mean() + SparsityCriterion(0.5, 10)(decisions, 1)[0]).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
