@@ -39,6 +39,7 @@ class ModelConfig:
     pretrained: Optional[Callable] = None
     # checkpoint_filter(state_dict, model) -> state dict in our layout (reference, torchvision, upstream formats)
     checkpoint_filter: Callable = strip_module_prefix
+    input_multiple: int = 1  # the input side must be a multiple of this (the network's total stride)
 
 
 class DynamicNetwork(Dynamic, nn.Module):

@@ -1,5 +1,7 @@
 """ConvNeXt with spatial gates: the issue's parameter and MAC numbers, timm's and the official layouts load to the
 same logits, a block's MACs by hand, all-on equals dense and all-off equals the identity, gradients everywhere."""
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,44 @@ def test_every_parameter_gets_a_gradient():
     logits, decisions = model(torch.randn(2, 3, 64, 64))
     (logits.logsumexp(1).mean() + SparsityCriterion(0.5, 10)(decisions, 1)[0]).backward()
     assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+
+def test_the_recipe_schedules_temperature_groups_and_freeze():
+    """The budget-aware single-target recipe is convnext's default: temperature 5 / 2.5 / 1 at 0-30-60%, gates at
+    the full lr, the backbone at 0.2x and frozen (lr 0) for 5 epochs."""
+    from types import SimpleNamespace
+
+    from utils.cli import RECIPE_DEFAULTS
+    from utils.fit import build_setup, gumbel_temperature
+    from utils.distributed import DistContext
+    from utils.recipe import set_lr
+
+    args = SimpleNamespace(**dict(RECIPE_DEFAULTS, **model_config("convnext_atto").recipe), budget=0.5, amp=False)
+    assert [gumbel_temperature(e, args) for e in (0, 35, 36, 71, 72, 119)] == [5.0, 5.0, 2.5, 2.5, 1.0, 1.0]
+    model = create_model("convnext_atto", gate_layer=MaskUnit, num_classes=10)
+    setup = build_setup(model, args, 10, updates_per_epoch=10, ctx=DistContext())
+    lrs = {}
+    for epoch in (4, 5, 60):
+        set_lr(setup.scheduler, epoch, 0, 10, setup.freeze)
+        lrs[epoch] = {g["name"]: g["lr"] for g in setup.optimizer.param_groups}
+    assert lrs[4]["backbone"] == 0.0 and lrs[4]["gates"] > 0
+    assert lrs[5]["backbone"] == pytest.approx(0.2 * lrs[5]["gates"])
+    assert lrs[5]["gates"] == pytest.approx(4e-3 * 5 / 20)  # linear warm-up from 0 over 20 epochs
+    cosine = 1e-6 + 0.5 * (4e-3 - 1e-6) * (1 + math.cos(math.pi * (60 - 20) / (120 - 20)))
+    assert lrs[60]["gates"] == pytest.approx(cosine)  # then cosine to the floor
+
+
+def test_imagenet_cli_takes_a_test_split_and_refuses_bad_resolutions(tmp_path, capsys):
+    import main_imagenet
+    from conftest import run_entry
+    from synthetic import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "data"), splits=("train", "test"), classes=2, per_class=4, size=64)
+    common = ["--model", "convnext_atto", "--data", root, "--workers", "0", "--epochs", "1", "--batchsize", "4",
+              "--warmup_epochs", "0", "-s", str(tmp_path / "run")]
+    code, _, err = run_entry(main_imagenet.main, common + ["--resolution", "48"], capsys)
+    assert code == 2 and "--resolution 48 is not a multiple of 32" in err
+    code, out, err = run_entry(main_imagenet.main, common + ["--resolution", "32", "--budget", "0.5", "--freeze",
+                                                             "backbone=0"], capsys)
+    assert code == 0, err
+    assert "* Epoch 1 - Prec@1" in out

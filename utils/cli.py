@@ -18,7 +18,7 @@ RECIPE_DEFAULTS = dict(opt="sgd", lr=0.1, momentum=0.9, sched="step", lr_decay=[
                        batchsize=64, epochs=100, warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, mixup=0.0,
                        cutmix=0.0, smoothing=0.0, model_ema=False, model_ema_decay=0.9998, drop_path=0.0,
                        clip_grad=None, update_freq=1, lr_scale={}, freeze={}, no_wd_norm_bias=False,
-                       gumbel_temp=1.0, gumbel_noise_epochs=0.8, sparsity_weight=10.0)
+                       gumbel_temp=[1.0], gumbel_temp_epochs=[], gumbel_noise_epochs=0.8, sparsity_weight=10.0)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -107,7 +107,10 @@ def _add_recipe_flags(p):
     g.add_argument("--model_ema_decay", type=float, help="EMA decay per optimizer update")
     g.add_argument("--drop_path", type=float, help="stochastic depth rate (of the last block)")
     g.add_argument("--clip_grad", type=float, help="clip the gradients' global norm to this value")
-    g.add_argument("--gumbel_temp", type=float, help="Gumbel-softmax temperature")
+    g.add_argument("--gumbel_temp", type=float, nargs="+", metavar="T",
+                   help="Gumbel-softmax temperature; several values form a schedule with --gumbel_temp_epochs")
+    g.add_argument("--gumbel_temp_epochs", type=float, nargs="*", metavar="FRACTION",
+                   help="fractions of the epochs at which the next --gumbel_temp value starts (one fewer than them)")
     g.add_argument("--gumbel_noise_epochs", type=float,
                    help="fraction of the epochs trained with Gumbel noise (noise while epoch <= fraction * epochs)")
     g.add_argument("--sparsity_weight", type=float, help="weight of the sparsity criterion")

@@ -128,7 +128,7 @@ def select_classes(train, val, classes, labels_of, class_names):
 
 
 def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224, classes=None):
-    """(train, val, num_classes) for main_imagenet.py: an image folder with train/ and val/ (ImageNet or any
+    """(train, val, num_classes) for main_imagenet.py: an image folder with train/ and val/ or test/ (ImageNet or any
     other), or torchvision's Food-101 (downloaded into root when absent). `classes` selects a subset."""
     train_tf, eval_tf = imagenet_transforms(config, resolution)
     if dataset == "food101":
@@ -141,12 +141,13 @@ def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224,
             raise UserError(f"Food-101 is not in '{root}' and could not be downloaded ({type(e).__name__}); "
                             "put torchvision's food-101/ folder there")
         return select_classes(train, val, classes, lambda d: d._labels, train.classes)
-    if not (os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val"))):
-        raise UserError(f"{root} needs train/ and val/ folders: the image-folder layout "
+    held_out = next((split for split in ("val", "test") if os.path.isdir(os.path.join(root, split))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or held_out is None:
+        raise UserError(f"{root} needs train/ and val/ (or test/) folders: the image-folder layout "
                         f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
-    train, val = image_folder(root, "train", train_tf), image_folder(root, "val", eval_tf)
+    train, val = image_folder(root, "train", train_tf), image_folder(root, held_out, eval_tf)
     if train.classes != val.classes:
-        raise UserError(f"{root}: train/ and val/ have different class folders")
+        raise UserError(f"{root}: train/ and {held_out}/ have different class folders")
     return select_classes(train, val, classes, lambda d: d.targets, train.classes)
 
 

@@ -43,6 +43,14 @@ def gumbel_noise_on(epoch, args):
     return not epoch > args.gumbel_noise_epochs * args.epochs
 
 
+def gumbel_temperature(epoch, args):
+    """The temperature of `epoch`: --gumbel_temp values, the next one from each --gumbel_temp_epochs fraction on
+    (the budget-aware ConvNeXt recipe: 5.0, 2.5 from 30% of the epochs, 1.0 from 60%)."""
+    temps = args.gumbel_temp if isinstance(args.gumbel_temp, (list, tuple)) else [args.gumbel_temp]
+    passed = sum(epoch >= fraction * args.epochs for fraction in args.gumbel_temp_epochs)
+    return temps[min(passed, len(temps) - 1)]
+
+
 class Trainer:
     """The epoch loop of one run: the state it resumes from and saves (epoch, step, best Prec@1s) and its files."""
 
@@ -144,7 +152,8 @@ def _epochs(trainer, train_loader, val_loader, topk):
                       total=args.epochs, disable=None if ctx.is_main else True):
         start_step = trainer.step if epoch == trainer.epoch else 0
         train_loader.sampler.begin(epoch, start_step * args.batchsize)
-        set_gate_schedule(model, noise=gumbel_noise_on(epoch, args), temperature=args.gumbel_temp)
+        set_gate_schedule(model, noise=gumbel_noise_on(epoch, args), temperature=gumbel_temperature(epoch, args),
+                          progress=epoch / args.epochs)
         train_metrics = train_one_epoch(train_model, train_loader, setup, epoch, ctx, ctx.is_main, start_step)
         broadcast_buffers(model, ctx)  # the checkpoint holds rank 0's BN statistics: evaluate exactly that
         metrics = validate(model, val_loader, ctx, topk, False, args.amp, ctx.is_main)

@@ -39,6 +39,9 @@ def check_args(args):
          f"--device {args.device} requested but CUDA is not available here; use --device cpu"),
         (any(v is not None and v <= 0 for v in (args.save_every_steps, args.save_every_minutes)),
          "--save_every_steps and --save_every_minutes must be positive"),
+        (len(_as_list(args.gumbel_temp)) != len(args.gumbel_temp_epochs) + 1,
+         "--gumbel_temp needs one value more than --gumbel_temp_epochs (a value per part of the schedule)"),
+        (any(t <= 0 for t in _as_list(args.gumbel_temp)), "--gumbel_temp values must be positive"),
     ]
     unknown = sorted((set(args.lr_scale) | set(args.freeze)) - set(PARAMETER_GROUPS))
     problems.append((bool(unknown), f"unknown parameter group {', '.join(unknown)} "
@@ -57,6 +60,10 @@ def check_args(args):
                                  batch_size=args.batchsize)
     except ValueError as e:
         raise UserError(str(e))
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]  # older checkpoints saved one number
 
 
 def build_model(args, family, num_classes):
@@ -169,6 +176,10 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
     config = model_config(args.model)
     apply_recipe(args, config.recipe)
     check_args(args)
+    resolution = vars(args).get("resolution")  # main_imagenet.py's flag
+    if resolution and resolution % config.input_multiple:
+        raise UserError(f"--resolution {resolution} is not a multiple of {config.input_multiple}, the total stride "
+                        f"of {args.model}")
     run_dir = args.save_dir or (os.path.dirname(checkpoint_path) if checkpoint_path else
                                 default_run_dir(family, args.model, args.budget))
     if not args.evaluate:
