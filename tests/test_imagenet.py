@@ -138,7 +138,7 @@ def _bad_root_with_unreadable_image(tmp_path):
 
 
 @pytest.mark.parametrize("make_root,extra,message", [
-    (_bad_root_without_val, [], "needs train/ and val/ folders"),
+    (_bad_root_without_val, [], "needs train/ and val/ (or test/) folders"),
     (_bad_root_with_empty_class, [], "class9"),
     (_bad_root_with_unreadable_image, ["-e", "-r", "RUN"], "cannot read image"),
     (None, ["-e", "-r", "RUN", "--model", "resnet34"], "--model resnet34 contradicts the checkpoint"),
