@@ -21,6 +21,8 @@ from timm.layers import DropPath, trunc_normal_
 
 from dynconv.decisions import Dynamic
 from dynconv.flops import position_cost
+from dynconv.sparse.plans import register_plan
+from dynconv.sparse.plans.convnext import ConvNeXtBlockPlan
 from .base import DynamicNetwork, ModelConfig, strip_module_prefix
 from .registry import register_model
 
@@ -73,6 +75,9 @@ class ConvNeXtBlock(Dynamic, nn.Module):
             return x + branch, None
         decision = self.masker(x, target)
         return torch.addcmul(x, branch, decision.hard), decision
+
+
+register_plan(ConvNeXtBlock, ConvNeXtBlockPlan)
 
 
 class ConvNeXtStage(nn.Module):

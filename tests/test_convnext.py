@@ -140,3 +140,36 @@ def test_imagenet_cli_takes_a_test_split_and_refuses_bad_resolutions(tmp_path, c
                                                              "backbone=0"], capsys)
     assert code == 0, err
     assert "* Epoch 1 - Prec@1" in out
+
+
+@pytest.mark.parametrize("dense_above", [1.1, 0.5], ids=["gathered", "dense-when-over-half"])
+@pytest.mark.parametrize("size", [64, 96])
+def test_engine_computes_the_gated_model(dense_above, size):
+    """The engine's ConvNeXt plan (7x7 gathers, LayerNorm and both Linears on the active rows, scatter-add without
+    an activation) against the masked model, with the trained-like masks of randomised gates."""
+    from dynconv.sparse.engine import SparseEngine
+
+    torch.manual_seed(0)
+    model = create_model("convnext_atto", gate_layer=MaskUnit, layer_scale=0.5).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected, expected_decisions = model(x)
+        got, decisions = SparseEngine(model, backend="torch", dense_above=dense_above)(x)
+    fractions = [d.hard.mean().item() for d in decisions]
+    assert 0 < sum(fractions) / len(fractions) < 1
+    assert all(torch.equal(a.hard, b.hard) for a, b in zip(decisions, expected_decisions))
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+
+
+def test_engine_block_with_nothing_active_is_the_identity():
+    from dynconv.sparse.engine import SparseEngine
+
+    set_block = create_model("convnext_atto", gate_layer=MaskUnit).eval()
+    set_mask_logits(set_block, -10.0)
+    block = set_block.stages[2].blocks[0]
+    engine = SparseEngine(torch.nn.Sequential(block).eval(), backend="torch")
+    y = torch.randn(1, 160, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, decision = engine.plans[block](y.clone())
+    assert decision.hard.sum() == 0 and torch.equal(out, y)
