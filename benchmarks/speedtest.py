@@ -31,7 +31,7 @@ from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
 from models import create_model, list_models, model_config  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.run import classifier_keys  # noqa: E402
 
@@ -229,17 +229,8 @@ def check_args(p, args):
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist")
-    if not args.plot_from:
-        check_device(p, args.device)
-
-
-def check_device(p, name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        p.error(f"--device {name} is not a device name (e.g. cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+    if not args.plot_from and device_problem(args.device):
+        p.error(device_problem(args.device))
 
 
 def device_label(name):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import MaskUnit, SparsityCriterion, fused, set_gate_schedule  # noqa: E402
 from models import create_model, list_models  # noqa: E402
-from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 EXAMPLES = """examples:
@@ -81,11 +81,8 @@ def parse_args(argv=None):
             p.error(f"{flag} must be at least {low}, got {value}")
     if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
         p.error(f"--csv {args.csv}: the folder {os.path.dirname(args.csv)} does not exist")
-    try:
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}: no CUDA GPU is available (use --device cpu)")
-    except RuntimeError:
-        p.error(f"--device {args.device} is not a device name (e.g. cpu, cuda, cuda:1)")
+    if device_problem(args.device):
+        p.error(device_problem(args.device))
     return args
 
 

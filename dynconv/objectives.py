@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 
 from .loss import SparsityCriterion
 
@@ -46,7 +47,7 @@ class TaskLoss(Objective):
 
     def __call__(self, step):
         if step.labels.dim() == 2:  # soft targets: mixup/cutmix already applied the smoothing
-            return torch.sum(-step.labels * F.log_softmax(step.logits, dim=-1), dim=-1).mean()
+            return SoftTargetCrossEntropy()(step.logits, step.labels)
         return F.cross_entropy(step.logits, step.labels, label_smoothing=self.smoothing)
 
 

@@ -1,7 +1,6 @@
 """ImageNet ResNets (reference MAC/parameter numbers, torchvision compatibility) and main_imagenet.py."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 

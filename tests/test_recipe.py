@@ -3,8 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
 
 from utils import recipe
 
@@ -151,7 +149,7 @@ def test_frozen_group_does_not_move_and_resume_mid_freeze_restores_scale():
     scheduler = recipe.create_scheduler(optimizer, "step", epochs=3, updates_per_epoch=1)
     optimizer.load_state_dict(saved)
     recipe.set_lr(scheduler, 1, 0, 1, {"head": 1})
-    assert recipe.current_lrs(optimizer) == pytest.approx({"backbone": 0.1, "head": 0.05})
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx({"backbone": 0.1, "head": 0.05})
 
 
 def test_count_updates():
@@ -191,12 +189,6 @@ def test_mixup_soft_targets_and_losses():
         _, target = mixup(images.clone(), labels)
         assert target.shape == (4, 5) and torch.allclose(target.sum(1), torch.ones(4))
         assert target.min() >= 0.1 / 5 - 1e-6  # smoothing applied by mixup: every class at least eps / C
-    assert isinstance(recipe.task_loss_fn(True, 0.1), SoftTargetCrossEntropy)
-    logits = torch.randn(4, 5)
-    assert torch.equal(recipe.task_loss_fn(False, 0.0)(logits, labels), F.cross_entropy(logits, labels))
-    logp = F.log_softmax(logits, 1)  # smoothing 0.1: 0.9 NLL + 0.1 mean over classes of -log p
-    by_hand = (0.9 * -logp[range(4), labels] + 0.1 * -logp.mean(1)).mean()
-    torch.testing.assert_close(recipe.task_loss_fn(False, 0.1)(logits, labels), by_hand)
 
 
 def test_clip_gradients():

@@ -42,6 +42,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def device_problem(name):
+    """Why --device `name` cannot be used here (one sentence), or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name} is not a device name (e.g. cpu, cuda, cuda:1)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name} requested but CUDA is not available here; use --device cpu"
+    return None
+
+
 def parse(parser, argv=None):
     """(args, explicit): the parsed flags and the names of those given on the command line (the rest may come
     from a checkpoint or the model's recipe)."""
@@ -66,13 +77,20 @@ def _value(text):
 
 
 def key_values(kind=_value):
-    """argparse type for KEY=VALUE items (collected into a dict by `nargs='*'` + dict() in apply_recipe)."""
+    """argparse type for one KEY=VALUE item; KeyValues collects them into a dict."""
     def parse(text):
         key, sep, value = text.partition("=")
         if not sep or not key:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
         return key, kind(value)
     return parse
+
+
+class KeyValues(argparse.Action):
+    """`nargs='*'` KEY=VALUE items stored as a dict (as the recipes and checkpoints hold them)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
 
 
 def _add_recipe_flags(p):
@@ -92,9 +110,9 @@ def _add_recipe_flags(p):
     g.add_argument("--warmup_epochs", type=float, help="linear warm-up from --warmup_lr (cosine)")
     g.add_argument("--warmup_lr", type=float, help="learning rate the warm-up starts from")
     g.add_argument("--min_lr", type=float, help="cosine schedule: the final learning rate")
-    g.add_argument("--lr_scale", type=key_values(float), nargs="*", metavar="GROUP=SCALE",
+    g.add_argument("--lr_scale", type=key_values(float), nargs="*", action=KeyValues, metavar="GROUP=SCALE",
                    help="learning-rate scale per parameter group: gates (the gates' parameters) and backbone")
-    g.add_argument("--freeze", type=key_values(float), nargs="*", metavar="GROUP=EPOCHS",
+    g.add_argument("--freeze", type=key_values(float), nargs="*", action=KeyValues, metavar="GROUP=EPOCHS",
                    help="learning rate 0 for a group during its first EPOCHS epochs, e.g. backbone=5")
     g.add_argument("--batchsize", type=int, help="batch size (per process)")
     g.add_argument("--update_freq", type=int, help="minibatches per optimizer update (gradient accumulation)")
@@ -161,7 +179,7 @@ def build_parser(description, models, defaults, data_aliases=(), epilog=None):
     p.add_argument("--budget", type=float, default=-1,
                    help="fraction of conditional MACs to keep, in [0, 1]; -1 = the static network (no gates, a plain "
                         "ResNet); with -r, the checkpoint's")
-    p.add_argument("--model_kwargs", type=key_values(), nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--model_kwargs", type=key_values(), nargs="*", action=KeyValues, default={}, metavar="KEY=VALUE",
                    help="options of the model's factory (e.g. drop_path_rate=0.1), as Python literals")
     _add_recipe_flags(p)
     _add_run_flags(p, defaults, data_aliases)
@@ -182,12 +200,13 @@ def _show_recipe_defaults(parser, model):
 
 
 def apply_recipe(args, recipe):
-    """Fills the recipe flags left unset from the model's `recipe`, then RECIPE_DEFAULTS; KEY=VALUE lists
-    become dicts."""
+    """Fills the recipe flags left unset from the model's `recipe`, then RECIPE_DEFAULTS (dicts copied, so that
+    no run shares one); --gumbel_temp becomes a list (checkpoints before the schedules saved one number)."""
     for name, default in RECIPE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, recipe.get(name, default))
-    for name in ("lr_scale", "freeze"):
+    for name in ("lr_scale", "freeze", "model_kwargs"):
         setattr(args, name, dict(getattr(args, name)))
-    args.model_kwargs = dict(args.model_kwargs)
+    if not isinstance(args.gumbel_temp, (list, tuple)):
+        args.gumbel_temp = [args.gumbel_temp]
     return args

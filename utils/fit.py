@@ -17,19 +17,21 @@ from .interrupt import Interrupted, SavePolicy, StopRequest
 from .logger import RunLogger
 from .training import TrainSetup, train_one_epoch, validate
 
+PARAMETER_GROUPS = ("gates", "backbone")  # the gates' parameters, and everything else
+
 
 def build_setup(model, args, num_classes, updates_per_epoch, ctx):
     """Optimizer (parameter groups gates/backbone), per-iteration schedule, EMA, mixup and the loss terms."""
     gates = gate_state_keys(model)
     groups = recipe.param_groups(model, args.weight_decay, args.lr_scale,
-                                 group_of=lambda name: "gates" if name in gates else "backbone",
+                                 group_of=lambda name: PARAMETER_GROUPS[name not in gates],
                                  no_weight_decay_norm_bias=args.no_wd_norm_bias)
     optimizer = recipe.create_optimizer(groups, args.opt, args.lr, args.weight_decay, args.momentum)
     scheduler = recipe.create_scheduler(optimizer, args.sched, args.epochs, updates_per_epoch, args.lr_decay,
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                         min_lr=args.min_lr)
     mixup = recipe.create_mixup(args.mixup, args.cutmix, args.smoothing, num_classes)
-    terms = [TaskLoss(0.0 if mixup else args.smoothing), DecisionLosses()]
+    terms = [TaskLoss(args.smoothing), DecisionLosses()]  # with mixup the soft targets carry the smoothing
     if args.budget >= 0:
         terms.append(Sparsity(args.budget, args.epochs, args.sparsity_weight))
     return TrainSetup(optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=args.amp), Loss(terms),
@@ -46,9 +48,8 @@ def gumbel_noise_on(epoch, args):
 def gumbel_temperature(epoch, args):
     """The temperature of `epoch`: --gumbel_temp values, the next one from each --gumbel_temp_epochs fraction on
     (the budget-aware ConvNeXt recipe: 5.0, 2.5 from 30% of the epochs, 1.0 from 60%)."""
-    temps = args.gumbel_temp if isinstance(args.gumbel_temp, (list, tuple)) else [args.gumbel_temp]
     passed = sum(epoch >= fraction * args.epochs for fraction in args.gumbel_temp_epochs)
-    return temps[min(passed, len(temps) - 1)]
+    return args.gumbel_temp[min(passed, len(args.gumbel_temp) - 1)]
 
 
 class Trainer:

@@ -1,5 +1,6 @@
 """Training-recipe pieces built from timm: optimizer, per-iteration lr schedule, group freezing, EMA,
-mixup/cutmix targets and their loss, gradient clipping, and the validation of the recipe's arguments.
+mixup/cutmix targets (their loss is dynconv.objectives.TaskLoss), gradient clipping, and the validation of the
+recipe's arguments.
 
 How the training loop uses them (one optimizer update = one iteration; with --update_freq k an
 update happens every k batches):
@@ -10,20 +11,17 @@ update happens every k batches):
     scheduler = create_scheduler(optimizer, sched, epochs, ups, lr_decay, warmup_epochs=..., ...)
     ema = create_ema(model, ema_decay)            # after the model's weights are loaded
     mixup = create_mixup(mixup_alpha, cutmix_alpha, smoothing, num_classes)
-    criterion = task_loss_fn(mixup is not None, smoothing)
     for each update i of epoch e (i counts updates, not batches):
         set_lr(scheduler, e, i, ups, freeze_epochs)   # before the update: its lr is the schedule's at e*ups+i
         images, target = mixup(images, target) if mixup else (images, target)
-        loss = criterion(logits, target); backward; scaler.unscale_(optimizer)
+        loss = TaskLoss term (dynconv.objectives); backward; scaler.unscale_(optimizer)
         clip_gradients(params, clip_grad, clip_mode); optimizer step
         update_ema(ema, model)
     checkpoint[EMA_KEY] = ema_state(ema); ... restore_ema(ema, checkpoint)
 
 Every lr is a function of the absolute update index alone, so a resumed run needs no scheduler state.
 """
-import torch
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
@@ -141,11 +139,6 @@ def set_lr(scheduler, epoch, step_in_epoch, updates_per_epoch, freeze_epochs=Non
     return num_updates
 
 
-def current_lrs(optimizer):
-    """{group name: lr} for logging (the last group of a name wins; a name's groups share one lr)."""
-    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
-
-
 def create_ema(model, decay, device=None):
     """A timm ModelEmaV3 of `model` (parameters and buffers), or None when `decay` is None or 0.
 
@@ -192,15 +185,6 @@ def create_mixup(mixup, cutmix, smoothing, num_classes):
     if not mixup and not cutmix:
         return None
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes)
-
-
-def task_loss_fn(mixup_active, smoothing):
-    """The training criterion: timm's SoftTargetCrossEntropy for mixup's soft targets (mixup already
-    smoothed them), otherwise cross-entropy on hard labels with label_smoothing `smoothing` (with 0:
-    exactly F.cross_entropy)."""
-    if mixup_active:
-        return SoftTargetCrossEntropy()
-    return torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
 
 
 def clip_gradients(parameters, clip_grad, mode="norm"):

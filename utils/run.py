@@ -11,15 +11,12 @@ from dynconv.gates import gate_state_keys
 from models import WeightsUnavailable, create_model, model_config, model_family
 from . import recipe
 from .checkpoint import BEST, LATEST, load_checkpoint, load_model_state
-from .cli import RECIPE_DEFAULTS, apply_recipe
+from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem
 from .data import build_loaders, class_names, first_images
 from .distributed import init_distributed, shutdown
 from .errors import UserError
-from .fit import fit
+from .fit import PARAMETER_GROUPS, fit
 from .training import print_eval, validate
-
-PARAMETER_GROUPS = ("gates", "backbone")  # the gates' parameters, and everything else
-
 
 def check_args(args):
     """Everything that can be checked before any data is read: one clear line each."""
@@ -35,13 +32,12 @@ def check_args(args):
                                                "(budget -1)"),
         (args.plot_only and not (args.evaluate and args.plot_ponder), "--plot_only goes with -e --plot_ponder"),
         (args.amp and not args.device.startswith("cuda"), "--amp needs a CUDA device"),
-        (args.device.startswith("cuda") and not torch.cuda.is_available(),
-         f"--device {args.device} requested but CUDA is not available here; use --device cpu"),
+        (device_problem(args.device) is not None, device_problem(args.device)),
         (any(v is not None and v <= 0 for v in (args.save_every_steps, args.save_every_minutes)),
          "--save_every_steps and --save_every_minutes must be positive"),
-        (len(_as_list(args.gumbel_temp)) != len(args.gumbel_temp_epochs) + 1,
+        (len(args.gumbel_temp) != len(args.gumbel_temp_epochs) + 1,
          "--gumbel_temp needs one value more than --gumbel_temp_epochs (a value per part of the schedule)"),
-        (any(t <= 0 for t in _as_list(args.gumbel_temp)), "--gumbel_temp values must be positive"),
+        (any(t <= 0 for t in args.gumbel_temp), "--gumbel_temp values must be positive"),
     ]
     unknown = sorted((set(args.lr_scale) | set(args.freeze)) - set(PARAMETER_GROUPS))
     problems.append((bool(unknown), f"unknown parameter group {', '.join(unknown)} "
@@ -60,10 +56,6 @@ def check_args(args):
                                  batch_size=args.batchsize)
     except ValueError as e:
         raise UserError(str(e))
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else [value]  # older checkpoints saved one number
 
 
 def build_model(args, family, num_classes):
@@ -136,7 +128,7 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
     for name in ARCHITECTURE:
         if name not in explicit:
             setattr(args, name, saved.get(name, fallback[name]))
-        elif name in saved and _normalised(getattr(args, name)) != _normalised(saved[name]):
+        elif name in saved and getattr(args, name) != saved[name]:
             raise UserError(f"--{name} {_show(getattr(args, name))} contradicts the checkpoint ({args.resume} was "
                             f"trained with {name} {_show(saved[name])}); leave the flag out to use the checkpoint's")
     if checkpoint is None or args.evaluate:
@@ -144,15 +136,8 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
     for name in RECIPE_DEFAULTS:
         if name not in explicit and name in saved:
             setattr(args, name, saved[name])
-        elif name in explicit and name in saved and _normalised(getattr(args, name)) != _normalised(saved[name]):
+        elif name in explicit and name in saved and getattr(args, name) != saved[name]:
             print(f"=> --{name} {_show(getattr(args, name))} overrides the checkpoint's {_show(saved[name])}")
-
-
-def _normalised(value):
-    """KEY=VALUE flags parse to lists of pairs and are saved as dicts: compare them as dicts."""
-    if isinstance(value, (list, tuple)) and all(isinstance(x, tuple) and len(x) == 2 for x in value):
-        return dict(value)
-    return value
 
 
 def _show(value):

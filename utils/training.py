@@ -1,18 +1,18 @@
 """One training epoch and one evaluation pass; both return dicts of metrics. The run driver is utils/run.py."""
 import contextlib
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from timm.data.mixup import mixup_target
 from tqdm import tqdm
 
 from dynconv import MacCounter
 from dynconv.objectives import Loss, StepOutput
 from .distributed import all_reduce_sum
-from .recipe import clip_gradients, set_lr, update_ema
+from .recipe import clip_gradients, count_updates, set_lr, update_ema
 
 
 def autocast(device, enabled):
@@ -38,14 +38,15 @@ class TrainSetup:
     # called after every optimizer update with (epoch, batches done in it): mid-epoch checkpoints, stopping
     after_update: Callable[[int, int], None] = field(default=lambda epoch, step: None)
 
-    def updates_per_epoch(self, batches):
-        return math.ceil(batches / self.update_freq)
 
 
 def _mix(setup, images, labels):
-    """Mixup/cutmix where enabled (timm mixes pairs within the batch, so an odd batch is left unmixed)."""
-    if setup.mixup is None or images.shape[0] % 2:
+    """Mixup/cutmix where enabled. timm mixes pairs within the batch, so an odd (last) batch keeps its images
+    and gets the same smoothed soft targets unmixed."""
+    if setup.mixup is None:
         return images, labels
+    if images.shape[0] % 2:
+        return images, mixup_target(labels, setup.mixup.num_classes, 1.0, setup.mixup.label_smoothing)
     return setup.mixup(images, labels)
 
 
@@ -105,12 +106,19 @@ class _Progress:
         self.bar.close()
 
 
+def _gradient_sync(model, updating):
+    """Under DDP, gradients are all-reduced only on the minibatch that ends an accumulation (--update_freq)."""
+    if updating or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_step=0):
     """One pass over `loader` (from batch `start_step` when resuming mid-epoch; the loader's sampler skips the
     batches before it): every loss term's mean, the cost fractions the terms report, Prec@1 and lr."""
     model.train()
     device, batches = ctx.device, len(loader) + start_step
-    per_epoch = setup.updates_per_epoch(batches)
+    per_epoch = count_updates(batches, setup.update_freq)
     sums = _Sums()
     set_lr(setup.scheduler, epoch, start_step // setup.update_freq, per_epoch, setup.freeze)
     lr = max(group["lr"] for group in setup.optimizer.param_groups)
@@ -124,11 +132,13 @@ def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_
         with autocast(device, setup.amp):
             logits, decisions = model(images, target=target)
             total, values = setup.loss(StepOutput(images, logits, decisions, labels, epoch + i / batches, target))
-        setup.scaler.scale(total / setup.update_freq).backward()
+        updating = (i + 1) % setup.update_freq == 0 or i + 1 == batches
+        with _gradient_sync(model, updating):
+            setup.scaler.scale(total / setup.update_freq).backward()
         values["train_prec1"] = 100.0 * (logits.detach().argmax(1) == hard_labels).float().mean()
         sums.add(values, images.shape[0])
         progress.step(i, values)
-        if (i + 1) % setup.update_freq == 0 or i + 1 == batches:
+        if updating:
             set_lr(setup.scheduler, epoch, i // setup.update_freq, per_epoch, setup.freeze)
             _optimizer_update(model, setup)
             if i + 1 < batches:
