@@ -173,3 +173,111 @@ def test_engine_block_with_nothing_active_is_the_identity():
     with torch.no_grad():
         out, decision = engine.plans[block](y.clone())
     assert decision.hard.sum() == 0 and torch.equal(out, y)
+
+
+def test_engine_blocks_with_the_cuda_kernels_emulated_on_the_cpu():
+    """Every gated block's plan run with the cupy backend's op table (its kernels compiled for the CPU, see
+    tests/cuda_emulation.py) equals the masked block."""
+    from cuda_emulation import EmulatedKernels
+    from dynconv.sparse.cuda_kernels import kernel_sources
+    from dynconv.sparse.plans import EngineSettings
+    from dynconv.sparse.plans.convnext import ConvNeXtBlockPlan
+
+    torch.manual_seed(0)
+    model = create_model("convnext_atto", gate_layer=MaskUnit, layer_scale=0.5).eval()
+    emulated = EmulatedKernels(kernel_sources()).ops()
+    x = model.stem(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        for stage in model.stages:
+            x = stage.downsample(x).contiguous(memory_format=torch.channels_last)
+            for block in stage.blocks:
+                expected, decision = block(x)
+                got, _ = ConvNeXtBlockPlan(block, emulated, EngineSettings(dense_above=1.1))(x.clone())
+                assert 0 < decision.hard.mean() < 1
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+                x = expected
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "addmm"])
+def test_row_linear_is_the_linear_layer(onednn, monkeypatch):
+    """The engine's Linear on rows, with oneDNN's prepared weight and without it, against nn.Linear."""
+    from dynconv.sparse import linear
+
+    if not onednn:
+        monkeypatch.setattr(linear, "_onednn_weight", lambda weight: None)
+    layer, rows = torch.nn.Linear(24, 40), torch.randn(13, 24)
+    row_linear = linear.RowLinear(layer.weight, layer.bias)
+    assert (row_linear.packed is not None) == (onednn and torch.backends.mkldnn.is_available())
+    with torch.no_grad():
+        torch.testing.assert_close(row_linear(rows), layer(rows))
+        assert row_linear(rows[:0]).shape == (0, 40)
+
+
+def test_checkpoints_of_another_family_or_class_count_are_refused_in_one_line(tmp_path, capsys):
+    """A ConvNeXt file for a ResNet and the reverse name the keys that do not fit; a 1000-class ConvNeXt file for
+    -e on 2 classes says so (exit 2 each), and --pretrained takes it with a new classifier."""
+    import main_imagenet
+    from conftest import run_entry
+    from synthetic import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "data"), splits=("train", "val"), classes=2, per_class=2, size=32)
+    convnext, resnet = str(tmp_path / "convnext_atto.pth"), str(tmp_path / "resnet18.pth")
+    torch.save(create_model("convnext_atto").state_dict(), convnext)  # timm's layout, 1000 classes
+    torch.save({"model": create_model("resnet18", num_classes=2).state_dict()}, resnet)
+    common = ["--data", root, "--workers", "0", "--resolution", "32"]
+    for model, path, missing, unexpected in (("resnet18", convnext, "bn1.bias", "head.fc.bias"),
+                                             ("convnext_atto", resnet, "head.fc.bias", "bn1.bias")):
+        code, _, err = run_entry(main_imagenet.main, common + ["--model", model, "-r", path, "-e"], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"missing keys {missing}" in err and f"unexpected keys {unexpected}" in err
+    code, _, err = run_entry(main_imagenet.main, common + ["--model", "convnext_atto", "-r", convnext, "-e"], capsys)
+    assert code == 2 and "its classifier has 1000 classes and the data 2" in err
+    code, out, err = run_entry(main_imagenet.main, common + [
+        "--model", "convnext_atto", "--pretrained", convnext, "--epochs", "1", "--warmup_epochs", "0", "--batchsize",
+        "2", "-s", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_cli_trains_with_ema_resumes_evaluates_and_plots(tmp_path, capsys):
+    """The ConvNeXt recipe (AdamW, cosine, mixup/cutmix, EMA) on a tiny image folder: 2 epochs stopped by a Ctrl-C
+    after the first and resumed with the same command, then -e (raw and EMA, with the engine) and ponder plots."""
+    import os
+    import signal
+
+    import main_imagenet
+    from conftest import run_entry
+    from synthetic import make_image_folder
+    from utils.checkpoint import load_checkpoint
+    from utils.fit import Trainer
+
+    root = make_image_folder(str(tmp_path / "data"), splits=("train", "val"), classes=2, per_class=4, size=32)
+    run_dir = str(tmp_path / "run")
+    command = ["--model", "convnext_atto", "--budget", "0.5", "--data", root, "--workers", "0", "--resolution", "32",
+               "--epochs", "2", "--warmup_epochs", "1", "--freeze", "backbone=0", "--batchsize", "4", "--model_ema",
+               "--model_ema_decay", "0.9", "-s", run_dir]
+    save = Trainer.save_epoch
+
+    def save_then_ctrl_c(trainer, epoch, *args):
+        save(trainer, epoch, *args)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "save_epoch", save_then_ctrl_c)
+        assert run_entry(main_imagenet.main, command, capsys)[0] == 130
+    assert load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))["epoch"] == 1
+    code, out, err = run_entry(main_imagenet.main, command + ["-r", run_dir], capsys)
+    assert code == 0, err
+    assert "* Epoch 2 - Prec@1" in out and "* Epoch 1 - Prec@1" not in out
+    assert load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))["epoch"] == 2
+    assert {"checkpoint_best.pth", "checkpoint_ema.pth", "checkpoint_best_ema.pth"} <= set(os.listdir(run_dir))
+    common = ["--data", root, "--workers", "0", "--resolution", "32", "-e"]
+    for name in ("checkpoint_best.pth", "checkpoint_best_ema.pth"):
+        code, out, err = run_entry(main_imagenet.main, common + ["-r", os.path.join(run_dir, name), "--fast"], capsys)
+        assert code == 0, err
+        assert "Prec@1" in out and "engine" in out.lower()
+    plots = str(tmp_path / "ponder")
+    code, _, err = run_entry(main_imagenet.main, common + ["-r", run_dir, "--plot_ponder", "--plot_only",
+                                                           "--plot_count", "2", "--plot_dir", plots], capsys)
+    assert code == 0, err
+    assert len([f for f in os.listdir(plots) if f.endswith(".png")]) == 2

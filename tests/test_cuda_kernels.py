@@ -15,6 +15,7 @@ import torch
 from cuda_emulation import EmulatedKernels
 from dynconv.sparse import cuda_kernels, ops
 from dynconv.sparse.cuda_kernels import kernel_sources
+from dynconv.sparse.layout import tap_table, with_zero_row
 
 KERNELS = sorted(kernel_sources())
 NUM_ROWS = (0, 1, 7, 133)  # K, the length of the index list
@@ -119,6 +120,41 @@ def test_gather_patches(emulated, k, channels, taps_per_window):
     assert torch.equal(out, expected)
     if k:  # the zero row convention: a tap outside the map reads zeros
         assert torch.equal(out[0, -channels:], torch.zeros(channels))
+
+
+def depthwise_case(kernel, channels, k, seed):
+    """A (2, 5, 6) map as rows, k positions (repeats allowed), tap-major weights and a bias."""
+    g = torch.Generator().manual_seed(seed)
+    src = random_rows(2 * 5 * 6, channels, g)
+    idx = torch.randint(2 * 5 * 6, (k,), generator=g)
+    return src, idx, (2, 5, 6), torch.randn(kernel * kernel, channels, generator=g), torch.randn(channels, generator=g)
+
+
+@pytest.mark.parametrize("cpu_kernel", ["1", "0"], ids=["fused-cpu-kernel", "dense-conv"])
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("k", NUM_ROWS)
+def test_depthwise_rows(emulated, k, channels, kernel, cpu_kernel, monkeypatch):
+    """The torch op, on both its CPU paths (DYNCONV_FUSED), and the CUDA kernel."""
+    monkeypatch.setenv("DYNCONV_FUSED", cpu_kernel)
+    src, idx, size, weight, bias = depthwise_case(kernel, channels, k, k * 100 + channels + kernel)
+    expected = ops.depthwise_rows(src, idx, size, weight, bias)
+    # the spec against a second implementation: the gathered neighbourhoods (tap table, zero row) times the taps
+    n, h, w = size
+    taps = tap_table(n, h, w, 1, h, w, kernel, kernel // 2).index_select(0, idx)
+    patches = ops.gather_patches(with_zero_row(src), taps).view(k, kernel * kernel, channels)
+    torch.testing.assert_close(expected, (patches * weight).sum(1) + bias)
+    torch.testing.assert_close(emulated["depthwise_rows"](src, idx, size, weight, bias), expected)
+
+
+def test_depthwise_rows_checks(emulated):
+    src, idx, size, weight, bias = depthwise_case(3, 4, 5, 0)
+    with pytest.raises(ValueError, match="k \\* k rows"):
+        emulated["depthwise_rows"](src, idx, size, weight[:8].contiguous(), bias)
+    with pytest.raises(ValueError, match="N \\* H \\* W = 60 rows"):
+        emulated["depthwise_rows"](src[:59].contiguous(), idx, size, weight, bias)
+    with pytest.raises(ValueError, match="equal src's 4 channels"):
+        emulated["depthwise_rows"](src, idx, size, weight, bias[:3])
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -252,10 +288,11 @@ def test_ops_launch_every_compiled_kernel():
     src, idx, rows = torch.randn(5, 2), torch.arange(2), torch.randn(2, 2)
     table["gather_rows"](src, idx)
     table["gather_patches"](src, idx[:, None])
+    table["depthwise_rows"](src[:4].contiguous(), idx, (1, 2, 2), torch.randn(9, 2), torch.zeros(2))
     table["bias_relu_"](rows, torch.zeros(2))
     for op in SCATTERS:
         table[op](src, idx, rows)
-    assert launched == ["gather_rows", "gather_rows", "bias_relu", "scatter_rows", "scatter_add", "scatter_add_relu"]
+    assert launched == ["gather_rows", "gather_rows", "depthwise_rows", "bias_relu", "scatter_rows", "scatter_add", "scatter_add_relu"]
     assert sorted(set(launched)) == KERNELS
 
 
@@ -294,6 +331,10 @@ def test_cupy_matches_torch(k, channels):
     dst = dst.abs()  # scatter_add_relu_'s precondition: a non-negative map
     torch.testing.assert_close(cuda["scatter_add_relu_"](dst.clone(), scatter_idx, rows),
                                torch_ops["scatter_add_relu_"](dst.clone(), scatter_idx, rows))
+
+    for kernel in (3, 7):
+        case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in depthwise_case(kernel, channels, k, k)]
+        torch.testing.assert_close(cuda["depthwise_rows"](*case), torch_ops["depthwise_rows"](*case))
 
     weight = torch.randn(channels, 5, generator=g).cuda()
     linear_bias = torch.nn.Parameter(torch.randn(5, generator=g).cuda())  # requires grad, as a model's would

@@ -84,11 +84,27 @@ def load_model_state(model, state_dict, source, allow_missing=()):
         problems.append("the checkpoint has no gates (a static model): use --budget -1")
     shapes = [k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape]
     if shapes:
-        problems.append(f"shape mismatch at {_summarise(shapes)} (another architecture or number of classes?)")
+        problems.append(_shape_problem(model, own, state_dict, shapes))
     if problems:
         raise UserError(f"{source} does not fit this model: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=False)
 
+
+def _shape_problem(model, own, state_dict, shapes):
+    """The shape mismatch in words: another number of classes when only the classifier differs."""
+    head = classifier_keys(model) if hasattr(model, "get_classifier") else []
+    weight = next((k for k in head if k.endswith("weight")), None)
+    if weight in shapes and set(shapes) <= set(head):
+        return (f"its classifier has {state_dict[weight].shape[0]} classes and the data {own[weight].shape[0]} "
+                "(--pretrained PATH starts from it with a new classifier)")
+    return f"shape mismatch at {_summarise(shapes)} (another architecture or number of classes?)"
+
+
+def classifier_keys(model):
+    """State-dict keys of the model's classifier (timm's get_classifier())."""
+    classifier = model.get_classifier()
+    prefix = next(name for name, m in model.named_modules() if m is classifier)
+    return [f"{prefix}.{k}" for k in classifier.state_dict()]
 
 
 def rng_state():

@@ -10,7 +10,7 @@ from dynconv import MaskUnit, SpatialDecision, count_parameters
 from dynconv.gates import gate_state_keys
 from models import WeightsUnavailable, create_model, model_config, model_family
 from . import recipe
-from .checkpoint import BEST, LATEST, load_checkpoint, load_model_state
+from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
 from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem
 from .data import build_loaders, class_names, first_images
 from .distributed import init_distributed, shutdown
@@ -226,13 +226,6 @@ def load_pretrained(model, args, config):
         state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
         allow_missing |= classifier
     load_model_state(model, state_dict, source, allow_missing=allow_missing)
-
-
-def classifier_keys(model):
-    """State-dict keys of the model's classifier (timm's get_classifier())."""
-    classifier = model.get_classifier()
-    prefix = next(name for name, m in model.named_modules() if m is classifier)
-    return [f"{prefix}.{k}" for k in classifier.state_dict()]
 
 
 def evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx):

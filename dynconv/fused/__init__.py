@@ -1,4 +1,5 @@
-"""Fused CPU kernels for DynConv training: the masked residual add + ReLU, forward and backward.
+"""Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
+engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
 The block output relu(identity + mask * residual) takes two passes over the activations with ATen ops, and its
@@ -59,6 +60,21 @@ def usable(*tensors):
                 or not t.is_contiguous(memory_format=torch.channels_last)):
             return False
     return _load()
+
+
+def rows_usable(*tensors):
+    """Whether the engine's row kernels can run on these tensors (CPU, float32, contiguous)."""
+    if os.environ.get("DYNCONV_FUSED", "1") == "0":
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return False
+    return _load()
+
+
+def depthwise_rows(src, idx, size, weight, bias):
+    """ops.depthwise_rows computed at the positions idx only (the dense spec computes the whole map): about 3x
+    less time for ConvNeXt-T's stage-1 blocks at 30% of the positions, batch 1, on the development CPU."""
+    return _ops().depthwise_rows(src, idx, size[1], size[2], weight, bias)
 
 
 class FusedMaskedResidualReLU(torch.autograd.Function):

@@ -1,6 +1,6 @@
 // Fused CPU kernels for DynConv training: the masked residual add + ReLU, forward and backward. Each is one
 // pass over the block's channels-last activations, where the equivalent ATen ops make two (forward) and four
-// (backward); see dynconv/fused/__init__.py for the Python side and the eager specification they are tested
+// (backward). And for the sparse engine on CPUs: a depthwise conv at chosen positions. See dynconv/fused/__init__.py for the Python side and the eager specification they are tested
 // against.
 //
 // Layout: activations are channels-last, i.e. rows of C values per pixel, pixel index (n * H + y) * W + x.
@@ -94,14 +94,72 @@ std::vector<at::Tensor> masked_residual_relu_backward(const at::Tensor& grad, co
   return {grad_identity, grad_residual, grad_hard};
 }
 
+// One output row of depthwise_rows, channels [c0, c0 + B): B accumulators that stay in registers over the taps
+// (B a compile-time constant, so the loops unroll and vectorise).
+template <int64_t B>
+inline void depthwise_row_block(const float* in, const float* w, const float* b, float* row, int64_t c0, int64_t c,
+                                int64_t k, int64_t image, int64_t y, int64_t x, int64_t height, int64_t width) {
+  float acc[B];
+  for (int64_t i = 0; i < B; ++i) acc[i] = b[c0 + i];
+  for (int64_t dy = 0; dy < k; ++dy) {
+    const int64_t yy = y + dy - k / 2;
+    if (yy < 0 || yy >= height) continue;
+    for (int64_t dx = 0; dx < k; ++dx) {
+      const int64_t xx = x + dx - k / 2;
+      if (xx < 0 || xx >= width) continue;
+      const float* tap = in + ((image * height + yy) * width + xx) * c + c0;
+      const float* tap_weight = w + (dy * k + dx) * c + c0;
+#pragma omp simd
+      for (int64_t i = 0; i < B; ++i) acc[i] += tap_weight[i] * tap[i];
+    }
+  }
+  for (int64_t i = 0; i < B; ++i) row[c0 + i] = acc[i];
+}
+
+// The sparse engine's depthwise k x k conv (stride 1, zero padding k / 2, with bias) of a position-major map
+// src (N * H * W, C) at the positions idx only (ops.depthwise_rows): out[j] = bias + sum over taps of
+// weight[tap] * src[neighbour of idx[j]], weight tap-major (k * k, C). Parallel over the output rows.
+at::Tensor depthwise_rows(const at::Tensor& src, const at::Tensor& idx, int64_t height, int64_t width,
+                          const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && src.scalar_type() == at::kFloat,
+              "src must be contiguous float32 rows");
+  TORCH_CHECK(idx.dim() == 1 && idx.is_contiguous() && idx.scalar_type() == at::kLong, "idx must be int64");
+  const int64_t c = src.size(1), taps = weight.size(0);
+  int64_t k = 1;
+  while (k * k < taps) ++k;
+  TORCH_CHECK(k * k == taps && k % 2 == 1, "weight must have k * k rows for an odd k");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat && weight.size(1) == c &&
+              bias.is_contiguous() && bias.scalar_type() == at::kFloat && bias.numel() == c,
+              "weight (k * k, C) and bias (C) must be contiguous float32");
+  TORCH_CHECK(src.size(0) % (height * width) == 0, "src rows must be N * H * W");
+  auto out = at::empty({idx.size(0), c}, src.options());
+  const float *in = src.data_ptr<float>(), *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
+  const int64_t* positions = idx.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / (taps * c));  // ~16k multiply-adds per task
+  at::parallel_for(0, idx.size(0), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t p = positions[j], image = p / (height * width), y = p / width % height, x = p % width;
+      int64_t c0 = 0;
+      for (; c0 + 16 <= c; c0 += 16)
+        depthwise_row_block<16>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
+      for (; c0 < c; ++c0)  // the channels left over, one at a time
+        depthwise_row_block<1>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dynconv_fused, m) {
+  m.def("depthwise_rows(Tensor src, Tensor idx, int height, int width, Tensor weight, Tensor bias) -> Tensor");
   m.def("masked_residual_relu(Tensor identity, Tensor residual, Tensor hard) -> Tensor");
   m.def("masked_residual_relu_backward(Tensor grad, Tensor out, Tensor residual, Tensor hard) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(dynconv_fused, CPU, m) {
+  m.impl("depthwise_rows", &depthwise_rows);
   m.impl("masked_residual_relu", &masked_residual_relu);
   m.impl("masked_residual_relu_backward", &masked_residual_relu_backward);
 }

@@ -1,7 +1,8 @@
 """The "cupy" backend of dynconv/sparse/ops.py: its gather/scatter ops as CUDA C kernels compiled at run time.
 
 One kernel per op (the neighbourhood gather, of any tap count, is the row gather through a table of tap rows; the
-scatters share one kernel template: scatter_rows, scatter_add, scatter_add_relu), one thread per element on a 1-D
+depthwise conv at chosen positions reads its neighbourhoods from the map itself; the scatters share one kernel
+template: scatter_rows, scatter_add, scatter_add_relu), one thread per element on a 1-D
 grid (launch_config). No shared memory, barriers or atomics: every thread owns one
 element, and scatter indices never repeat. Each kernel's last two parameters are
 the channel count C and the element count `total`; index arithmetic is 64-bit because blockIdx.x * blockDim.x, a
@@ -11,6 +12,8 @@ The host code (checks, output allocation, argument order) is written once in mak
 the test harness tests/cuda_emulation.py runs it, and these exact kernel sources, on the CPU. Importing this module
 needs no GPU and no CuPy: CuPy is imported on the first launch.
 """
+import math
+
 import torch
 
 THREADS_PER_BLOCK = 256
@@ -44,6 +47,30 @@ extern "C" __global__ void gather_rows(const float* __restrict__ src, const long
     if (i >= total) return;
     const long long k = i / C, c = i - k * C;
     out[i] = src[idx[k] * C + c];
+}
+""",
+    # thread i owns channel c of output row j: the k x k neighbourhood of position idx[j] = (image, y, x) is read
+    # straight from the map (taps outside it skipped: zero padding), so no tap table or patch rows are built.
+    "depthwise_rows": r"""
+extern "C" __global__ void depthwise_rows(const float* __restrict__ src, const long long* __restrict__ idx,
+                                          const float* __restrict__ weight, const float* __restrict__ bias,
+                                          float* __restrict__ out, long long H, long long W, long long K,
+                                          long long C, long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long j = i / C, c = i - j * C;
+    const long long image = idx[j] / (H * W), y = idx[j] / W % H, x = idx[j] % W;
+    float acc = bias[c];
+    for (long long dy = 0; dy < K; ++dy) {
+        const long long yy = y + dy - K / 2;
+        if (yy < 0 || yy >= H) continue;
+        for (long long dx = 0; dx < K; ++dx) {
+            const long long xx = x + dx - K / 2;
+            if (xx < 0 || xx >= W) continue;
+            acc += weight[(dy * K + dx) * C + c] * src[((image * H + yy) * W + xx) * C + c];
+        }
+    }
+    out[i] = acc;
 }
 """,
     # "v < 0 ? 0 : v" rather than fmaxf(v, 0): NaN propagates, as in torch's relu.
@@ -153,6 +180,25 @@ def make_ops(launch):
         run("gather_rows", out.numel(), src, taps, out, src.shape[1])
         return out
 
+    def depthwise_rows(src, idx, size, weight, bias):
+        _rows("src", src)
+        _index("idx", idx)
+        _rows("weight", weight)
+        _check("bias", bias, torch.float32, 1)
+        _same_device(src=src, idx=idx, weight=weight, bias=bias)
+        n, h, w = size
+        kernel = math.isqrt(weight.shape[0])
+        if kernel * kernel != weight.shape[0] or kernel % 2 == 0:
+            raise ValueError(f"weight must have k * k rows for an odd k, got {weight.shape[0]}")
+        if src.shape[0] != n * h * w:
+            raise ValueError(f"src must have N * H * W = {n * h * w} rows for size {tuple(size)}, got {src.shape[0]}")
+        if weight.shape[1] != src.shape[1] or bias.shape[0] != src.shape[1]:
+            raise ValueError(f"weight columns and bias entries must equal src's {src.shape[1]} channels, got "
+                             f"{weight.shape[1]} and {bias.shape[0]}")
+        out = src.new_empty((idx.shape[0], src.shape[1]))
+        run("depthwise_rows", out.numel(), src, idx, weight, bias, out, h, w, kernel, src.shape[1])
+        return out
+
     def bias_relu_(rows, bias):
         _rows("rows", rows)
         _check("bias", bias, torch.float32, 1)
@@ -169,7 +215,8 @@ def make_ops(launch):
             return bias_relu_(torch.mm(rows, weight), bias)
         return torch.addmm(bias, rows, weight)
 
-    return dict(gather_rows=gather_rows, gather_patches=gather_patches, bias_relu_=bias_relu_,
+    return dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
+                bias_relu_=bias_relu_,
                 scatter_rows_=_scatter_op(run, "scatter_rows"),
                 scatter_add_=_scatter_op(run, "scatter_add"), scatter_add_relu_=_scatter_op(run, "scatter_add_relu"),
                 linear=linear)

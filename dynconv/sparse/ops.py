@@ -1,8 +1,8 @@
 """The gather/scatter operations of sparse execution, behind one dispatching API.
 
 Ops (the same names and signatures in every backend's table; a trailing underscore: in place, returns its first
-argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, bias_relu_(rows, bias),
-scatter_rows_(dst, idx, rows), scatter_add_(dst, idx, rows) (the residual add of a block with no activation after
+argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, depthwise_rows(src, idx, size,
+weight, bias) (a depthwise k x k conv at chosen positions), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows), scatter_add_(dst, idx, rows) (the residual add of a block with no activation after
 it), scatter_add_relu_(dst, idx, rows), linear(rows, weight, bias, relu).
 
 Every feature map is position-major: a (rows, channels) float32 matrix, one row per pixel of an NHWC map
@@ -13,7 +13,12 @@ Backends:
 - "cupy": CUDA C kernels compiled by CuPy at run time (dynconv/sparse/cuda_kernels.py); CUDA tensors only.
 Matrix products go through torch (MKL/oneDNN on CPU, cuBLAS on GPUs) in both.
 """
+import math
+
 import torch
+import torch.nn.functional as F
+
+from .. import fused
 
 BACKENDS = ("auto", "torch", "cupy")
 
@@ -57,6 +62,24 @@ def gather_patches(src, taps):
     return src.index_select(0, taps.reshape(-1)).reshape(taps.shape[0], taps.shape[1] * src.shape[1])
 
 
+def depthwise_rows(src, idx, size, weight, bias):
+    """A depthwise k x k conv (stride 1, padding k // 2, with bias) of the map `src` (N*H*W, C) of size (N, H, W),
+    at the output positions idx only: out[j, c] = bias[c] + sum over taps t = (dy, dx) of weight[t, c] *
+    src[neighbour t of idx[j], c] (zero outside the map); weight (k*k, C), taps (dy, dx) row-major. -> (len(idx), C).
+
+    On CPUs, float32: the fused C++ kernel (dynconv/fused), which computes only those rows. Otherwise the whole map
+    through oneDNN / cuDNN's depthwise conv, keeping the rows: about 10x faster on the development CPU than
+    gathering the 49-tap neighbourhoods of 30% of the positions, and the depthwise conv is a few per cent of a
+    ConvNeXt block's MACs. The CUDA kernel computes only the rows."""
+    if fused.rows_usable(src, weight, bias):
+        return fused.depthwise_rows(src, idx, size, weight, bias)
+    n, h, w = size
+    channels, kernel = src.shape[1], math.isqrt(weight.shape[0])
+    dense = F.conv2d(src.view(n, h, w, channels).permute(0, 3, 1, 2),
+                     weight.t().reshape(channels, 1, kernel, kernel), bias, padding=kernel // 2, groups=channels)
+    return dense.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, idx)
+
+
 def bias_relu_(rows, bias):
     """rows = max(rows + bias, 0), in place (the BatchNorm folded into the preceding conv, then ReLU)."""
     return rows.add_(bias).relu_()
@@ -87,9 +110,9 @@ def linear(rows, weight, bias, relu):
     return out.relu_() if relu else out
 
 
-TORCH_OPS = dict(gather_rows=gather_rows, gather_patches=gather_patches, bias_relu_=bias_relu_,
-                 scatter_rows_=scatter_rows_, scatter_add_=scatter_add_, scatter_add_relu_=scatter_add_relu_,
-                 linear=linear)
+TORCH_OPS = dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
+                 bias_relu_=bias_relu_, scatter_rows_=scatter_rows_, scatter_add_=scatter_add_,
+                 scatter_add_relu_=scatter_add_relu_, linear=linear)
 
 
 def get_ops(backend):
