@@ -281,3 +281,28 @@ def test_cli_trains_with_ema_resumes_evaluates_and_plots(tmp_path, capsys):
                                                            "--plot_count", "2", "--plot_dir", plots], capsys)
     assert code == 0, err
     assert len([f for f in os.listdir(plots) if f.endswith(".png")]) == 2
+
+
+def test_budget_aware_papers_sparse_checkpoint_evaluates(tmp_path, capsys):
+    """The budget-aware code's checkpoint: the official layout plus stages.i.j.masker.maskconv.{conv,fc}.*, in the
+    DynConv dict (state_dict, optimizer, epoch, best_prec1), with DataParallel's 'module.' prefix; -e gives the
+    same Prec@1 as our own copy of the weights, and the masker keys arrive in the gates."""
+    import main_imagenet
+    from conftest import run_entry
+    from synthetic import make_image_folder
+
+    torch.manual_seed(0)
+    root = make_image_folder(str(tmp_path / "data"), splits=("train", "val"), classes=2, per_class=4, size=32)
+    model = create_model("convnext_atto", gate_layer=MaskUnit, num_classes=2)
+    official = {f"module.{k}": v for k, v in _official_keys(model.state_dict()).items()}
+    assert "module.stages.1.0.masker.maskconv.fc.weight" in official and "module.stages.1.0.pwconv1.weight" in official
+    path = str(tmp_path / "budget_aware.pth")
+    torch.save({"state_dict": official, "optimizer": {}, "epoch": 3, "best_prec1": 50.0}, path)
+    loaded = create_model("convnext_atto", gate_layer=MaskUnit, num_classes=2)
+    load_model_state(loaded, convnext_checkpoint_filter(official, loaded), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    code, out, err = run_entry(main_imagenet.main, ["--model", "convnext_atto", "--budget", "0.5", "-r", path, "-e",
+                                                    "--data", root, "--workers", "0", "--resolution", "32"], capsys)
+    assert code == 0, err
+    assert "Prec@1" in out
