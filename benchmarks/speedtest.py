@@ -1,4 +1,4 @@
-"""Inference speed of DynConv ResNets: dense model vs masked-dense model vs the sparse engine.
+"""Inference speed of DynConv ResNets and ConvNeXts: dense model vs masked-dense model vs the sparse engine.
 
 Masks are synthetic at the requested density (spatially clustered blobs like trained masks, or i.i.d. random
 pixels, the worst case since dilation then covers almost everything), or come from a trained checkpoint
@@ -42,6 +42,8 @@ EXAMPLES = """examples:
   # synthetic masks: table, CSV and plot of achieved against ideal speedup
   python benchmarks/speedtest.py --models resnet50 resnet101 --batch-sizes 1 16 --densities 0.1 0.3 0.5 1.0 \\
       --masks clustered random --csv speed.csv --plot speed.png
+  # ConvNeXt-T (its plan: depthwise conv at the active positions, LayerNorm and both Linears on their rows)
+  python benchmarks/speedtest.py --models convnext_tiny --batch-sizes 1 16 --densities 0.3 1.0 --masks clustered random
   # a trained model's own masks (on images from --data when given, else random inputs)
   python benchmarks/speedtest.py --models resnet32 --checkpoint exp/cifar/resnet32/sparse05/checkpoint_best.pth
   # redraw the plot of an earlier run's CSV without measuring

@@ -159,3 +159,19 @@ def test_speed_benchmark_runs_end_to_end(tmp_path):
     assert all(1.5625 * 0.908608 < float(r["sparse_mmac"]) < 1.5625 * 12.705088 for r in resnet8
                if float(r["density"]) == 0.3)
     assert os.path.getsize(out_png) > 0
+
+
+def test_speed_benchmark_measures_convnext(tmp_path):
+    """speedtest.py on ConvNeXt-T at 64x64: the MMac columns are the issue's numbers (dense 364.750848, every
+    position on 366.327900), between them the ideal speedup, and the engine was timed."""
+    out_csv = tmp_path / "speed.csv"
+    result = subprocess.run([sys.executable, "benchmarks/speedtest.py", "--models", "convnext_tiny", "--batch-sizes",
+                             "1", "--densities", "0.3", "1.0", "--resolution", "64", "--runs", "1", "--warmup", "0",
+                             "--csv", str(out_csv)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out_csv) as f:
+        rows = {float(r["density"]): r for r in csv.DictReader(f)}
+    assert all(float(r["dense_mmac"]) == pytest.approx(364.750848, abs=1e-3) for r in rows.values())
+    assert float(rows[1.0]["sparse_mmac"]) == pytest.approx(366.327900, abs=1e-3)
+    assert 16.958556 < float(rows[0.3]["sparse_mmac"]) < 366.327900
+    assert float(rows[0.3]["ideal_speedup"]) > 2 and float(rows[0.3]["engine_ms"]) > 0
