@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .decisions import Dynamic, UnitCost
+from .multitarget import variant
 
 POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -53,7 +54,7 @@ def _width(module):
 def position_cost(layers):
     """UnitCost per position of layers run in sequence there (activations count one per channel of the map)."""
     macs = full = channels = 0
-    for layer in layers:
+    for layer in map(variant, layers):  # a per-target layer: its variants have one shape
         channels = _width(layer) or channels
         macs += macs_per_position(layer, False, channels)
         full += macs_per_position(layer, True, channels)
@@ -96,7 +97,7 @@ class MacCounter:
         uncounted = set()
         for module in self.model.modules():
             if isinstance(module, Dynamic):
-                uncounted.update(module.uncounted_modules(self.full))
+                uncounted.update(m for u in module.uncounted_modules(self.full) for m in u.modules())
         for module in self.model.modules():
             if isinstance(module, COUNTED) and module not in uncounted:
                 self._handles.append(module.register_forward_hook(self._layer_hook))

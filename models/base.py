@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 from dynconv.decisions import Dynamic
+from dynconv.multitarget import select_target
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -57,5 +58,6 @@ class DynamicNetwork(Dynamic, nn.Module):
         raise NotImplementedError
 
     def forward(self, x, target=None):
+        select_target(self, target)  # the norms etc. of this operating point, in multi-target models
         x, decisions = self.forward_features(x, target)
         return self.forward_head(x), decisions

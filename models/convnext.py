@@ -21,6 +21,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from dynconv.decisions import Dynamic
 from dynconv.flops import position_cost
+from dynconv.multitarget import per_target
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.convnext import ConvNeXtBlockPlan
 from .base import DynamicNetwork, ModelConfig, strip_module_prefix
@@ -98,8 +99,14 @@ class NormHead(nn.Module):
 
 
 class ConvNeXt(DynamicNetwork):
-    def __init__(self, depths, dims, num_classes=1000, drop_path_rate=0.0, layer_scale=1e-6, gate_layer=None):
+    def __init__(self, depths, dims, num_classes=1000, drop_path_rate=0.0, layer_scale=1e-6, gate_layer=None,
+                 targets=()):
+        """`targets` (budgets): a multi-target model, with a gate per target in every block (the budget-aware
+        paper's: its per-budget LayerNorm copies are the same tensors, so norms stay shared)."""
         super().__init__()
+        if targets and gate_layer is None:
+            raise ValueError("a multi-target ConvNeXt needs a gate_layer (one gate per target)")
+        gate_layer = per_target(gate_layer, targets)
         self.stem = nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, start = [], 0

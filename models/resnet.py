@@ -17,6 +17,7 @@ from timm.layers import DropPath
 from dynconv import fused
 from dynconv.decisions import Dynamic
 from dynconv.flops import position_cost
+from dynconv.multitarget import per_target
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.resnet import ResNetBlockPlan
 from .base import DynamicNetwork
@@ -130,15 +131,22 @@ register_plan(BasicBlock, ResNetBlockPlan)
 register_plan(Bottleneck, ResNetBlockPlan)
 
 
-def make_stage(block, inplanes, planes, num_blocks, stride, drop_paths=None, **layers):
+def make_stage(block, inplanes, planes, num_blocks, stride, drop_paths=None, targets=(), **layers):
     """A stage of `num_blocks` blocks; a 1x1 strided conv + norm downsample where the shape changes. `layers`:
-    the blocks' layer arguments (gate_layer, conv_layer, norm_layer, act_layer); `drop_paths`: a rate per block."""
+    the blocks' layer arguments (gate_layer, conv_layer, norm_layer, act_layer); `drop_paths`: a rate per block.
+    `targets` (budgets): a multi-target stage, whose blocks have a gate and their norms per target (the
+    budget-aware paper's model); convolutions and the downsample (with its norm) are shared."""
     drop_paths = drop_paths or [0.0] * num_blocks
+    norm_layer = layers.get("norm_layer", nn.BatchNorm2d)
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
-        norm_layer = layers.get("norm_layer", nn.BatchNorm2d)
         downsample = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                                    norm_layer(planes * block.expansion))
+    if targets:
+        if layers.get("gate_layer") is None:
+            raise ValueError("a multi-target ResNet needs a gate_layer (one gate per target)")
+        layers = dict(layers, gate_layer=per_target(layers["gate_layer"], targets),
+                      norm_layer=per_target(norm_layer, targets))
     blocks = [block(inplanes, planes, stride, downsample, drop_path=drop_paths[0], **layers)]
     blocks += [block(planes * block.expansion, planes, 1, None, drop_path=drop_paths[i], **layers)
                for i in range(1, num_blocks)]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...multitarget import variant
 from ..layout import fold_conv_bn, rows, tap_table, with_zero_row
 from . import BlockPlan
 
@@ -29,7 +30,7 @@ from . import BlockPlan
 def _check_layers(block):
     """The plan folds Conv2d + BatchNorm2d pairs and fuses ReLU: other injected layers have no plan here."""
     convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
-    norms = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
+    norms = [variant(n) for n in _norms(block)]
     if not all(type(c) is nn.Conv2d for c in convs) or not all(type(n) is nn.BatchNorm2d for n in norms):
         raise ValueError(f"the engine's ResNet plan runs Conv2d + BatchNorm2d blocks; {type(block).__name__} has "
                          f"{type(convs[0]).__name__} / {type(norms[0]).__name__}")
@@ -42,6 +43,10 @@ def _check_layers(block):
             raise ValueError("unsupported downsample (the engine folds a 1x1 conv + BatchNorm)")
 
 
+def _norms(block):
+    return [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
+
+
 class ResNetBlockPlan(BlockPlan):
     """BasicBlock (conv1 3x3, conv2 3x3) and Bottleneck (conv1 1x1, conv2 3x3, conv3 1x1) with a spatial gate."""
 
@@ -49,14 +54,22 @@ class ResNetBlockPlan(BlockPlan):
         super().__init__(block, ops, settings)
         _check_layers(block)
         with torch.no_grad():
-            convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-            if hasattr(block, "conv3"):
-                convs.append((block.conv3, block.bn3))
-            self.folded = [fold_conv_bn(c, bn) for c, bn in convs]
             self.downsample = fold_conv_bn(*block.downsample) if block.downsample is not None else None
-        self.bottleneck = len(self.folded) == 3
+        self.bottleneck = hasattr(block, "conv3")
+        self._folds = {}  # the norms in use (one set per target in multi-target blocks) -> folded convs
+        self.folds(None)
+
+    def folds(self, target):
+        """The block's convs with the norms of `target` folded in (built once per set of norms)."""
+        norms = tuple(variant(n, target) for n in _norms(self.block))
+        if norms not in self._folds:
+            convs = [self.block.conv1, self.block.conv2] + ([self.block.conv3] if self.bottleneck else [])
+            with torch.no_grad():
+                self._folds[norms] = [fold_conv_bn(c, bn) for c, bn in zip(convs, norms)]
+        return self._folds[norms]
 
     def __call__(self, x, target=None):
+        folded = self.folds(target)
         decision = self.block.masker(x, target)
         identity = x if self.downsample is None else self._downsample(x)
         # the result goes into `identity` in place; outside the mask it is a ReLU output (non-negative, as
@@ -66,12 +79,12 @@ class ResNetBlockPlan(BlockPlan):
         if idx.numel() > 0:
             limit = self._dense_limit(decision)
             if idx.numel() > limit * decision.hard.numel():
-                return torch.addcmul(identity, self._dense_residual(x), decision.hard).relu_(), decision
+                return torch.addcmul(identity, self._dense_residual(x, folded), decision.hard).relu_(), decision
             idx_dilated = decision.dilated.reshape(-1).nonzero().squeeze(1)
             if idx_dilated.numel() > limit * decision.dilated.numel():
                 idx_dilated = None  # conv1 everywhere: cheaper than gathering almost every position
             rows_fn = self._bottleneck_rows if self.bottleneck else self._basic_rows
-            residual = rows_fn(x, idx, idx_dilated, decision.hard.shape[-2:])
+            residual = rows_fn(x, folded, idx, idx_dilated, decision.hard.shape[-2:])
             self.ops["scatter_add_relu_"](rows(out), idx, residual)
         if self.downsample is not None:
             out.relu_()  # the downsampled identity can be negative outside the mask
@@ -97,11 +110,11 @@ class ResNetBlockPlan(BlockPlan):
         out = self.ops["linear"](rows(x), folded.matrix, folded.bias, False)
         return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
-    def _dense_residual(self, x):
+    def _dense_residual(self, x, folded):
         """The residual branch over the whole map, with the folded weights (oneDNN / cuDNN convolutions)."""
-        for i, f in enumerate(self.folded):
+        for i, f in enumerate(folded):
             x = F.conv2d(x, f.weight, f.bias, f.stride, f.padding)
-            if i < len(self.folded) - 1:
+            if i < len(folded) - 1:
                 x = x.relu_()
         return x
 
@@ -115,10 +128,10 @@ class ResNetBlockPlan(BlockPlan):
         buffer = map_rows.new_zeros(num_rows + 1, map_rows.shape[1])
         return self.ops["scatter_rows_"](buffer, idx, map_rows)
 
-    def _basic_rows(self, x, idx, idx_dilated, out_hw):
+    def _basic_rows(self, x, folded, idx, idx_dilated, out_hw):
         """conv1 at the dilated positions (or everywhere when idx_dilated is None), conv2 at the mask."""
         n, _, h, w = x.shape
-        conv1, conv2 = self.folded
+        conv1, conv2 = folded
         if idx_dilated is None:
             y1 = F.conv2d(x, conv1.weight, conv1.bias, conv1.stride, conv1.padding).relu_()
             buffer = with_zero_row(rows(y1))
@@ -128,10 +141,10 @@ class ResNetBlockPlan(BlockPlan):
             buffer = self._buffer(y1, idx_dilated, n * out_hw[0] * out_hw[1])
         return self._gathered_conv3x3(buffer, idx, n, out_hw, 1, out_hw, conv2, relu=False)
 
-    def _bottleneck_rows(self, x, idx, idx_dilated, out_hw):
+    def _bottleneck_rows(self, x, folded, idx, idx_dilated, out_hw):
         """conv1 at the dilated positions (or everywhere when idx_dilated is None), conv2 and conv3 at the mask."""
         n, _, h, w = x.shape
-        conv1, conv2, conv3 = self.folded
+        conv1, conv2, conv3 = folded
         if idx_dilated is None:
             buffer = with_zero_row(self.ops["linear"](rows(x), conv1.matrix, conv1.bias, True))
         else:

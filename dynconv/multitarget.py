@@ -1,0 +1,93 @@
+"""Multi-target models: one network with several operating points (budgets) chosen at run time.
+
+A layer that differs per target (a mask unit per budget, a BatchNorm per budget with its own running statistics)
+is a `PerTarget`: one variant per target, of which the selected one runs. `DynamicNetwork.forward(x, target)`
+selects the target in every PerTarget of the model before it runs (`select_target`), so blocks call their layers
+as usual; what is shared (convolutions, stem, classifier) is simply not wrapped.
+
+Variants are keyed as the budget-aware paper's code writes a budget in its checkpoint keys: `str(b)` without the
+dot (0.3 -> "03", 0.25 -> "025"), so a PerTarget `bn1` holds `bn1.03.*` where that code has `bn1_03.*`.
+"""
+import torch.nn as nn
+
+from .gates import Gate
+
+
+def target_key(target):
+    """The key of a budget: str(float) without the dot (0.3 -> '03', 0.25 -> '025', 1 -> '10')."""
+    return str(float(target)).replace(".", "")
+
+
+class PerTarget(nn.ModuleDict):
+    """One module per target ({target: module}); calls go to the variant of the selected target."""
+
+    def __init__(self, variants):
+        targets = tuple(float(t) for t in variants)
+        if not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"a multi-target layer needs distinct targets, got {targets}")
+        super().__init__({target_key(t): module for t, module in zip(targets, variants.values())})
+        self.targets = targets
+        self.selected = targets[0]
+
+    def select(self, target):
+        if float(target) not in self.targets:
+            raise ValueError(f"no operating point {target:g}; this model has {', '.join(f'{t:g}' for t in self.targets)}")
+        self.selected = float(target)
+
+    def variant(self, target=None):
+        """The module of `target` (default: the selected one)."""
+        return self[target_key(self.selected if target is None else target)]
+
+    def forward(self, *args, **kwargs):
+        return self.variant()(*args, **kwargs)
+
+    def tie_affine(self):
+        """Makes every variant use the first one's weight and bias Parameters (norms keep their own running
+        statistics): the budget-aware code's choice when the model starts from pretrained weights."""
+        first = self.variant(self.targets[0])
+        for target in self.targets[1:]:
+            other = self.variant(target)
+            other.weight, other.bias = first.weight, first.bias
+
+    def extra_repr(self):
+        return f"targets={', '.join(f'{t:g}' for t in self.targets)}"
+
+
+class PerTargetGate(PerTarget, Gate):
+    """A gate per target: forward(x, target) asks the gate of `target` (the selected one when None), so a block
+    run outside the model's forward (an engine plan) still gets the gate of the target it is given."""
+
+    def forward(self, x, target=None):
+        return self.variant(target)(x, target)
+
+
+def per_target(layer, targets):
+    """A layer factory (like `gate_layer` or `norm_layer`) whose layers have one variant per target; gates
+    become a PerTargetGate."""
+    if layer is None or not targets:
+        return layer
+
+    def make(*args, **kwargs):
+        variants = {t: layer(*args, **kwargs) for t in targets}
+        return (PerTargetGate if isinstance(next(iter(variants.values())), Gate) else PerTarget)(variants)
+
+    return make
+
+
+def select_target(model, target):
+    """Selects `target` in every PerTarget of `model` (target None: leaves the selection as it is)."""
+    if target is None:
+        return
+    for module in model.modules():
+        if isinstance(module, PerTarget):
+            module.select(target)
+
+
+def model_targets(model):
+    """The targets of a multi-target model (those of its first PerTarget), or () for a single-target one."""
+    return next((m.targets for m in model.modules() if isinstance(m, PerTarget)), ())
+
+
+def variant(module, target=None):
+    """`module` itself, or the variant of `target` when it is a PerTarget (e.g. for an engine plan's folds)."""
+    return module.variant(target) if isinstance(module, PerTarget) else module
