@@ -23,9 +23,11 @@ class SparsityCriterion:
         self.num_epochs = num_epochs
         self.weight = weight
 
-    def __call__(self, decisions, epoch):
-        """Returns (loss, cost fraction of the network, per-block cost fractions); all tensors."""
-        lower, upper = budget_bounds(self.budget, epoch, self.num_epochs)
+    def __call__(self, decisions, epoch, budget=None):
+        """Returns (loss, cost fraction of the network, per-block cost fractions); all tensors. `budget`: this
+        step's budget in place of the criterion's own (multi-target models train one budget per step)."""
+        budget = self.budget if budget is None else budget
+        lower, upper = budget_bounds(budget, epoch, self.num_epochs)
         costs = [c for c in (d.conditional() for d in decisions) if c[1] > 0]
         executed, totals = zip(*costs)
         executed = torch.stack(executed)
@@ -33,6 +35,6 @@ class SparsityCriterion:
         block_fractions = executed / totals
         block_term = (F.relu(block_fractions - upper) ** 2 + F.relu(lower - block_fractions) ** 2).mean()
         network_fraction = executed.sum() / totals.sum()
-        network_term = (network_fraction - self.budget) ** 2
+        network_term = (network_fraction - budget) ** 2
         loss = self.weight * (network_term + block_term)
         return loss, network_fraction.detach(), block_fractions.detach()

@@ -52,7 +52,8 @@ class TaskLoss(Objective):
 
 
 class Sparsity(Objective):
-    """DynConv's sparsity criterion on the step's decisions, with the network and per-block cost fractions."""
+    """DynConv's sparsity criterion on the step's decisions, with the network and per-block cost fractions.
+    budget None: the budget the step trained (`step.target`, multi-target models)."""
 
     name = "sparsity"
 
@@ -60,7 +61,8 @@ class Sparsity(Objective):
         self.criterion = SparsityCriterion(budget, num_epochs, weight)
 
     def __call__(self, step):
-        loss, cost, block_costs = self.criterion(step.decisions, int(step.epoch))
+        budget = step.target if self.criterion.budget is None else None
+        loss, cost, block_costs = self.criterion(step.decisions, int(step.epoch), budget)
         return loss, {"cost": cost, "block_cost": block_costs}
 
 
@@ -96,12 +98,46 @@ class DecisionLosses(Objective):
         return torch.stack(losses).sum() if losses else None
 
 
-class Loss:
-    """The sum of the terms. `loss(step) -> (total, values)`: values maps '<name>_loss' to each detached term
-    and holds the terms' metrics. A term that returns None takes no part in this step."""
+class BudgetAwareness:
+    """The budget-aware paper's loss weight per budget: `awareness(step)` is w_b of the step's budget b.
 
-    def __init__(self, terms):
+    From each budget's validation Prec@1 a_b against its target t_b (`update`, after every epoch): r_b =
+    (t_b - a_b)^2 ('l2'), max(0, 1 - a_b / t_b) ('l1'; the paper's code has no clamp, so a budget above its
+    target gets a negative weight there) or 1 ('none'); w_b = N r_b / sum(r), every w_b = 1 when sum(r) = 0
+    and before the first update."""
+
+    METRICS = ("l1", "l2", "none")
+
+    def __init__(self, budgets, metric="none", targets=None):
+        if metric not in self.METRICS:
+            raise ValueError(f"unknown awareness metric '{metric}' (choices: {', '.join(self.METRICS)})")
+        self.budgets, self.metric, self.targets = tuple(budgets), metric, targets or {}
+        self.weights = {b: 1.0 for b in self.budgets}
+
+    def update(self, accuracies):
+        """New weights from {budget: Prec@1}."""
+        if self.metric == "none":
+            return
+        t, a = self.targets, accuracies
+        if self.metric == "l2":
+            r = {b: (t[b] - a[b]) ** 2 for b in self.budgets}
+        else:
+            r = {b: max(0.0, 1.0 - a[b] / t[b]) for b in self.budgets}
+        total = sum(r.values())
+        self.weights = {b: len(r) * r[b] / total if total > 0 else 1.0 for b in self.budgets}
+
+    def __call__(self, step):
+        return self.weights[step.target]
+
+
+class Loss:
+    """The sum of the terms, times `weight(step)` when given (e.g. BudgetAwareness). `loss(step) -> (total,
+    values)`: values maps '<name>_loss' to each detached term (unweighted) and holds the terms' metrics, and
+    'loss_weight' the weight. A term that returns None takes no part in this step."""
+
+    def __init__(self, terms, weight=None):
         self.terms = list(terms)
+        self.weight = weight
 
     def __call__(self, step):
         total: Optional[torch.Tensor] = None
@@ -114,4 +150,7 @@ class Loss:
             total = value if total is None else total + value
             values[f"{term.name}_loss"] = value.detach()
             values.update(metrics)
+        if self.weight is not None:
+            values["loss_weight"] = weight = self.weight(step)
+            total = total * weight
         return total, values

@@ -115,3 +115,48 @@ def test_per_target_layers():
     assert norms.variant(0.3).running_mean is not norms.variant(0.5).running_mean  # ... own statistics
     with pytest.raises(ValueError, match="needs a gate_layer"):
         create_model("resnet8", targets=(0.5,))
+
+
+@pytest.mark.parametrize("metric,accuracies,expected", [
+    ("l2", {0.3: 67.0, 0.5: 71.0}, {0.3: 1.8, 0.5: 0.2}),  # r = 9, 1: w = 2 * 9 / 10, 2 * 1 / 10
+    ("l1", {0.3: 63.0, 0.5: 73.0}, {0.3: 2.0, 0.5: 0.0}),  # r = 0.1, max(0, 1 - 73 / 72) = 0
+    ("none", {0.3: 63.0, 0.5: 73.0}, {0.3: 1.0, 0.5: 1.0}),
+    ("l2", {0.3: 70.0, 0.5: 72.0}, {0.3: 1.0, 0.5: 1.0}),  # both on target: sum(r) = 0, equal weights
+])
+def test_budget_awareness_weights_by_hand(metric, accuracies, expected):
+    from dynconv.objectives import BudgetAwareness, StepOutput
+
+    awareness = BudgetAwareness((0.3, 0.5), metric, {0.3: 70.0, 0.5: 72.0})
+    assert awareness.weights == {0.3: 1.0, 0.5: 1.0}  # before the first validation
+    awareness.update(accuracies)
+    for budget, weight in expected.items():
+        step = StepOutput(None, None, [], None, 1.0, target=budget)
+        assert awareness(step) == pytest.approx(weight)
+
+
+def test_distillation_and_the_weighted_loss_by_hand():
+    """KD = KL(softmax(t / T) || softmax(s / T)) T^2: for s = (1, 0), t = (0, 1), T = 2 the two distributions are
+    (sigmoid(0.5), sigmoid(-0.5)) and its reverse, so KL = (sigmoid(0.5) - sigmoid(-0.5)) * 0.5. The loss of a step
+    is w_b times the sum of its terms; the sparsity term takes the step's budget."""
+    import math
+
+    from dynconv.objectives import Distillation, Loss, Sparsity, StepOutput
+    from dynconv.loss import SparsityCriterion
+
+    class Teacher(torch.nn.Module):
+        def forward(self, images):
+            return torch.tensor([[0.0, 1.0]])
+
+    teacher = Teacher()
+    step = StepOutput(None, torch.tensor([[1.0, 0.0]]), [], None, 0.0, target=0.5)
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    kd = 4 * (sigmoid(0.5) - sigmoid(-0.5)) * 0.5
+    assert Distillation(teacher, temperature=2.0, weight=1.0)(step).item() == pytest.approx(kd)
+    total, values = Loss([Distillation(teacher, 2.0, 0.01)], weight=lambda s: 1.5)(step)
+    assert total.item() == pytest.approx(1.5 * 0.01 * kd) and values["loss_weight"] == 1.5
+
+    model = create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS).train()
+    _, decisions = model(torch.randn(2, 3, 16, 16), target=0.25)
+    step = StepOutput(None, None, decisions, None, 3.0, target=0.25)
+    loss, _ = Sparsity(None, 10)(step)
+    torch.testing.assert_close(loss, SparsityCriterion(0.25, 10)(decisions, 3)[0])
