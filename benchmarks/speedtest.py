@@ -137,7 +137,7 @@ def load_trained(name, path):
     if trained_as not in (None, name):
         raise UserError(f"{path} holds a {trained_as}, not a {name}: pass --models {trained_as}")
     model = create_model(name, family_of(name), gate_layer=MaskUnit)
-    state = model_config(name).checkpoint_filter(checkpoint["state_dict"], model)
+    state = model_config(name).filter(checkpoint["state_dict"], model)
     if not gate_state_keys(model) & set(state):
         raise UserError(f"{path} is a static model (no gates): the sparse engine needs a checkpoint with gates "
                         "(mask units), e.g. one trained with --budget 0.5")

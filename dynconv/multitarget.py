@@ -91,3 +91,52 @@ def model_targets(model):
 def variant(module, target=None):
     """`module` itself, or the variant of `target` when it is a PerTarget (e.g. for an engine plan's folds)."""
     return module.variant(target) if isinstance(module, PerTarget) else module
+
+
+def tie_norms(model):
+    """tie_affine on every per-target norm of `model` (a model started from pretrained weights)."""
+    for module in model.modules():
+        if isinstance(module, PerTarget) and not isinstance(module, PerTargetGate):
+            module.tie_affine()
+
+
+def per_target_layout(state_dict, model):
+    """A checkpoint in the layout of `model`'s per-target layers (unchanged for single-target models):
+    - the budget-aware code's keys, `<layer>_BB.` (norms) and `<layer>BB.` (mask units), become `<layer>.BB.`;
+    - a single-target checkpoint's `<layer>.*` goes to every target: single-budget weights start a multi-target
+      model. The budget-aware code's shared norms (`<layer>.*` beside its `<layer>_BB.*`, never called by its
+      sparse forward) only fill what the per-budget keys leave open."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PerTarget)}
+    if not layers:
+        return state_dict
+    out, shared = {}, {}
+    for key, value in state_dict.items():
+        layer, rest = _per_target_key(key, layers)
+        if layer is None:
+            out[key] = value
+        elif rest is None:  # <layer>.<name>: one module for every target
+            shared.setdefault(layer, {})[key[len(layer) + 1:]] = value
+        else:
+            out[f"{layer}.{rest}"] = value
+    for layer, entries in shared.items():
+        for target in layers[layer].targets:
+            for name, value in entries.items():
+                out.setdefault(f"{layer}.{target_key(target)}.{name}", value)
+    return out
+
+
+def _per_target_key(key, layers):
+    """(layer, 'BB.<name>') for a key of one target's variant of a per-target layer, (layer, None) for a key of
+    the layer without a target, (None, None) for any other key."""
+    for layer, module in layers.items():
+        if not key.startswith(layer):
+            continue
+        tail = key[len(layer):]
+        for target in module.targets:
+            bb = target_key(target)
+            for form in (f".{bb}.", f"_{bb}.", f"{bb}."):
+                if tail.startswith(form):
+                    return layer, f"{bb}.{tail[len(form):]}"
+        if tail.startswith("."):
+            return layer, None
+    return None, None

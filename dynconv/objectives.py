@@ -151,6 +151,7 @@ class Loss:
             values[f"{term.name}_loss"] = value.detach()
             values.update(metrics)
         if self.weight is not None:
-            values["loss_weight"] = weight = self.weight(step)
+            weight = self.weight(step)
+            values["loss_weight"] = torch.as_tensor(float(weight))
             total = total * weight
         return total, values

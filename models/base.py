@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 from dynconv.decisions import Dynamic
-from dynconv.multitarget import select_target
+from dynconv.multitarget import per_target_layout, select_target
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -41,6 +41,11 @@ class ModelConfig:
     # checkpoint_filter(state_dict, model) -> state dict in our layout (reference, torchvision, upstream formats)
     checkpoint_filter: Callable = strip_module_prefix
     input_multiple: int = 1  # the input side must be a multiple of this (the network's total stride)
+
+    def filter(self, state_dict, model):
+        """A checkpoint in our layout for `model`: the model's checkpoint_filter, then the layout of its
+        per-target layers when it is multi-target (dynconv/multitarget.py)."""
+        return per_target_layout(self.checkpoint_filter(state_dict, model), model)
 
 
 class DynamicNetwork(Dynamic, nn.Module):

@@ -157,11 +157,14 @@ _OFFICIAL = [  # (official key pattern, ours)
 
 
 def convnext_checkpoint_filter(state_dict, model=None):
-    """Official ConvNeXt files (and the budget-aware code's, with `masker` keys) and timm's state dicts to our
-    layout; timm's 1x1-conv MLPs (conv_mlp variants such as atto) become Linear weights."""
+    """Official ConvNeXt files (and the budget-aware code's, with `masker` keys, or `maskerBB` and `norm_BB` in
+    its multi-target models) and timm's state dicts to our layout; timm's 1x1-conv MLPs (conv_mlp variants such
+    as atto) become Linear weights."""
     state_dict = strip_module_prefix(state_dict)
     out = {}
     for key, value in state_dict.items():
+        if re.search(r"\.norm_\d+\.", key):
+            continue  # the budget-aware code's per-budget LayerNorm copies: the same tensors as the block's norm
         if not key.startswith(("stem.", "head.norm.", "head.fc.")) and ".blocks." not in key:
             for pattern, ours in _OFFICIAL:
                 key = re.sub(pattern, ours, key)

@@ -111,7 +111,8 @@ def test_the_recipe_schedules_temperature_groups_and_freeze():
     from utils.distributed import DistContext
     from utils.recipe import set_lr
 
-    args = SimpleNamespace(**dict(RECIPE_DEFAULTS, **model_config("convnext_atto").recipe), budget=0.5, amp=False)
+    args = SimpleNamespace(**dict(RECIPE_DEFAULTS, **model_config("convnext_atto").recipe), budget=0.5, budget_targets=None,
+                           model="convnext_atto", amp=False)
     assert [gumbel_temperature(e, args) for e in (0, 35, 36, 71, 72, 119)] == [5.0, 5.0, 2.5, 2.5, 1.0, 1.0]
     model = create_model("convnext_atto", gate_layer=MaskUnit, num_classes=10)
     setup = build_setup(model, args, 10, updates_per_epoch=10, ctx=DistContext())

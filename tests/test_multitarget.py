@@ -153,10 +153,155 @@ def test_distillation_and_the_weighted_loss_by_hand():
     kd = 4 * (sigmoid(0.5) - sigmoid(-0.5)) * 0.5
     assert Distillation(teacher, temperature=2.0, weight=1.0)(step).item() == pytest.approx(kd)
     total, values = Loss([Distillation(teacher, 2.0, 0.01)], weight=lambda s: 1.5)(step)
-    assert total.item() == pytest.approx(1.5 * 0.01 * kd) and values["loss_weight"] == 1.5
+    assert total.item() == pytest.approx(1.5 * 0.01 * kd) and values["loss_weight"].item() == 1.5
 
     model = create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS).train()
     _, decisions = model(torch.randn(2, 3, 16, 16), target=0.25)
     step = StepOutput(None, None, decisions, None, 3.0, target=0.25)
     loss, _ = Sparsity(None, 10)(step)
     torch.testing.assert_close(loss, SparsityCriterion(0.25, 10)(decisions, 3)[0])
+
+
+def _upstream_keys(state_dict):
+    """Our multi-target keys in the budget-aware code's layout: <bnK>.BB. -> <bnK>_BB., masker.BB. -> maskerBB."""
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"\.(bn\d|norm)\.(\d+)\.", r".\1_\2.", key)
+        out[re.sub(r"\.masker\.(\d+)\.", r".masker\1.", key)] = value
+    return out
+
+
+def test_budget_aware_codes_resnet_checkpoint_evaluates_like_ours(tiny_cifar, tmp_path, capsys):
+    """Its keys (layerX.Y.maskerBB.*, layerX.Y.bnK_BB.*, the never-called shared bnK.* beside them) and its dict
+    (no args; each budget's best Prec@1 under the float budget) give the same lines under -e as our checkpoint
+    of the same weights, every budget read from the checkpoint without --budget_targets."""
+    import main_cifar
+    from conftest import run_entry
+
+    torch.manual_seed(0)
+    multi = randomised(create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS, num_classes=3))
+    ours, theirs = str(tmp_path / "ours.pth"), str(tmp_path / "theirs.pth")
+    torch.save({"state_dict": multi.state_dict(), "epoch": 5, "args": {
+        "model": "resnet8", "budget": -1, "budget_targets": list(BUDGETS), "model_kwargs": {}}}, ours)
+    upstream = _upstream_keys(multi.state_dict())
+    shared = {k.replace(".bn1.025.", ".bn1."): torch.zeros_like(v) for k, v in multi.state_dict().items()
+              if ".bn1.025." in k}  # the shared norms: init values upstream, never used by its sparse forward
+    assert "layer1.0.bn1_025.running_var" in upstream and "layer1.0.masker075.maskconv.fc.bias" in upstream
+    torch.save({"state_dict": {**upstream, **shared}, "optimizer": {}, "epoch": 5, "best_prec1": 60.0,
+                **{b: 50.0 + b for b in BUDGETS}}, theirs)
+    outputs = []
+    for path in (ours, theirs):
+        code, out, err = run_entry(main_cifar.main, ["--model", "resnet8", "-r", path, "-e", "--data", tiny_cifar,
+                                                     "--workers", "0"], capsys)
+        assert code == 0, err
+        outputs.append([line for line in out.splitlines() if line.startswith("[budget")])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2 * len(BUDGETS)
+    assert [line.split("]")[0] for line in outputs[0][::2]] == ["[budget 0.25", "[budget 0.5", "[budget 0.75"]
+
+
+def test_budget_aware_codes_convnext_and_single_budget_weights_load():
+    """ConvNeXt: stages.i.j.maskerBB.* and the per-budget LayerNorm copies norm_BB.* (the same tensors as norm)
+    in the official layout load into ours; a single-budget checkpoint's gate and norms start every budget."""
+    from models import model_config
+    from test_convnext import _official_keys
+    from utils.checkpoint import load_model_state
+
+    torch.manual_seed(0)
+    multi = create_model("convnext_atto", gate_layer=MaskUnit, targets=(0.3, 0.5))
+    official = _upstream_keys(_official_keys(multi.state_dict()))
+    official.update({k.replace(".norm.", ".norm_03."): v for k, v in official.items() if re.search(r"\.\d+\.norm\.", k)})
+    assert "stages.1.0.masker05.maskconv.conv.weight" in official and "stages.1.0.norm_03.weight" in official
+    loaded = create_model("convnext_atto", gate_layer=MaskUnit, targets=(0.3, 0.5))
+    load_model_state(loaded, model_config("convnext_atto").filter(official, loaded), "upstream")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in multi.state_dict().items())
+
+    single = randomised(create_model("resnet8", gate_layer=MaskUnit))
+    multi = create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS)
+    load_model_state(multi, model_config("resnet8").filter(single.state_dict(), multi), "single")
+    for budget in BUDGETS:
+        state = single_budget_state(multi.state_dict(), budget)
+        assert all(torch.equal(state[k], v) for k, v in single.state_dict().items())
+
+
+@pytest.mark.slow
+def test_cli_trains_with_a_teacher_resumes_evaluates_every_budget_and_plots(tiny_cifar, tmp_path, capsys):
+    """A tiny multi-target run: a dense teacher first, then budgets 0.25/0.5/0.75 distilled from it with l2
+    awareness (targets from a CSV), stopped after epoch 1 and resumed; -e prints every budget, --budget one,
+    --plot_ponder draws the budgets side by side; per-budget metrics and weights reach log.jsonl."""
+    import json
+    import os
+
+    import main_cifar
+    from conftest import run_entry
+    from utils.checkpoint import load_checkpoint
+
+    common = ["--model", "resnet8", "--batchsize", "8", "--workers", "0", "--data", tiny_cifar]
+    teacher = str(tmp_path / "teacher")
+    assert run_entry(main_cifar.main, common + ["--epochs", "1", "-s", teacher], capsys)[0] == 0
+    csv_path = tmp_path / "targets.csv"
+    csv_path.write_text("model,0.25,0.5,0.75,1\nresnet8,40,50,60,70\n")
+    run_dir = str(tmp_path / "multi")
+    train = common + ["--budget_targets", *map(str, BUDGETS), "--teacher_weights",
+                      os.path.join(teacher, "checkpoint_best.pth"), "--awareness_metric", "l2",
+                      "--performance_targets_csv", str(csv_path), "-s", run_dir, "-r", run_dir]
+    code, out, err = run_entry(main_cifar.main, train + ["--epochs", "1"], capsys)
+    assert code == 0, err
+    assert "=> distilling from resnet8" in out and "budget awareness: l2 against Prec@1 targets 0.25: 40" in out
+    weights = load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))["awareness_weights"]
+    assert sum(weights.values()) == pytest.approx(3.0)
+    code, out, err = run_entry(main_cifar.main, train + ["--epochs", "2"], capsys)
+    assert code == 0, err
+    assert "[budget 0.75] * Epoch 2 - Prec@1" in out and "* Epoch 1 " not in out
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        train_logs = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    assert {"kd_loss@0.25", "sparsity_loss@0.5", "loss_weight@0.75", "task_loss"} <= set(train_logs[-1])
+
+    code, out, err = run_entry(main_cifar.main, common + ["-r", run_dir, "-e"], capsys)
+    assert code == 0, err
+    for budget in BUDGETS:
+        assert f"[budget {budget:g}] * Epoch 2 - Prec@1" in out
+        assert f"[budget {budget:g}] * FLOPS (multiply-accumulates, MACs) per image:" in out
+    code, out, err = run_entry(main_cifar.main, common + ["-r", run_dir, "-e", "--budget", "0.5"], capsys)
+    assert code == 0 and "[budget 0.5]" in out and "[budget 0.25]" not in out
+    plots = str(tmp_path / "ponder")
+    code, out, err = run_entry(main_cifar.main, common + ["-r", run_dir, "-e", "--plot_ponder", "--plot_only",
+                                                          "--plot_count", "1", "--plot_dir", plots], capsys)
+    assert code == 0, err
+    assert os.listdir(plots) == ["000.png"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--budget_targets", "0.5", "0.5"], "--budget_targets has a budget twice"),
+    (["--budget_targets", "0.5", "1.2"], "--budget_targets must lie in [0, 1]"),
+    (["--budget_targets", "0.5", "0.7", "--budget", "0.5"], "--budget names one budget"),
+    (["--budget_targets", "0.3", "0.5", "--awareness_metric", "l1"], "has no targets for resnet8"),
+    (["--budget_targets", "0.3", "0.4", "--awareness_metric", "l2", "--performance_targets_csv", "CSV"],
+     "has no target for resnet8 at budget 0.4"),
+    (["--budget_targets", "0.3", "--teacher_weights", "TEACHER"], "classifies 10 classes, the data set has 3"),
+    (["--budget_targets", "0.3", "--teacher_model", "resnet9000"], "--teacher_model resnet9000 is not a model"),
+    (["--budget_targets", "0.3", "--teacher_model", "resnet8"], "has no published weights"),
+])
+def test_bad_multi_target_input_is_one_line_and_exit_2(flags, message, tiny_cifar, tmp_path, capsys):
+    import main_cifar
+    from conftest import run_entry
+
+    (tmp_path / "targets.csv").write_text("model,0.3,0.5\nresnet8,40,50\n")
+    teacher = str(tmp_path / "teacher.pth")
+    torch.save(create_model("resnet8").state_dict(), teacher)  # a 10-class dense resnet8
+    flags = [{"CSV": str(tmp_path / "targets.csv"), "TEACHER": teacher}.get(f, f) for f in flags]
+    code, _, err = run_entry(main_cifar.main, ["--model", "resnet8", "--data", tiny_cifar, "--workers", "0",
+                                               "--epochs", "1", "-s", str(tmp_path / "run")] + flags, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_budget_the_checkpoint_was_not_trained_for_lists_them(tiny_cifar, tmp_path, capsys):
+    import main_cifar
+    from conftest import run_entry
+
+    path = str(tmp_path / "multi.pth")
+    torch.save({"state_dict": create_model("resnet8", gate_layer=MaskUnit, targets=(0.3, 0.5), num_classes=3)
+                .state_dict(), "epoch": 1, "args": {"model": "resnet8", "budget": -1, "budget_targets": [0.3, 0.5],
+                                                   "model_kwargs": {}}}, path)
+    code, _, err = run_entry(main_cifar.main, ["-r", path, "-e", "--budget", "0.4", "--data", tiny_cifar,
+                                               "--workers", "0"], capsys)
+    assert code == 2 and "--budget 0.4 is not one of this model's budgets (0.3, 0.5)" in err

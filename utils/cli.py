@@ -18,7 +18,9 @@ RECIPE_DEFAULTS = dict(opt="sgd", lr=0.1, momentum=0.9, sched="step", lr_decay=[
                        batchsize=64, epochs=100, warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, mixup=0.0,
                        cutmix=0.0, smoothing=0.0, model_ema=False, model_ema_decay=0.9998, drop_path=0.0,
                        clip_grad=None, update_freq=1, lr_scale={}, freeze={}, no_wd_norm_bias=False,
-                       gumbel_temp=[1.0], gumbel_temp_epochs=[], gumbel_noise_epochs=0.8, sparsity_weight=10.0)
+                       gumbel_temp=[1.0], gumbel_temp_epochs=[], gumbel_noise_epochs=0.8, sparsity_weight=10.0,
+                       teacher_model=None, teacher_weights=None, T_kd=20.0, kd_weight=0.01, awareness_metric=None,
+                       performance_targets_csv=None)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -132,6 +134,17 @@ def _add_recipe_flags(p):
     g.add_argument("--gumbel_noise_epochs", type=float,
                    help="fraction of the epochs trained with Gumbel noise (noise while epoch <= fraction * epochs)")
     g.add_argument("--sparsity_weight", type=float, help="weight of the sparsity criterion")
+    g.add_argument("--teacher_model", metavar="NAME", help="distil from this dense network (its published weights, "
+                   "or --teacher_weights); default with --teacher_weights: --model; none: no distillation")
+    g.add_argument("--teacher_weights", metavar="PATH", help="the teacher's weights (a checkpoint of ours, a timm "
+                   "or torchvision state dict)")
+    g.add_argument("--T_kd", type=float, help="distillation temperature")
+    g.add_argument("--kd_weight", type=float, help="weight of the distillation term")
+    g.add_argument("--awareness_metric", choices=("l1", "l2", "none"), help="multi-target: per-budget loss weights "
+                   "from each budget's validation Prec@1 against its target (default: l2 when the targets CSV has "
+                   "the model, else none)")
+    g.add_argument("--performance_targets_csv", metavar="CSV", help="multi-target: Prec@1 targets per model and "
+                   "budget (default: configs/performance_targets.csv, the budget-aware paper's ImageNet numbers)")
 
 
 def _add_run_flags(p, defaults, data_aliases):
@@ -179,6 +192,9 @@ def build_parser(description, models, defaults, data_aliases=(), epilog=None):
     p.add_argument("--budget", type=float, default=-1,
                    help="fraction of conditional MACs to keep, in [0, 1]; -1 = the static network (no gates, a plain "
                         "ResNet); with -r, the checkpoint's")
+    p.add_argument("--budget_targets", type=float, nargs="+", default=None, metavar="BUDGET",
+                   help="a multi-target model: one network with a gate (and block norms) per budget, each minibatch "
+                        "training one in turn; with -r, the checkpoint's")
     p.add_argument("--model_kwargs", type=key_values(), nargs="*", action=KeyValues, default={}, metavar="KEY=VALUE",
                    help="options of the model's factory (e.g. drop_path_rate=0.1), as Python literals")
     _add_recipe_flags(p)

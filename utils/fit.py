@@ -8,20 +8,23 @@ from tqdm import tqdm
 
 from dynconv import set_gate_schedule
 from dynconv.gates import gate_state_keys
-from dynconv.objectives import DecisionLosses, Loss, Sparsity, TaskLoss
+from dynconv.objectives import BudgetAwareness, DecisionLosses, Distillation, Loss, Sparsity, TaskLoss
 from . import recipe
+from .budgets import awareness_setup, is_dynamic, run_targets
 from .checkpoint import BEST, BEST_EMA, EMA, LATEST, restore_rng, rng_state, save_checkpoint
 from .distributed import broadcast_buffers
 from .errors import UserError
 from .interrupt import Interrupted, SavePolicy, StopRequest
 from .logger import RunLogger
-from .training import TrainSetup, train_one_epoch, validate
+from .training import TrainSetup, target_scalars, train_one_epoch, validate_targets
 
 PARAMETER_GROUPS = ("gates", "backbone")  # the gates' parameters, and everything else
 
 
-def build_setup(model, args, num_classes, updates_per_epoch, ctx):
-    """Optimizer (parameter groups gates/backbone), per-iteration schedule, EMA, mixup and the loss terms."""
+def build_setup(model, args, num_classes, updates_per_epoch, ctx, teacher=None):
+    """Optimizer (parameter groups gates/backbone), per-iteration schedule, EMA, mixup and the loss terms (with
+    distillation from `teacher` when given); multi-target runs train one budget per minibatch, round-robin, each
+    step's loss weighted by the budget awareness."""
     gates = gate_state_keys(model)
     groups = recipe.param_groups(model, args.weight_decay, args.lr_scale,
                                  group_of=lambda name: PARAMETER_GROUPS[name not in gates],
@@ -31,13 +34,19 @@ def build_setup(model, args, num_classes, updates_per_epoch, ctx):
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                         min_lr=args.min_lr)
     mixup = recipe.create_mixup(args.mixup, args.cutmix, args.smoothing, num_classes)
+    targets = run_targets(args)
     terms = [TaskLoss(args.smoothing), DecisionLosses()]  # with mixup the soft targets carry the smoothing
-    if args.budget >= 0:
-        terms.append(Sparsity(args.budget, args.epochs, args.sparsity_weight))
-    return TrainSetup(optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=args.amp), Loss(terms),
+    if is_dynamic(args):  # multi-target: each step's own budget
+        terms.append(Sparsity(None if targets else args.budget, args.epochs, args.sparsity_weight))
+    if teacher is not None:
+        terms.append(Distillation(teacher, args.T_kd, args.kd_weight))
+    awareness = BudgetAwareness(targets, *awareness_setup(args, args.model)) if targets else None
+    return TrainSetup(optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=args.amp),
+                      Loss(terms, weight=awareness),
                       ema=recipe.create_ema(model, args.model_ema_decay) if args.model_ema else None,
                       mixup=mixup, update_freq=args.update_freq, clip_grad=args.clip_grad, amp=args.amp,
-                      freeze=args.freeze)
+                      freeze=args.freeze, awareness=awareness,
+                      **({"choose_target": lambda i: targets[i % len(targets)]} if targets else {}))
 
 
 def gumbel_noise_on(epoch, args):
@@ -74,12 +83,16 @@ class Trainer:
         self.epoch, self.step = int(checkpoint.get("epoch", 0)), int(checkpoint.get("step", 0))
         self.best = float(checkpoint.get("best_prec1", 0.0))
         self.best_ema = float(checkpoint.get("best_ema_prec1", 0.0))
+        if self.setup.awareness is not None and "awareness_weights" in checkpoint:
+            self.setup.awareness.weights = {float(b): w for b, w in checkpoint["awareness_weights"].items()}
         if "rng" in checkpoint and not self.ctx.distributed:  # under torchrun each process keeps its own seed
             restore_rng(checkpoint["rng"])
 
     def _state(self, **extra):
         state = {"state_dict": self.model.state_dict(), "optimizer": self.setup.optimizer.state_dict(),
                  "best_prec1": self.best, "args": dict(vars(self.args)), "version": 2, "rng": rng_state(), **extra}
+        if self.setup.awareness is not None:
+            state["awareness_weights"] = {f"{b:g}": w for b, w in self.setup.awareness.weights.items()}
         if self.setup.ema is not None:
             state.update({recipe.EMA_KEY: recipe.ema_state(self.setup.ema), "best_ema_prec1": self.best_ema})
         return state
@@ -117,17 +130,23 @@ class Trainer:
         self.saved = f"{os.path.join(self.run_dir, LATEST)} (end of epoch {epoch + 1})"
 
 
-def fit(model, data, checkpoint, args, topk, run_dir, ctx):
+def fit(model, data, checkpoint, args, topk, run_dir, ctx, teacher=None):
     """Trains from the checkpoint's epoch (and step) to --epochs; evaluates (and the EMA) and saves after every
-    epoch. Returns the last epoch's metrics with the best Prec@1."""
+    epoch. Returns the last epoch's metrics with the best Prec@1 (multi-target: the mean over the budgets)."""
     train_loader, val_loader, val_set, num_classes = data
-    setup = build_setup(model, args, num_classes, recipe.count_updates(len(train_loader), args.update_freq), ctx)
+    setup = build_setup(model, args, num_classes, recipe.count_updates(len(train_loader), args.update_freq), ctx,
+                        teacher)
     trainer = Trainer(model, setup, args, run_dir, ctx)
     if checkpoint is not None:
         trainer.resume(checkpoint, args.resume)
     if ctx.is_main:
         print(f"=> training epochs {trainer.epoch + 1}-{args.epochs}" +
               (f" (resuming epoch {trainer.epoch + 1} after batch {trainer.step})" if trainer.step else ""))
+        if setup.awareness is not None:
+            aware = setup.awareness
+            print(f"=> budget awareness: {aware.metric}" + (
+                " against Prec@1 targets " + ", ".join(f"{b:g}: {t:g}" for b, t in aware.targets.items())
+                if aware.targets else ""))
     with trainer.stop:
         try:
             metrics = _epochs(trainer, train_loader, val_loader, topk)
@@ -157,13 +176,16 @@ def _epochs(trainer, train_loader, val_loader, topk):
                           progress=epoch / args.epochs)
         train_metrics = train_one_epoch(train_model, train_loader, setup, epoch, ctx, ctx.is_main, start_step)
         broadcast_buffers(model, ctx)  # the checkpoint holds rank 0's BN statistics: evaluate exactly that
-        metrics = validate(model, val_loader, ctx, topk, False, args.amp, ctx.is_main)
+        targets = run_targets(args)
+        metrics = validate_targets(model, val_loader, ctx, targets, topk, amp=args.amp, show_progress=ctx.is_main)
         trainer.best = max(trainer.best, metrics["prec1"])
-        ema_metrics = {} if setup.ema is None else validate(setup.ema.module, val_loader, ctx, topk, False,
-                                                             args.amp, ctx.is_main)
+        ema_metrics = {} if setup.ema is None else validate_targets(setup.ema.module, val_loader, ctx, targets, topk,
+                                                                     amp=args.amp, show_progress=ctx.is_main)
         trainer.best_ema = max(trainer.best_ema, ema_metrics.get("prec1", 0.0))
+        if setup.awareness is not None:  # the next epoch's weights, from the EMA's accuracy when there is one
+            setup.awareness.update({t: m["prec1"] for t, m in (ema_metrics or metrics)["targets"].items()})
         if ctx.is_main:
-            _report_epoch(epoch, train_metrics, metrics, ema_metrics, trainer.best, logger)
+            _report_epoch(epoch, train_metrics, metrics, ema_metrics, trainer.best, logger, setup.awareness)
             trainer.save_epoch(epoch, metrics, ema_metrics)
         if trainer.stop.requested(ctx):
             raise Interrupted(f"interrupted: saved {trainer.saved}; resume with the same command and "
@@ -172,11 +194,19 @@ def _epochs(trainer, train_loader, val_loader, topk):
     return metrics
 
 
-def _report_epoch(epoch, train_metrics, metrics, ema_metrics, best, logger):
+def _report_epoch(epoch, train_metrics, metrics, ema_metrics, best, logger, awareness=None):
+    """The epoch's line (multi-target: the mean over the budgets, after a line per budget) and its logs."""
+    for target, budget_metrics in metrics.get("targets", {}).items():
+        ema = f", EMA Prec@1 {ema_metrics['targets'][target]['prec1']:.3f}" if ema_metrics else ""
+        tqdm.write(f"[budget {target:g}] * Epoch {epoch + 1} - Prec@1 {budget_metrics['prec1']:.3f}  (MMac "
+                   f"{budget_metrics['mmac']:.3f}{ema}, next loss weight {awareness.weights[target]:.3f})")
     ema = f", EMA Prec@1 {ema_metrics['prec1']:.3f}" if ema_metrics else ""
-    tqdm.write(f"* Epoch {epoch + 1} - Prec@1 {metrics['prec1']:.3f}  (task loss {train_metrics['task_loss']:.4f}, "
-               f"MMac {metrics['mmac']:.3f}, lr {train_metrics['lr']:g}{ema})")
-    logger.log(epoch + 1, train_metrics, "train")
-    logger.log(epoch + 1, {**metrics, "best_prec1": best}, "val")
-    if ema_metrics:
-        logger.log(epoch + 1, ema_metrics, "val_ema")
+    mean = " (mean over the budgets)" if "targets" in metrics else ""
+    tqdm.write(f"* Epoch {epoch + 1} - Prec@1 {metrics['prec1']:.3f}{mean}  (task loss "
+               f"{train_metrics['task_loss']:.4f}, MMac {metrics['mmac']:.3f}, lr {train_metrics['lr']:g}{ema})")
+    weights = {f"loss_weight@{t:g}": w for t, w in awareness.weights.items()} if awareness is not None else {}
+    logger.log(epoch + 1, {**train_metrics, **weights}, "train")
+    for kind, values in (("val", {**metrics, "best_prec1": best}), ("val_ema", ema_metrics)):
+        if values:
+            logger.log(epoch + 1, {**{k: v for k, v in values.items() if k != "targets"}, **target_scalars(values)},
+                       kind)

@@ -119,6 +119,24 @@ def ponder_figure(images, decisions, index, mean, std, label=None, prediction=No
     return fig
 
 
+def budgets_ponder_figure(images, decisions, index, mean, std, label=None, predictions=None, class_names=None):
+    """A multi-target model's figure of image `index`: the input, then the ponder-cost map of every budget side
+    by side. `decisions` and `predictions` ({budget: ...}) as the model returned them per budget."""
+    budgets = list(decisions)
+    num_blocks = len(spatial_masks(decisions[budgets[0]]))
+    fig = Figure(figsize=(3.0 * (len(budgets) + 1), 3.4), layout="constrained")
+    subfigs = fig.subfigures(1, len(budgets) + 1)
+    _draw_input(subfigs[0].subplots(), images[index], mean, std, _caption(label, None, class_names))
+    for subfig, budget in zip(subfigs[1:], budgets):
+        ax = subfig.subplots()
+        cost = ponder_cost_map(decisions[budget], index)
+        _draw_cost(subfig, ax, cost, num_blocks)
+        predicted = _caption(None, _item(predictions and predictions[budget], index), class_names)
+        ax.set_title(f"budget {budget:g}: {cost.mean().item():.1f} of {num_blocks} blocks\n{predicted}", fontsize=9)
+    fig.suptitle("ponder cost per budget (blocks executed per position)")
+    return fig
+
+
 def _item(values, i):
     return None if values is None else values[i]
 
@@ -126,11 +144,14 @@ def _item(values, i):
 def save_ponder_figures(images, decisions, out_dir, mean, std, labels=None, predictions=None,
                         class_names=None):
     """One PNG per image, `out_dir/NNN.png` (see ponder_figure); `labels`/`predictions` are per-image class
-    indices (or None), `class_names` maps them to names. Returns the written paths."""
+    indices (or None), `class_names` maps them to names. A dict of decisions (and of predictions), one entry per
+    budget of a multi-target model, draws budgets_ponder_figure instead. Returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
+    draw = budgets_ponder_figure if isinstance(decisions, dict) else ponder_figure
     paths = []
     for i in range(images.shape[0]):
-        fig = ponder_figure(images, decisions, i, mean, std, _item(labels, i), _item(predictions, i), class_names)
+        fig = draw(images, decisions, i, mean, std, _item(labels, i), predictions if isinstance(decisions, dict)
+                   else _item(predictions, i), class_names)
         path = os.path.join(out_dir, f"{i:03d}.png")
         fig.savefig(path, dpi=100)
         paths.append(path)

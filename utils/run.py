@@ -8,15 +8,17 @@ import torch
 
 from dynconv import MaskUnit, SpatialDecision, count_parameters
 from dynconv.gates import gate_state_keys
-from models import WeightsUnavailable, create_model, model_config, model_family
+from dynconv.multitarget import tie_norms
+from models import WeightsUnavailable, create_model, list_models, model_config, model_family
 from . import recipe
+from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
 from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem
 from .data import build_loaders, class_names, first_images
 from .distributed import init_distributed, shutdown
 from .errors import UserError
 from .fit import PARAMETER_GROUPS, fit
-from .training import print_eval, validate
+from .training import mean_over_targets, print_eval, validate
 
 def check_args(args):
     """Everything that can be checked before any data is read: one clear line each."""
@@ -26,10 +28,10 @@ def check_args(args):
         (args.batchsize < 1, "--batchsize must be positive"),
         (args.plot_count < 1, f"--plot_count must be at least 1 (got {args.plot_count})"),
         (args.fast and not args.evaluate, "--fast is an evaluation mode: use it with -e"),
-        (args.fast and args.budget < 0, "--fast runs the sparse engine, which needs a model with gates; this "
-                                        "one is static (budget -1)"),
-        (args.plot_ponder and args.budget < 0, "--plot_ponder draws where gates computed; this model is static "
-                                               "(budget -1)"),
+        (args.fast and not is_dynamic(args), "--fast runs the sparse engine, which needs a model with gates; "
+                                             "this one is static (budget -1)"),
+        (args.plot_ponder and not is_dynamic(args), "--plot_ponder draws where gates computed; this model is "
+                                                    "static (budget -1)"),
         (args.plot_only and not (args.evaluate and args.plot_ponder), "--plot_only goes with -e --plot_ponder"),
         (args.amp and not args.device.startswith("cuda"), "--amp needs a CUDA device"),
         (device_problem(args.device) is not None, device_problem(args.device)),
@@ -38,7 +40,12 @@ def check_args(args):
         (len(args.gumbel_temp) != len(args.gumbel_temp_epochs) + 1,
          "--gumbel_temp needs one value more than --gumbel_temp_epochs (a value per part of the schedule)"),
         (any(t <= 0 for t in args.gumbel_temp), "--gumbel_temp values must be positive"),
-    ]
+    ] + budget_problems(args)
+    if args.budget_targets and not args.evaluate:
+        try:
+            awareness_setup(args, args.model)  # the targets CSV and its row for the model, before any data
+        except ValueError as e:
+            raise UserError(str(e))
     unknown = sorted((set(args.lr_scale) | set(args.freeze)) - set(PARAMETER_GROUPS))
     problems.append((bool(unknown), f"unknown parameter group {', '.join(unknown)} "
                                     f"(groups: {', '.join(PARAMETER_GROUPS)})"))
@@ -59,21 +66,29 @@ def check_args(args):
 
 
 def build_model(args, family, num_classes):
-    """The model the flags describe: a MaskUnit gate per block when --budget >= 0, --model_kwargs for its factory."""
+    """The model the flags describe: a MaskUnit gate per block when --budget >= 0 (one per budget and block with
+    --budget_targets), --model_kwargs for its factory."""
     kwargs = dict(args.model_kwargs)
     if args.drop_path:
         kwargs["drop_path_rate"] = args.drop_path
-    gate_layer = MaskUnit if args.budget >= 0 else None
+    if args.budget_targets:
+        kwargs["targets"] = run_targets(args)
+    gate_layer = MaskUnit if is_dynamic(args) else None
     try:
-        return create_model(args.model, family, gate_layer=gate_layer, num_classes=num_classes, **kwargs)
+        model = create_model(args.model, family, gate_layer=gate_layer, num_classes=num_classes, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
             raise UserError(f"--model_kwargs: {args.model} does not take {str(e).split('argument')[-1].strip()}")
         raise
+    if args.tied_norms:  # the budget-aware code's choice from pretrained weights: one affine per norm
+        tie_norms(model)
+    return model
 
 
-def default_run_dir(family, model, budget):
+def default_run_dir(family, model, budget, targets=()):
     """Where a new run goes without -s: under runs/, never where the shipped checkpoints are (exp/)."""
+    if targets:
+        return os.path.join("runs", family, model, "multi" + "-".join(f"{b:g}".replace(".", "") for b in targets))
     return os.path.join("runs", family, model, "base" if budget < 0 else f"sparse{budget:g}".replace(".", ""))
 
 
@@ -116,7 +131,7 @@ def find_checkpoint(args):
     return args.resume
 
 
-ARCHITECTURE = ("model", "budget", "model_kwargs")  # what a checkpoint's weights fix
+ARCHITECTURE = ("model", "budget", "budget_targets", "model_kwargs")  # what a checkpoint's weights fix
 
 
 def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
@@ -124,13 +139,19 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
     A given architecture flag that contradicts the checkpoint is an error; a given recipe flag that differs from
     the checkpoint's on resume is an override, printed."""
     saved = (checkpoint or {}).get("args") or {}
-    fallback = {"model": default_model, "budget": -1, "model_kwargs": {}}
+    fallback = {"model": default_model, "budget": -1, "budget_targets": _checkpoint_budgets(checkpoint),
+                "model_kwargs": {}}
     for name in ARCHITECTURE:
         if name not in explicit:
             setattr(args, name, saved.get(name, fallback[name]))
+        elif name == "budget" and saved.get("budget_targets"):
+            continue  # --budget picks one budget of a multi-target checkpoint (checked with the other flags)
         elif name in saved and getattr(args, name) != saved[name]:
             raise UserError(f"--{name} {_show(getattr(args, name))} contradicts the checkpoint ({args.resume} was "
                             f"trained with {name} {_show(saved[name])}); leave the flag out to use the checkpoint's")
+    # multi-target from pretrained weights: the per-budget norms share their affine parameters (the budget-aware
+    # code's choice); recorded in the checkpoint, since the optimizer state depends on it
+    args.tied_norms = saved.get("tied_norms", bool(args.budget_targets) and bool(args.pretrained))
     if checkpoint is None or args.evaluate:
         return
     for name in RECIPE_DEFAULTS:
@@ -140,8 +161,21 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
             print(f"=> --{name} {_show(getattr(args, name))} overrides the checkpoint's {_show(saved[name])}")
 
 
+def _checkpoint_budgets(checkpoint):
+    """The budgets of a budget-aware code's multi-target checkpoint (it has no args: each budget's best Prec@1
+    is stored under the budget as a float key), or None."""
+    budgets = sorted(k for k in (checkpoint or {}) if isinstance(k, float))
+    return budgets or None
+
+
 def _show(value):
     return " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else f"{value}"
+
+
+def _describe(args):
+    if args.budget_targets:
+        return "DynConv, multi-target: budgets " + ", ".join(f"{b:g}" for b in run_targets(args))
+    return f"DynConv, budget {args.budget:g}" if args.budget >= 0 else "dense"
 
 
 def _is_complete(checkpoint, args):
@@ -166,7 +200,7 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
         raise UserError(f"--resolution {resolution} is not a multiple of {config.input_multiple}, the total stride "
                         f"of {args.model}")
     run_dir = args.save_dir or (os.path.dirname(checkpoint_path) if checkpoint_path else
-                                default_run_dir(family, args.model, args.budget))
+                                default_run_dir(family, args.model, args.budget, run_targets(args)))
     if not args.evaluate:
         _check_writable(run_dir)
         if checkpoint is None:
@@ -196,14 +230,47 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     if args.pretrained:
         load_pretrained(model, args, config)
     if checkpoint is not None:
-        load_model_state(model, config.checkpoint_filter(checkpoint["state_dict"], model), checkpoint_path)
+        load_model_state(model, config.filter(checkpoint["state_dict"], model), checkpoint_path)
     if ctx.is_main:
-        print(f"=> {args.model} ({'DynConv, budget %g' % args.budget if args.budget >= 0 else 'dense'}), "
-              f"{count_parameters(model):,} parameters" + (f", from {checkpoint_path}" if checkpoint else ""))
+        print(f"=> {args.model} ({_describe(args)}), {count_parameters(model):,} parameters" +
+              (f", from {checkpoint_path}" if checkpoint else ""))
     train_loader, val_loader = build_loaders(train_set, val_set, args.batchsize, args.workers, ctx, args.seed)
     if args.evaluate:
         return evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx)
-    return fit(model, (train_loader, val_loader, val_set, num_classes), checkpoint, args, topk, run_dir, ctx)
+    teacher = load_teacher(args, num_classes, ctx)
+    return fit(model, (train_loader, val_loader, val_set, num_classes), checkpoint, args, topk, run_dir, ctx,
+               teacher)
+
+
+def load_teacher(args, num_classes, ctx):
+    """The distillation teacher (dense, eval mode, no gradients): --teacher_model (default --model) with
+    --teacher_weights, or its published weights; None without either flag or with --teacher_model none. Weights
+    that cannot be loaded are an error, never a teacher with random weights."""
+    if args.teacher_model == "none" or (args.teacher_model is None and args.teacher_weights is None):
+        return None
+    name = args.teacher_model or args.model
+    if name not in list_models():
+        raise UserError(f"--teacher_model {name} is not a model of the registry ({', '.join(list_models())})")
+    config = model_config(name)
+    if args.teacher_weights is None:
+        if config.pretrained is None:
+            raise UserError(f"--teacher_model {name} has no published weights: give --teacher_weights PATH")
+        try:
+            state_dict, source = config.pretrained(name), f"the published {name} weights"
+        except WeightsUnavailable as e:
+            raise UserError(str(e))
+    else:
+        state_dict, source = load_checkpoint(args.teacher_weights)["state_dict"], args.teacher_weights
+    teacher = create_model(name, model_family(name), num_classes=num_classes)
+    state_dict = config.filter(state_dict, teacher)
+    weight = next(k for k in classifier_keys(teacher) if k.endswith("weight"))
+    if weight in state_dict and state_dict[weight].shape[0] != num_classes:
+        raise UserError(f"the teacher ({source}) classifies {state_dict[weight].shape[0]} classes, the data set has "
+                        f"{num_classes}")
+    load_model_state(teacher, state_dict, source)
+    if ctx.is_main:
+        print(f"=> distilling from {name} ({source}), T {args.T_kd:g}, weight {args.kd_weight:g}")
+    return teacher.to(ctx.device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 def load_pretrained(model, args, config):
@@ -218,7 +285,7 @@ def load_pretrained(model, args, config):
             raise UserError(str(e))
     else:
         state_dict, source = load_checkpoint(args.pretrained)["state_dict"], args.pretrained
-    state_dict = config.checkpoint_filter(state_dict, model)
+    state_dict = config.filter(state_dict, model)
     allow_missing = gate_state_keys(model)
     classifier = set(classifier_keys(model))
     own = model.state_dict()
@@ -231,34 +298,40 @@ def load_pretrained(model, args, config):
 def evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx):
     """-e: Prec@k and MMac of the checkpoint (with --fast also through the sparse engine); prints the lines.
     With --plot_only, only the ponder figures of the first images."""
-    show = ctx.is_main
+    show, epoch = ctx.is_main, int(checkpoint.get("epoch", 0))
     if args.plot_only:
         if ctx.is_main:
             plot_ponder(model, val_set, args, run_dir, ctx)
-        return {"epoch": int(checkpoint.get("epoch", 0))}
-    if args.fast:
-        metrics = evaluate_fast(model, val_loader, ctx, topk, args, show)
-    else:
-        metrics = validate(model, val_loader, ctx, topk, args.full_macs, args.amp, show)
-    metrics["epoch"] = int(checkpoint.get("epoch", 0))
-    if ctx.is_main:
-        print_eval(metrics["epoch"], metrics)
-        if args.plot_ponder:
-            plot_ponder(model, val_set, args, run_dir, ctx)
+        return {"epoch": epoch}
+    per_target = {}
+    for target in evaluated_targets(args) or (None,):  # a multi-target model: every budget (or --budget's)
+        if args.fast:
+            metrics = evaluate_fast(model, val_loader, ctx, topk, args, show, target)
+        else:
+            metrics = validate(model, val_loader, ctx, topk, args.full_macs, args.amp, show, target=target)
+        metrics["epoch"] = epoch
+        if ctx.is_main:
+            print_eval(epoch, metrics, "" if target is None else f"[budget {target:g}] ")
+        per_target[target] = metrics
+    metrics = per_target[None] if None in per_target else mean_over_targets(per_target)
+    if ctx.is_main and args.plot_ponder:
+        plot_ponder(model, val_set, args, run_dir, ctx)
     return metrics
 
 
-def evaluate_fast(model, loader, ctx, topk, args, show):
-    """-e --fast: the masked-dense pass (Prec@k, MMac, speed), then the sparse engine (Prec@k, speed).
-    Prints the engine's accuracy; the two must agree (the engine computes the same function)."""
+def evaluate_fast(model, loader, ctx, topk, args, show, target=None):
+    """-e --fast: the masked-dense pass (Prec@k, MMac, speed), then the sparse engine (Prec@k, speed), at
+    `target` (a budget of a multi-target model). The two Prec@k must agree (the engine computes the same
+    function)."""
     from dynconv.sparse.engine import SparseEngine
 
     try:
         engine = SparseEngine(model.eval(), backend=args.backend)
     except ValueError as e:
         raise UserError(str(e))
-    reference = validate(model, loader, ctx, topk, args.full_macs, args.amp, show, timed=True)
-    fast = validate(model, loader, ctx, topk, amp=args.amp, show_progress=show, forward=engine, timed=True)
+    reference = validate(model, loader, ctx, topk, args.full_macs, args.amp, show, timed=True, target=target)
+    fast = validate(model, loader, ctx, topk, amp=args.amp, show_progress=show, forward=engine, timed=True,
+                    target=target)
     return {**reference, **{k: fast[k] for k in fast if k.startswith("prec")},
             "reference_prec1": reference["prec1"], "reference_images_per_s": reference["images_per_s"],
             "images_per_s": fast["images_per_s"], "backend": engine.backend}
@@ -272,11 +345,16 @@ def plot_ponder(model, val_set, args, run_dir, ctx):
 
     model.eval()
     images, labels = first_images(val_set, args.plot_count)
-    logits, decisions = model(images.to(ctx.device, memory_format=torch.channels_last))
-    if not any(isinstance(d, SpatialDecision) for d in decisions):
+    outputs = {t: model(images.to(ctx.device, memory_format=torch.channels_last), target=t)
+               for t in evaluated_targets(args) or (None,)}  # a multi-target model: every budget, side by side
+    decisions = {t: d for t, (_, d) in outputs.items()}
+    predictions = {t: logits.argmax(1).cpu() for t, (logits, _) in outputs.items()}
+    if not any(isinstance(d, SpatialDecision) for d in decisions[next(iter(decisions))]):
         raise UserError("--plot_ponder needs a model with spatial gates (this one has none)")
+    if None in decisions:
+        decisions, predictions = decisions[None], predictions[None]
     config = model_config(args.model)
     out_dir = args.plot_dir or os.path.join(run_dir, "ponder")
     paths = save_ponder_figures(images, decisions, out_dir, config.mean, config.std, labels=labels,
-                                predictions=logits.argmax(1).cpu(), class_names=class_names(val_set))
+                                predictions=predictions, class_names=class_names(val_set))
     print(f"=> {len(paths)} ponder figures written to {out_dir}")

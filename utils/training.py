@@ -35,6 +35,7 @@ class TrainSetup:
     freeze: dict = field(default_factory=dict)  # parameter group -> epochs at learning rate 0
     # which target (e.g. budget) minibatch i of the run trains; None for single-target models
     choose_target: Callable[[int], Any] = field(default=lambda i: None)
+    awareness: Any = None  # multi-target: dynconv.objectives.BudgetAwareness, updated after every validation
     # called after every optimizer update with (epoch, batches done in it): mid-epoch checkpoints, stopping
     after_update: Callable[[int, int], None] = field(default=lambda epoch, step: None)
 
@@ -61,20 +62,21 @@ def _optimizer_update(model, setup):
 
 
 class _Sums:
-    """Per-sample sums of step metrics, on the device (no host synchronisation per step)."""
+    """Per-sample sums of step metrics, on the device (no host synchronisation per step); each metric is averaged
+    over the samples of the steps that reported it (e.g. one budget's)."""
 
     def __init__(self):
-        self.sums, self.seen = {}, 0
+        self.sums, self.seen = {}, {}
 
     def add(self, values, n):
-        self.seen += n
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach() * n
+            self.sums[k] = self.sums.get(k, 0) + torch.as_tensor(v).detach() * n
+            self.seen[k] = self.seen.get(k, 0) + n
 
     def means(self):
         out = {}
         for k, v in self.sums.items():
-            v = v / max(self.seen, 1)
+            v = v / max(self.seen[k], 1)
             out[k] = v.item() if v.dim() == 0 else v.tolist()
         return out
 
@@ -136,6 +138,8 @@ def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_
         with _gradient_sync(model, updating):
             setup.scaler.scale(total / setup.update_freq).backward()
         values["train_prec1"] = 100.0 * (logits.detach().argmax(1) == hard_labels).float().mean()
+        if target is not None:  # a multi-target model: the step's metrics per budget too, as '<name>@<budget>'
+            values.update({f"{k}@{target:g}": v for k, v in list(values.items())})
         sums.add(values, images.shape[0])
         progress.step(i, values)
         if updating:
@@ -188,6 +192,28 @@ def validate(model, loader, ctx, topk=(1,), full_macs=False, amp=False, show_pro
     return _reduce_metrics(correct, count, counters, topk, ctx, seconds if timed else None)
 
 
+def validate_targets(model, loader, ctx, targets, topk=(1,), **kwargs):
+    """validate() for each target of a multi-target model, under 'targets', and their mean (Prec@k, MMac, speed)
+    as the metrics themselves; for a single-target model (no targets) validate() as it is."""
+    if not targets:
+        return validate(model, loader, ctx, topk, **kwargs)
+    return mean_over_targets({t: validate(model, loader, ctx, topk, target=t, **kwargs) for t in targets})
+
+
+def mean_over_targets(per_target):
+    """{target: metrics} -> the mean of every number over the targets, with the per-target metrics under
+    'targets'."""
+    first = next(iter(per_target.values()))
+    numbers = [k for k, v in first.items() if isinstance(v, (int, float))]
+    return {**first, **{k: sum(m[k] for m in per_target.values()) / len(per_target) for k in numbers},
+            "targets": per_target}
+
+
+def target_scalars(metrics):
+    """A multi-target evaluation's per-budget metrics as flat '<name>@<budget>' scalars (for the logs)."""
+    return {f"{k}@{t:g}": v for t, m in metrics.get("targets", {}).items() for k, v in m.items()}
+
+
 def _reduce_metrics(correct, count, counters, topk, ctx, seconds):
     device = correct.device
     totals = torch.cat([correct, count[None]] + [
@@ -203,18 +229,19 @@ def _reduce_metrics(correct, count, counters, topk, ctx, seconds):
     return metrics
 
 
-def print_eval(epoch, metrics):
-    """The lines users grep for (the reference's exact form)."""
-    print(f"* Epoch {epoch} - Prec@1 {metrics['prec1']:.3f}")
+def print_eval(epoch, metrics, prefix=""):
+    """The lines users grep for (the reference's exact form); `prefix` e.g. '[budget 0.3] ' (multi-target)."""
+    print(f"{prefix}* Epoch {epoch} - Prec@1 {metrics['prec1']:.3f}")
     if "prec5" in metrics:
-        print(f"* Epoch {epoch} - Prec@5 {metrics['prec5']:.3f}")
-    print(f"* FLOPS (multiply-accumulates, MACs) per image:  {metrics['mmac']:.6f} MMac")
+        print(f"{prefix}* Epoch {epoch} - Prec@5 {metrics['prec5']:.3f}")
+    print(f"{prefix}* FLOPS (multiply-accumulates, MACs) per image:  {metrics['mmac']:.6f} MMac")
     if "mmac_full" in metrics:
-        print(f"* Full operation count (conv, BN, ReLU, linear, pooling) per image:  {metrics['mmac_full']:.6f} MMac")
+        print(f"{prefix}* Full operation count (conv, BN, ReLU, linear, pooling) per image:  "
+              f"{metrics['mmac_full']:.6f} MMac")
     if "reference_images_per_s" in metrics:
         ratio = metrics["images_per_s"] / max(metrics["reference_images_per_s"], 1e-9)
-        print(f"* Images/s: masked-dense {metrics['reference_images_per_s']:.1f}, sparse engine "
+        print(f"{prefix}* Images/s: masked-dense {metrics['reference_images_per_s']:.1f}, sparse engine "
               f"({metrics['backend']}) {metrics['images_per_s']:.1f} ({ratio:.2f}x)")
         if abs(metrics["reference_prec1"] - metrics["prec1"]) > 1e-9:
-            print(f"* warning: masked-dense Prec@1 {metrics['reference_prec1']:.3f} differs from the engine's "
-                  "(a mask logit within float rounding of 0?)")
+            print(f"{prefix}* warning: masked-dense Prec@1 {metrics['reference_prec1']:.3f} differs from the "
+                  "engine's (a mask logit within float rounding of 0?)")
