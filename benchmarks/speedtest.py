@@ -26,6 +26,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import MaskUnit, count_mmac  # noqa: E402
 from dynconv.gates import gate_state_keys  # noqa: E402
+from dynconv.multitarget import target_state  # noqa: E402
 from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
@@ -97,28 +98,31 @@ def time_variants(variants, runs, warmup, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def build_models(name, num_classes, device, trained=None):
+def build_models(name, num_classes, device, trained=None, target=None):
     """(dense, sparse) models with the same weights, eval mode, channels-last. `trained`: (path, state dict in
-    our layout) of --checkpoint."""
-    sparse = create_model(name, family_of(name), gate_layer=MaskUnit, num_classes=num_classes)
+    our layout, budgets) of --checkpoint; a multi-target one's dense model has the norms of budget `target`."""
+    targets = trained[2] if trained else ()
+    sparse = create_model(name, family_of(name), gate_layer=MaskUnit, num_classes=num_classes, targets=targets)
     if trained is not None:
         load_model_state(sparse, trained[1], trained[0])
     dense = create_model(name, family_of(name), num_classes=num_classes)
     gates = gate_state_keys(sparse)
-    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if k not in gates})
+    state = {k: v for k, v in sparse.state_dict().items() if k not in gates}
+    dense.load_state_dict(target_state(state, sparse, target) if targets else state)
     return [m.eval().to(device, memory_format=torch.channels_last) for m in (dense, sparse)]
 
 
-def measure(dense, sparse, images, runs, warmup, backend):
+def measure(dense, sparse, images, runs, warmup, backend, target=None):
+    """One row's timings and MMac; `target`: the budget of a multi-target model."""
     try:
         engine = SparseEngine(sparse, backend=backend)
     except ValueError as e:  # e.g. the cupy backend without a GPU: the message says what to pass instead
         raise UserError(str(e))
     with torch.no_grad():
-        ms = time_variants({"dense": lambda: dense(images), "masked": lambda: sparse(images),
-                            "engine": lambda: engine(images)}, runs, warmup, images.device)
-        dense_mmac, sparse_mmac = count_mmac(dense, images), count_mmac(sparse, images)
-        masks = sparse(images)[1]
+        ms = time_variants({"dense": lambda: dense(images), "masked": lambda: sparse(images, target=target),
+                            "engine": lambda: engine(images, target=target)}, runs, warmup, images.device)
+        dense_mmac, sparse_mmac = count_mmac(dense, images), count_mmac(sparse, images, target=target)
+        masks = sparse(images, target=target)[1]
     active = sum(m.hard.sum().item() for m in masks) / sum(m.hard.numel() for m in masks)  # spatial decisions
     ideal = dense_mmac / sparse_mmac
     speedup = ms["dense"] / ms["engine"]
@@ -130,13 +134,16 @@ def measure(dense, sparse, images, runs, warmup, backend):
 
 
 def load_trained(name, path):
-    """--checkpoint: (path, its state dict in our layout) and its number of classes, read from the classifier
+    """--checkpoint: (path, its state dict in our layout, its budgets when multi-target) and its number of
+    classes, read from the classifier
     (whatever the model calls it) after the model's checkpoint filter (e.g. the reference's 'module.')."""
     checkpoint = load_checkpoint(path)
     trained_as = (checkpoint.get("args") or {}).get("model")
     if trained_as not in (None, name):
         raise UserError(f"{path} holds a {trained_as}, not a {name}: pass --models {trained_as}")
-    model = create_model(name, family_of(name), gate_layer=MaskUnit)
+    saved = checkpoint.get("args") or {}
+    targets = tuple(saved.get("budget_targets") or sorted(k for k in checkpoint if isinstance(k, float)))
+    model = create_model(name, family_of(name), gate_layer=MaskUnit, targets=targets)
     state = model_config(name).filter(checkpoint["state_dict"], model)
     if not gate_state_keys(model) & set(state):
         raise UserError(f"{path} is a static model (no gates): the sparse engine needs a checkpoint with gates "
@@ -144,7 +151,7 @@ def load_trained(name, path):
     weight = next(k for k in classifier_keys(model) if k.endswith("weight"))
     if weight not in state:
         raise UserError(f"{path} does not fit {name}: it has no classifier weight '{weight}'")
-    return (path, state), state[weight].shape[0]
+    return (path, state, targets), state[weight].shape[0]
 
 
 def checkpoint_images(args, name, batch, resolution):
@@ -165,18 +172,21 @@ def model_rows(name, args, device, trained=None):
     `trained`: load_trained's result for --checkpoint, else None (synthetic masks)."""
     resolution = args.resolution or (32 if family_of(name) == "cifar" else 224)
     trained, num_classes = trained or (None, 10 if family_of(name) == "cifar" else 1000)
-    configs = [("trained", None)] if trained else [(k, d) for k in args.masks for d in args.densities]
+    # a trained multi-target model: a row per budget ("trained@0.5"); synthetic masks: per kind and density
+    budgets = trained[2] if trained else ()
+    configs = [("trained", f"trained@{b:g}" if budgets else "trained", b) for b in budgets or (None,)] if trained \
+        else [(k, d, None) for k in args.masks for d in args.densities]
     for batch in args.batch_sizes:
-        for kind, density in configs:
-            dense, sparse = build_models(name, num_classes, device, trained)
+        for kind, density, target in configs:
+            dense, sparse = build_models(name, num_classes, device, trained, target)
             if trained is None:
                 install_synthetic_masks(sparse, density, kind)
                 images = torch.randn(batch, 3, resolution, resolution)
             else:
                 images = checkpoint_images(args, name, batch, resolution)
             images = images.to(device).contiguous(memory_format=torch.channels_last)
-            row = {"model": name, "batch": len(images), "density": density if density is not None else "trained",
-                   "masks": kind, **measure(dense, sparse, images, args.runs, args.warmup, args.backend)}
+            row = {"model": name, "batch": len(images), "density": density, "masks": kind,
+                   **measure(dense, sparse, images, args.runs, args.warmup, args.backend, target)}
             print(table_row(row), flush=True)
             yield row
 

@@ -140,3 +140,18 @@ def _per_target_key(key, layers):
         if tail.startswith("."):
             return layer, None
     return None, None
+
+
+def target_state(state_dict, model, target):
+    """The state dict of one target of a multi-target `model` in single-target layout (`<layer>.BB.<name>` ->
+    `<layer>.<name>` for that target's variants, the other targets' dropped): e.g. the dense model with the
+    norms a budget runs with."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PerTarget)}
+    out = {}
+    for key, value in state_dict.items():
+        layer, rest = _per_target_key(key, layers)
+        if layer is None or rest is None:
+            out[key] = value
+        elif rest.startswith(target_key(target) + "."):
+            out[f"{layer}.{rest.split('.', 1)[1]}"] = value
+    return out

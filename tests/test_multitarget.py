@@ -305,3 +305,34 @@ def test_a_budget_the_checkpoint_was_not_trained_for_lists_them(tiny_cifar, tmp_
     code, _, err = run_entry(main_cifar.main, ["-r", path, "-e", "--budget", "0.4", "--data", tiny_cifar,
                                                "--workers", "0"], capsys)
     assert code == 2 and "--budget 0.4 is not one of this model's budgets (0.3, 0.5)" in err
+
+
+def test_speedtest_measures_every_budget_of_a_multi_target_checkpoint(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    torch.manual_seed(0)
+    path, out_csv = str(tmp_path / "multi.pth"), str(tmp_path / "speed.csv")
+    torch.save({"state_dict": randomised(create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS)).state_dict(),
+                "args": {"model": "resnet8", "budget": -1, "budget_targets": list(BUDGETS)}}, path)
+    done = subprocess.run([sys.executable, "benchmarks/speedtest.py", "--models", "resnet8", "--checkpoint", path,
+                           "--batch-sizes", "2", "--runs", "1", "--warmup", "0", "--csv", out_csv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["density"] for r in rows] == ["trained@0.25", "trained@0.5", "trained@0.75"]
+    assert all(float(r["dense_mmac"]) == pytest.approx(12.500992, abs=1e-3) for r in rows)  # resnet8, 32x32
+    assert len({r["sparse_mmac"] for r in rows}) == 3  # each budget its own masks
+
+
+def test_target_state_is_one_budgets_single_target_state():
+    from dynconv.multitarget import target_state
+
+    multi = randomised(create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS))
+    for budget in BUDGETS:
+        got, expected = target_state(multi.state_dict(), multi, budget), single_budget_state(multi.state_dict(), budget)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
