@@ -336,3 +336,19 @@ def test_target_state_is_one_budgets_single_target_state():
     for budget in BUDGETS:
         got, expected = target_state(multi.state_dict(), multi, budget), single_budget_state(multi.state_dict(), budget)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_minibatches_train_the_budgets_round_robin():
+    from types import SimpleNamespace
+
+    from models import model_config
+    from utils.cli import RECIPE_DEFAULTS
+    from utils.distributed import DistContext
+    from utils.fit import build_setup
+
+    args = SimpleNamespace(**dict(RECIPE_DEFAULTS, **model_config("resnet8").recipe), budget=-1, model="resnet8",
+                           budget_targets=list(BUDGETS), amp=False)
+    model = create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS)
+    setup = build_setup(model, args, 10, updates_per_epoch=10, ctx=DistContext())
+    assert [setup.choose_target(i) for i in range(7)] == [0.25, 0.5, 0.75, 0.25, 0.5, 0.75, 0.25]
+    assert setup.awareness.metric == "none" and setup.loss.weight is setup.awareness  # no targets for resnet8

@@ -116,18 +116,27 @@ class Trainer:
 
     def save_epoch(self, epoch, metrics, ema_metrics):
         """checkpoint.pth (resumable), checkpoint_best.pth, and the EMA's own pair (its weights as state_dict)."""
-        state = self._state(epoch=epoch + 1, prec1=metrics["prec1"], mmac=metrics["mmac"])
+        state = self._state(epoch=epoch + 1, prec1=metrics["prec1"], mmac=metrics["mmac"],
+                            **_per_budget(metrics))
         self._write(state, LATEST)
         if metrics["prec1"] >= self.best:
             self._write(state, BEST)
         if self.setup.ema is not None:
             common = {"epoch": epoch + 1, "args": state["args"], "version": 2, "ema": True}
             ema_state = {"state_dict": state[recipe.EMA_KEY], "prec1": ema_metrics["prec1"],
-                         "mmac": ema_metrics["mmac"], "best_prec1": self.best_ema, **common}
+                         "mmac": ema_metrics["mmac"], "best_prec1": self.best_ema, **_per_budget(ema_metrics),
+                         **common}
             self._write(ema_state, EMA)
             if ema_metrics["prec1"] >= self.best_ema:
                 self._write(ema_state, BEST_EMA)
         self.saved = f"{os.path.join(self.run_dir, LATEST)} (end of epoch {epoch + 1})"
+
+
+def _per_budget(metrics):
+    """A multi-target epoch's Prec@1 and MMac per budget, for the checkpoint (the mean is its prec1/mmac)."""
+    targets = metrics.get("targets", {})
+    return {"budget_metrics": {f"{t:g}": {"prec1": m["prec1"], "mmac": m["mmac"]} for t, m in targets.items()}} \
+        if targets else {}
 
 
 def fit(model, data, checkpoint, args, topk, run_dir, ctx, teacher=None):
