@@ -1,7 +1,8 @@
 """Evaluate the CIFAR-10 reproduction runs, ship their best checkpoints, and tabulate/plot the results.
 
 For every run directory: evaluates checkpoint_best.pth with exactly the command the README shows (main_cifar.py's
-own run, whose returned metrics are the numbers it prints), optionally strips the checkpoint to what evaluation
+own run, or main_imagenet.py's at the run's --resolution for ImageNet-family models trained on the CIFAR-10
+image folders, e.g. ConvNeXt at 64x64; the returned metrics are the numbers it prints), optionally strips the checkpoint to what evaluation
 needs (--strip: weights and metadata, no optimizer/scheduler state), then writes one JSON line per run to
 --results and prints the README's markdown table. The plot is drawn from the JSON lines. The default --results
 lies outside the tracked tree; replacing a results file that git tracks (the README's exp/cifar/results.jsonl)
@@ -17,8 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_cifar  # noqa: E402
+import main_imagenet  # noqa: E402
 from dynconv import MaskUnit, count_parameters  # noqa: E402
-from models import create_model, list_models  # noqa: E402
+from models import create_model, list_models, model_family  # noqa: E402
 from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.cli import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -33,26 +35,37 @@ EXAMPLES = """examples:
   # the README's table and plot from the shipped checkpoints (replaces the tracked results file)
   python scripts/cifar_results.py exp/cifar/*/* --data data/cifar10-jpeg --results exp/cifar/results.jsonl \\
       --overwrite --plot docs/cifar_accuracy_vs_mmac.png
+  # the ConvNeXt runs at 64x64 (main_imagenet.py), plotted with the ResNets
+  python scripts/cifar_results.py exp/cifar64/*/* --data data/cifar10-jpeg --results exp/cifar64/results.jsonl \\
+      --overwrite --plot docs/cifar_accuracy_vs_mmac.png --plot_also exp/cifar/results.jsonl
 """
 
 
+ENTRY = {"cifar": main_cifar, "imagenet": main_imagenet}  # the entry script of each model family
+
+
 def evaluate_command(run_dir, args, data):
-    budget = args["budget"]
+    budget, family = args["budget"], model_family(args["model"])
+    resolution = ["--resolution", str(args["resolution"])] if family == "imagenet" else []
     return ["--model", args["model"], "--budget", f"{budget:g}", "-r", os.path.join(run_dir, BEST), "-e",
-            "--data", data]
+            "--data", data] + resolution
 
 
 def evaluate(run_dir, args, data, workers):
-    """main_cifar's own evaluation (its printed lines go to stderr, stdout keeps the table); its metrics as a
-    results row, rounded as it prints them."""
+    """The entry script's own evaluation (its printed lines go to stderr, stdout keeps the table); its metrics
+    as a results row, rounded as it prints them. `arch`: the network type, one dense curve each in the plot."""
+    family = model_family(args["model"])
     argv = evaluate_command(run_dir, args, data) + ["--workers", str(workers)]
     with contextlib.redirect_stdout(sys.stderr):
-        metrics = main_cifar.main(argv)
-    model = create_model(args["model"], "cifar", gate_layer=MaskUnit if args["budget"] >= 0 else None)
+        metrics = ENTRY[family].main(argv)
+    model = create_model(args["model"], family, gate_layer=MaskUnit if args["budget"] >= 0 else None,
+                         num_classes=10)
+    arch = type(model).__name__.replace("Cifar", "") + (f" {args['resolution']}x{args['resolution']}"
+                                                         if family == "imagenet" else "")
     return {"run": run_dir, "model": args["model"], "budget": args["budget"], "epoch": int(metrics["epoch"]),
             "prec1": round(float(metrics["prec1"]), 3), "mmac": round(float(metrics["mmac"]), 6),
-            "params": count_parameters(model),
-            "command": "python main_cifar.py " + " ".join(evaluate_command(run_dir, args, data))}
+            "params": count_parameters(model), "arch": arch,
+            "command": f"python {ENTRY[family].__name__}.py " + " ".join(evaluate_command(run_dir, args, data))}
 
 
 def markdown_table(rows):
@@ -86,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="with --results: replace that file even when git tracks it")
     p.add_argument("--plot", help="PNG of Prec@1 against MMac drawn from the results")
+    p.add_argument("--plot_also", nargs="*", default=[], metavar="RESULTS",
+                   help="with --plot: the rows of these results files too (e.g. exp/cifar/results.jsonl)")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -105,14 +120,18 @@ def check_args(p, args):
         p.error(f"{args.results} is tracked by git: to replace it pass --results {args.results} --overwrite")
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         p.error(f"--plot {args.plot}: the folder {os.path.dirname(args.plot)} does not exist")
+    missing = [f for f in args.plot_also if not os.path.isfile(f)]
+    if missing or (args.plot_also and not args.plot):
+        p.error(f"--plot_also {' '.join(missing)} does not exist" if missing else "--plot_also goes with --plot")
 
 
 def training_args(run_dir):
-    """The checkpoint's model and budget (main_cifar.py saves its flags), checked before any evaluation."""
+    """The checkpoint's model and budget (the entry scripts save their flags), checked before any evaluation."""
     path = os.path.join(run_dir, BEST)
     args = load_checkpoint(path).get("args") or {}
-    if args.get("model") not in list_models("cifar") or not isinstance(args.get("budget"), (int, float)):
-        raise UserError(f"{path} names no CIFAR model and budget in its 'args': not a main_cifar.py checkpoint")
+    if args.get("model") not in list_models() or not isinstance(args.get("budget"), (int, float)):
+        raise UserError(f"{path} names no model and budget in its 'args': not a main_cifar.py or main_imagenet.py "
+                        "checkpoint")
     return args
 
 
@@ -127,14 +146,14 @@ def main(argv=None):
             path = os.path.join(run_dir, BEST)
             checkpoint = load_checkpoint(path)
             save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, path)
-    rows.sort(key=lambda r: (int(r["model"][len("resnet"):]), r["budget"]))
+    rows.sort(key=lambda r: (r.get("arch", ""), len(r["model"]), r["model"], r["budget"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(markdown_table(rows))
     if args.plot:
-        plot_accuracy_vs_macs(args.results, args.plot)
+        plot_accuracy_vs_macs([args.results] + args.plot_also, args.plot)
         print(f"=> plot written to {args.plot}", file=sys.stderr)
 
 

@@ -159,13 +159,15 @@ def save_ponder_figures(images, decisions, out_dir, mean, std, labels=None, pred
 
 
 def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
-    """Prec@1 against MMac per image from result rows (scripts/cifar_results.py): dense ResNets as one curve,
-    DynConv models (one curve per network) with their budgets as labels."""
+    """Prec@1 against MMac per image from result rows (scripts/cifar_results.py): the dense models of each network
+    type (`arch`, default ResNet) as one curve, DynConv models (one curve per network) with their budgets."""
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
-    dense = sorted((r for r in rows if r["budget"] < 0), key=lambda r: r["mmac"])
-    if dense:
-        ax.plot([r["mmac"] for r in dense], [r["prec1"] for r in dense], "o-", color="black", label="ResNet (dense)")
+    for arch in sorted({r.get("arch", "ResNet") for r in rows if r["budget"] < 0}):
+        dense = sorted((r for r in rows if r["budget"] < 0 and r.get("arch", "ResNet") == arch),
+                       key=lambda r: r["mmac"])
+        ax.plot([r["mmac"] for r in dense], [r["prec1"] for r in dense], "o-", color="black" if arch == "ResNet"
+                else None, label=f"{arch} (dense)")
         for r in dense:
             ax.annotate(r["model"], (r["mmac"], r["prec1"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
     for model in sorted({r["model"] for r in rows if r["budget"] >= 0}):
@@ -183,8 +185,10 @@ def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
     return fig
 
 
-def plot_accuracy_vs_macs(results_path, out_path, title=ACCURACY_TITLE):
-    """The README's plot: accuracy_vs_macs_figure of a results .jsonl, saved to `out_path`."""
+def plot_accuracy_vs_macs(results_paths, out_path, title=ACCURACY_TITLE):
+    """The README's plot: accuracy_vs_macs_figure of the rows of one or more results .jsonl files."""
     from .logger import read_jsonl
 
-    accuracy_vs_macs_figure(read_jsonl(results_path), title).savefig(out_path, dpi=110)
+    paths = [results_paths] if isinstance(results_paths, str) else results_paths
+    rows = [row for path in paths for row in read_jsonl(path)]
+    accuracy_vs_macs_figure(rows, title).savefig(out_path, dpi=110)
