@@ -181,3 +181,20 @@ def test_torchrun_two_processes_match_one_process(tiny_imagenet, tmp_path, capsy
     # and the epoch line printed while training equals the evaluation of the saved checkpoint
     assert re.search(r"\* Epoch 1 - Prec@1 (\S+)", result.stdout).group(1) == re.search(
         r"\* Epoch 1 - Prec@1 (\S+)", single).group(1)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_multi_target_model(tiny_imagenet, tmp_path, capsys):
+    """Under DDP a step trains one budget, so the other budgets' gates and norms get no gradient (DDP must be
+    told); two processes train, and their per-budget evaluation equals one process's."""
+    run_dir = str(tmp_path / "ddp_multi")
+    multi = ["--budget_targets", "0.3", "0.6", "--data", tiny_imagenet]
+    result = _torchrun(COMMON + multi + ["--epochs", "1", "-s", run_dir], ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("[budget 0.6] * Epoch 1 - Prec@1") == 1
+    evaluated = _torchrun(COMMON + multi[3:] + ["-r", run_dir, "-e"], ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    code, single, _ = cli(COMMON + multi[3:] + ["-r", run_dir, "-e"], capsys)
+    assert code == 0
+    lines = [line for line in single.splitlines() if line.startswith("[budget")]
+    assert len(lines) == 6 and lines == [line for line in evaluated.stdout.splitlines() if line.startswith("[budget")]

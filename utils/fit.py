@@ -172,8 +172,10 @@ def _epochs(trainer, train_loader, val_loader, topk):
     model, setup, args, ctx = trainer.model, trainer.setup, trainer.args, trainer.ctx
     train_model = model
     if ctx.distributed:
+        # multi-target: a step trains one budget, so the other budgets' gates and norms get no gradient
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=bool(run_targets(args)))
     logger = RunLogger(args.log_dir or os.path.join(trainer.run_dir, "tb"),
                        os.path.join(trainer.run_dir, "log.jsonl"), ctx.is_main)
     metrics = {}
