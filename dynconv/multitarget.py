@@ -31,7 +31,8 @@ class PerTarget(nn.ModuleDict):
 
     def select(self, target):
         if float(target) not in self.targets:
-            raise ValueError(f"no operating point {target:g}; this model has {', '.join(f'{t:g}' for t in self.targets)}")
+            shown = ", ".join(f"{t:g}" for t in self.targets)
+            raise ValueError(f"no operating point {target:g}; this model has {shown}")
         self.selected = float(target)
 
     def variant(self, target=None):

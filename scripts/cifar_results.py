@@ -2,9 +2,9 @@
 
 For every run directory: evaluates checkpoint_best.pth with exactly the command the README shows (main_cifar.py's
 own run, or main_imagenet.py's at the run's --resolution for ImageNet-family models trained on the CIFAR-10
-image folders, e.g. ConvNeXt at 64x64; the returned metrics are the numbers it prints), optionally strips the checkpoint to what evaluation
-needs (--strip: weights and metadata, no optimizer/scheduler state), then writes one JSON line per run to
---results and prints the README's markdown table. The plot is drawn from the JSON lines. The default --results
+image folders, e.g. ConvNeXt at 64x64; the returned metrics are the numbers it prints), optionally strips the
+checkpoint to what evaluation needs (--strip: weights and metadata, no optimizer/scheduler state), then writes one
+JSON line per run to --results and prints the README's markdown table. The plot is drawn from the JSON lines. The default --results
 lies outside the tracked tree; replacing a results file that git tracks (the README's exp/cifar/results.jsonl)
 takes both --results FILE and --overwrite. Every flag and path is checked before anything is evaluated.
 """

@@ -134,6 +134,11 @@ def _add_recipe_flags(p):
     g.add_argument("--gumbel_noise_epochs", type=float,
                    help="fraction of the epochs trained with Gumbel noise (noise while epoch <= fraction * epochs)")
     g.add_argument("--sparsity_weight", type=float, help="weight of the sparsity criterion")
+
+
+def _add_budget_aware_flags(p):
+    """Distillation and the multi-target models' budget awareness (the budget-aware paper's names)."""
+    g = p.add_argument_group("distillation and budget awareness", "None = the recipe's; on resume, the checkpoint's")
     g.add_argument("--teacher_model", metavar="NAME", help="distil from this dense network (its published weights, "
                    "or --teacher_weights); default with --teacher_weights: --model; none: no distillation")
     g.add_argument("--teacher_weights", metavar="PATH", help="the teacher's weights (a checkpoint of ours, a timm "
@@ -198,6 +203,7 @@ def build_parser(description, models, defaults, data_aliases=(), epilog=None):
     p.add_argument("--model_kwargs", type=key_values(), nargs="*", action=KeyValues, default={}, metavar="KEY=VALUE",
                    help="options of the model's factory (e.g. drop_path_rate=0.1), as Python literals")
     _add_recipe_flags(p)
+    _add_budget_aware_flags(p)
     _add_run_flags(p, defaults, data_aliases)
     _show_recipe_defaults(p, defaults["model"])
     return p

@@ -141,6 +141,25 @@ def _scatter_checks(dst, idx, rows):
         raise ValueError("rows must not share memory with dst")
 
 
+def _depthwise_checks(src, idx, size, weight, bias):
+    """depthwise_rows' inputs; returns the kernel size k."""
+    _rows("src", src)
+    _index("idx", idx)
+    _rows("weight", weight)
+    _check("bias", bias, torch.float32, 1)
+    _same_device(src=src, idx=idx, weight=weight, bias=bias)
+    n, h, w = size
+    kernel = math.isqrt(weight.shape[0])
+    if kernel * kernel != weight.shape[0] or kernel % 2 == 0:
+        raise ValueError(f"weight must have k * k rows for an odd k, got {weight.shape[0]}")
+    if src.shape[0] != n * h * w:
+        raise ValueError(f"src must have N * H * W = {n * h * w} rows for size {tuple(size)}, got {src.shape[0]}")
+    if weight.shape[1] != src.shape[1] or bias.shape[0] != src.shape[1]:
+        raise ValueError(f"weight columns and bias entries must equal src's {src.shape[1]} channels, got "
+                         f"{weight.shape[1]} and {bias.shape[0]}")
+    return kernel
+
+
 # ---- the ops, over an abstract launcher ----
 
 def _scatter_op(run, kernel):
@@ -181,22 +200,9 @@ def make_ops(launch):
         return out
 
     def depthwise_rows(src, idx, size, weight, bias):
-        _rows("src", src)
-        _index("idx", idx)
-        _rows("weight", weight)
-        _check("bias", bias, torch.float32, 1)
-        _same_device(src=src, idx=idx, weight=weight, bias=bias)
-        n, h, w = size
-        kernel = math.isqrt(weight.shape[0])
-        if kernel * kernel != weight.shape[0] or kernel % 2 == 0:
-            raise ValueError(f"weight must have k * k rows for an odd k, got {weight.shape[0]}")
-        if src.shape[0] != n * h * w:
-            raise ValueError(f"src must have N * H * W = {n * h * w} rows for size {tuple(size)}, got {src.shape[0]}")
-        if weight.shape[1] != src.shape[1] or bias.shape[0] != src.shape[1]:
-            raise ValueError(f"weight columns and bias entries must equal src's {src.shape[1]} channels, got "
-                             f"{weight.shape[1]} and {bias.shape[0]}")
+        kernel = _depthwise_checks(src, idx, size, weight, bias)
         out = src.new_empty((idx.shape[0], src.shape[1]))
-        run("depthwise_rows", out.numel(), src, idx, weight, bias, out, h, w, kernel, src.shape[1])
+        run("depthwise_rows", out.numel(), src, idx, weight, bias, out, size[1], size[2], kernel, src.shape[1])
         return out
 
     def bias_relu_(rows, bias):

@@ -2,8 +2,9 @@
 
 Ops (the same names and signatures in every backend's table; a trailing underscore: in place, returns its first
 argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, depthwise_rows(src, idx, size,
-weight, bias) (a depthwise k x k conv at chosen positions), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows), scatter_add_(dst, idx, rows) (the residual add of a block with no activation after
-it), scatter_add_relu_(dst, idx, rows), linear(rows, weight, bias, relu).
+weight, bias) (a depthwise k x k conv at chosen positions), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows),
+scatter_add_(dst, idx, rows) (the residual add of a block with no activation after it), scatter_add_relu_(dst, idx,
+rows), linear(rows, weight, bias, relu).
 
 Every feature map is position-major: a (rows, channels) float32 matrix, one row per pixel of an NHWC map
 (flattened over batch, height and width), contiguous. Index vectors are int64 row numbers.
