@@ -1,10 +1,10 @@
 """The engine plan of ConvNeXt blocks (models/convnext.py), read by their layer names.
 
 Per block, position-major: the gate runs as usual; the depthwise conv at the active positions (the backend's
-depthwise_rows: a CUDA kernel, or on CPUs a C++ kernel, computes just those rows), then LayerNorm on those rows, both Linears as matrix products with weights prepared once (linear.py; LayerNorm's affine
-folded into the first, layer scale gamma into the second), GELU, and an add into x at the mask positions (no
-activation after the add). Above `dense_above` active positions the branch runs on every row and is masked, as the
-model does.
+depthwise_rows: a CUDA kernel, or on CPUs a C++ kernel, computes just those rows), then LayerNorm on those rows,
+both Linears as matrix products with weights prepared once (linear.py; LayerNorm's affine folded into the first,
+layer scale gamma into the second), GELU, and an add into x at the mask positions (no activation after the add).
+Above `dense_above` active positions the branch runs on every row and is masked, as the model does.
 """
 import torch
 import torch.nn as nn
