@@ -88,7 +88,8 @@ class _Progress:
     def __init__(self, loader, epoch, start, show, seconds=30.0):
         self.terminal = sys.stdout.isatty()
         self.show, self.seconds, self.epoch = show, seconds, epoch
-        self.total, self.last = len(loader), time.monotonic()
+        # the loader of a resumed epoch holds only the batches after `start`
+        self.total, self.last = start + len(loader), time.monotonic()
         self.bar = tqdm(total=self.total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
                         disable=not (show and self.terminal))
 
