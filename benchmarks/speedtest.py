@@ -61,8 +61,8 @@ def fixed(digits):
 
 
 # The printed table, narrow enough for a terminal: (header, CSV column, width, format). The CSV keeps COLUMNS.
-TABLE = [("model", "model", 9, str), ("batch", "batch", 5, str), ("masks", "masks", 9, str),
-         ("dens", "density", 7, str), ("active", "active_fraction", 6, fixed(3)),
+TABLE = [("model", "model", 13, str), ("batch", "batch", 5, str), ("masks", "masks", 9, str),
+         ("density", "density", 12, str), ("active", "active_fraction", 6, fixed(3)),
          ("dense ms", "dense_ms", 9, fmt_ms), ("masked ms", "masked_ms", 9, fmt_ms),
          ("engine ms", "engine_ms", 9, fmt_ms), ("ideal", "ideal_speedup", 5, fixed(2)),
          ("speedup", "speedup", 7, fixed(2)), ("eff.", "efficiency", 5, fixed(2))]
