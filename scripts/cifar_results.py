@@ -64,7 +64,7 @@ def evaluate(run_dir, args, data, workers):
                                                          if family == "imagenet" else "")
     return {"run": run_dir, "model": args["model"], "budget": args["budget"], "epoch": int(metrics["epoch"]),
             "prec1": round(float(metrics["prec1"]), 3), "mmac": round(float(metrics["mmac"]), 6),
-            "params": count_parameters(model), "arch": arch,
+            "params": count_parameters(model), "arch": arch, "resolution": args.get("resolution") or 32,
             "command": f"python {ENTRY[family].__name__}.py " + " ".join(evaluate_command(run_dir, args, data))}
 
 
