@@ -141,6 +141,14 @@ def _scatter_checks(dst, idx, rows):
         raise ValueError("rows must not share memory with dst")
 
 
+def _bias_checks(rows, bias):
+    _rows("rows", rows)
+    _check("bias", bias, torch.float32, 1)
+    if bias.shape[0] != rows.shape[1]:
+        raise ValueError(f"bias must have {rows.shape[1]} entries (rows columns), got {bias.shape[0]}")
+    _same_device(rows=rows, bias=bias)
+
+
 def _depthwise_checks(src, idx, size, weight, bias):
     """depthwise_rows' inputs; returns the kernel size k."""
     _rows("src", src)
@@ -206,11 +214,7 @@ def make_ops(launch):
         return out
 
     def bias_relu_(rows, bias):
-        _rows("rows", rows)
-        _check("bias", bias, torch.float32, 1)
-        if bias.shape[0] != rows.shape[1]:
-            raise ValueError(f"bias must have {rows.shape[1]} entries (rows columns), got {bias.shape[0]}")
-        _same_device(rows=rows, bias=bias)
+        _bias_checks(rows, bias)
         run("bias_relu", rows.numel(), rows, bias, rows.shape[1])
         return rows
 
@@ -222,8 +226,7 @@ def make_ops(launch):
         return torch.addmm(bias, rows, weight)
 
     return dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
-                bias_relu_=bias_relu_,
-                scatter_rows_=_scatter_op(run, "scatter_rows"),
+                bias_relu_=bias_relu_, scatter_rows_=_scatter_op(run, "scatter_rows"),
                 scatter_add_=_scatter_op(run, "scatter_add"), scatter_add_relu_=_scatter_op(run, "scatter_add_relu"),
                 linear=linear)
 
