@@ -32,6 +32,19 @@ def test_convnext_tiny_macs(size, dense, off, on):
     assert count_mmac(sparse, x) == pytest.approx(on, abs=5e-7)
 
 
+def test_convnext_atto_at_64_macs_by_hand():
+    """The README's CIFAR-10 runs at 64x64: stem 16x16 x (40 * 3 * 16 + 40); 2x2 downsampling convs at 8x8, 4x4,
+    2x2; blocks (8 C^2 + 55 C) per position, 2/2/6/2 of them at 16x16/8x8/4x4/2x2, C = 40/80/160/320: 44,965,120
+    MACs. Gated, every block adds its mask unit's (9 C + 1) per position (438,504); all off leaves stem,
+    downsampling and mask units (3,406,824)."""
+    x = torch.randn(2, 3, 64, 64)
+    assert count_mmac(create_model("convnext_atto", num_classes=10).eval(), x) == pytest.approx(44.965120, abs=5e-7)
+    sparse = create_model("convnext_atto", gate_layer=MaskUnit, num_classes=10).eval()
+    for logit, expected in ((-10.0, 3.406824), (10.0, 45.403624)):
+        set_mask_logits(sparse, logit)
+        assert count_mmac(sparse, x) == pytest.approx(expected, abs=5e-7)
+
+
 def test_one_block_macs_by_hand():
     torch.manual_seed(0)
     c, h, w = 8, 5, 6
