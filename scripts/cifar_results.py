@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -21,6 +22,7 @@ import main_cifar  # noqa: E402
 import main_imagenet  # noqa: E402
 from dynconv import MaskUnit, count_parameters  # noqa: E402
 from models import create_model, list_models, model_family  # noqa: E402
+from utils.budgets import is_dynamic  # noqa: E402
 from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.cli import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -44,36 +46,66 @@ EXAMPLES = """examples:
 ENTRY = {"cifar": main_cifar, "imagenet": main_imagenet}  # the entry script of each model family
 
 
-def evaluate_command(run_dir, args, data):
-    budget, family = args["budget"], model_family(args["model"])
-    resolution = ["--resolution", str(args["resolution"])] if family == "imagenet" else []
-    return ["--model", args["model"], "--budget", f"{budget:g}", "-r", os.path.join(run_dir, BEST), "-e",
-            "--data", data] + resolution
-
-
-def evaluate(run_dir, args, data, workers):
-    """The entry script's own evaluation (its printed lines go to stderr, stdout keeps the table); its metrics
-    as a results row, rounded as it prints them. `arch`: the network type, one dense curve each in the plot."""
+def evaluate_command(run_dir, args, data, budget=None):
+    """The README's evaluation command of a run; `budget`: one budget of a multi-target run (without it the
+    command evaluates every budget)."""
     family = model_family(args["model"])
-    argv = evaluate_command(run_dir, args, data) + ["--workers", str(workers)]
+    resolution = ["--resolution", str(args["resolution"])] if family == "imagenet" else []
+    if args.get("budget_targets"):
+        chosen = [] if budget is None else ["--budget", f"{budget:g}"]
+    else:
+        chosen = ["--budget", f"{args.get('budget', -1):g}"]
+    return ["--model", args["model"], *chosen, "-r", os.path.join(run_dir, BEST), "-e", "--data", data] + resolution
+
+
+def evaluate(run_dir, args, data, workers, fast=False):
+    """The entry script's own evaluation (its printed lines go to stderr, stdout keeps the table); its metrics
+    as results rows, rounded as it prints them: one row, or one per budget of a multi-target run (`targets`: its
+    budgets, drawn as one curve). `arch`: the network type, one dense curve each in the plot. With `fast`, also
+    the images/s of the masked model and of the sparse engine (-e --fast)."""
+    family, targets = model_family(args["model"]), list(args.get("budget_targets") or [])
+    argv = evaluate_command(run_dir, args, data) + ["--workers", str(workers)] + (["--fast"] if fast else [])
     with contextlib.redirect_stdout(sys.stderr):
         metrics = ENTRY[family].main(argv)
-    model = create_model(args["model"], family, gate_layer=MaskUnit if args["budget"] >= 0 else None,
-                         num_classes=10)
+    model = trained_model(args, family, targets)
     arch = type(model).__name__.replace("Cifar", "") + (f" {args['resolution']}x{args['resolution']}"
                                                          if family == "imagenet" else "")
-    return {"run": run_dir, "model": args["model"], "budget": args["budget"], "epoch": int(metrics["epoch"]),
-            "prec1": round(float(metrics["prec1"]), 3), "mmac": round(float(metrics["mmac"]), 6),
-            "params": count_parameters(model), "arch": arch, "resolution": args.get("resolution") or 32,
-            "command": f"python {ENTRY[family].__name__}.py " + " ".join(evaluate_command(run_dir, args, data))}
+    common = {"run": run_dir, "model": args["model"], "params": count_parameters(model), "arch": arch,
+              "resolution": args.get("resolution") or 32}
+    per_budget = metrics["targets"].items() if targets else [(args.get("budget", -1), metrics)]
+    return [{**common, "budget": budget, **({"targets": targets} if targets else {}),
+             "epoch": int(m["epoch"]), "prec1": round(float(m["prec1"]), 3), "mmac": round(float(m["mmac"]), 6),
+             **_speeds(m), "command": f"python {ENTRY[family].__name__}.py "
+             + " ".join(evaluate_command(run_dir, args, data, budget if targets else None))}
+            for budget, m in per_budget]
+
+
+def trained_model(args, family, targets):
+    """A fresh model of the run's architecture (for its parameter count and type)."""
+    dynamic = is_dynamic(SimpleNamespace(budget=args.get("budget", -1), budget_targets=targets))
+    return create_model(args["model"], family, gate_layer=MaskUnit if dynamic else None, num_classes=10,
+                        **({"targets": targets} if targets else {}))
+
+
+def _speeds(metrics):
+    """-e --fast's images/s of the masked model and the engine, when measured."""
+    if "reference_images_per_s" not in metrics:
+        return {}
+    return {"masked_images_per_s": round(float(metrics["reference_images_per_s"]), 1),
+            "engine_images_per_s": round(float(metrics["images_per_s"]), 1)}
 
 
 def markdown_table(rows):
-    lines = ["| model | budget | Prec@1 (%) | MMac per image | parameters | evaluate with |",
-             "|---|---|---|---|---|---|"]
+    """The README's table; a multi-target run's budgets read "0.25 (multi)"; with speeds when measured."""
+    speed = any("engine_images_per_s" in r for r in rows)
+    lines = ["| model | budget | Prec@1 (%) | MMac per image | parameters |"
+             + (" images/s masked / engine |" if speed else "") + " evaluate with |",
+             "|---|---|---|---|---|" + ("---|" if speed else "") + "---|"]
     for r in rows:
-        budget = "dense" if r["budget"] < 0 else f"{r['budget']:g}"
-        lines.append(f"| {r['model']} | {budget} | {r['prec1']:.3f} | {r['mmac']:.6f} | {r['params']:,} | "
+        budget = "dense" if r["budget"] < 0 else f"{r['budget']:g}" + (" (multi)" if r.get("targets") else "")
+        speeds = (f" {r['masked_images_per_s']:.0f} / {r['engine_images_per_s']:.0f} |" if "engine_images_per_s" in r
+                  else " |") if speed else ""
+        lines.append(f"| {r['model']} | {budget} | {r['prec1']:.3f} | {r['mmac']:.6f} | {r['params']:,} |{speeds} "
                      f"`{r['command']}` |")
     return "\n".join(lines)
 
@@ -95,6 +127,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/cifar10-jpeg", help="CIFAR-10 root (image folders or torchvision's)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--strip", action="store_true", help="rewrite checkpoint_best.pth without optimizer state")
+    p.add_argument("--fast", action="store_true",
+                   help="evaluate with -e --fast: also images/s of the masked model and of the sparse engine")
     p.add_argument("--results", help=f"JSON lines written here (default: {DEFAULT_RESULTS}, its folder created)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --results: replace that file even when git tracks it")
@@ -129,7 +163,7 @@ def training_args(run_dir):
     """The checkpoint's model and budget (the entry scripts save their flags), checked before any evaluation."""
     path = os.path.join(run_dir, BEST)
     args = load_checkpoint(path).get("args") or {}
-    if args.get("model") not in list_models() or not isinstance(args.get("budget"), (int, float)):
+    if args.get("model") not in list_models() or not isinstance(args.get("budget", -1), (int, float)):
         raise UserError(f"{path} names no model and budget in its 'args': not a main_cifar.py or main_imagenet.py "
                         "checkpoint")
     return args
@@ -140,13 +174,14 @@ def main(argv=None):
     runs = {run_dir: training_args(run_dir) for run_dir in sorted(set(args.runs))}
     rows = []
     for run_dir, train_args in runs.items():
-        rows.append(evaluate(run_dir, train_args, args.data, args.workers))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        for row in evaluate(run_dir, train_args, args.data, args.workers, args.fast):
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
         if args.strip:
             path = os.path.join(run_dir, BEST)
             checkpoint = load_checkpoint(path)
             save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, path)
-    rows.sort(key=lambda r: (r.get("arch", ""), len(r["model"]), r["model"], r["budget"]))
+    rows.sort(key=lambda r: (r.get("arch", ""), len(r["model"]), r["model"], bool(r.get("targets")), r["budget"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:
         for row in rows:

@@ -3,6 +3,7 @@ traceback), -h with defaults and examples, a table that fits a terminal, a plot 
 from a CSV), and a results file that git tracks left alone unless asked."""
 import csv
 import hashlib
+import json
 import importlib.util
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_entry
-from dynconv import MaskUnit
+from dynconv import MaskUnit, count_parameters
 from models import create_model
 
 SPEEDTEST, TRAIN_SPEED = "benchmarks/speedtest.py", "benchmarks/train_speed.py"
@@ -202,3 +203,24 @@ def test_cifar_results_evaluates_strips_and_writes_where_told(tiny_cifar, tmp_pa
     assert done.stdout.startswith("| model | budget |") and "| resnet8 | 0.5 |" in done.stdout
     assert results.read_text().count("\n") == 1 and os.path.getsize(png) > 0
     assert "optimizer" not in torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
+
+
+@pytest.mark.slow
+def test_cifar_results_gives_a_multi_target_run_one_row_per_budget(tiny_cifar, tmp_path):
+    run_dir = tmp_path / "multi"
+    run_dir.mkdir()
+    model = create_model("resnet8", gate_layer=MaskUnit, num_classes=3, targets=(0.25, 0.75))
+    torch.save({"state_dict": model.state_dict(), "epoch": 2,
+                "args": {"model": "resnet8", "budget": -1, "budget_targets": [0.25, 0.75], "model_kwargs": {}}},
+               run_dir / "checkpoint_best.pth")
+    results = tmp_path / "results.jsonl"
+    done = script(CIFAR_RESULTS, str(run_dir), "--data", tiny_cifar, "--workers", "0", "--fast",
+                  "--results", str(results))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["budget"], r["targets"], r["epoch"]) for r in rows] == [(0.25, [0.25, 0.75], 2), (0.75, [0.25, 0.75], 2)]
+    ten_classes = create_model("resnet8", gate_layer=MaskUnit, num_classes=10, targets=(0.25, 0.75))
+    assert rows[0]["params"] == count_parameters(ten_classes)  # the script counts CIFAR-10's classifier
+    assert all(r["engine_images_per_s"] > 0 and r["masked_images_per_s"] > 0 for r in rows)
+    assert "-e --budget" not in rows[0]["command"] and "--budget 0.25 -r" in rows[0]["command"]
+    assert "| resnet8 | 0.25 (multi) |" in done.stdout and "| resnet8 | 0.75 (multi) |" in done.stdout

@@ -113,3 +113,13 @@ def test_accuracy_plot_has_a_title(tmp_path):
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_accuracy_vs_macs(str(results), str(tmp_path / "acc.png"))
     assert os.path.getsize(tmp_path / "acc.png") > 10_000
+
+
+def test_a_multi_target_model_is_one_curve_beside_the_single_budget_points():
+    single = [dict(model="resnet32", budget=b, mmac=m, prec1=p) for b, m, p in [(0.25, 20.0, 70.0), (0.75, 50.0, 80.0)]]
+    multi = [dict(model="resnet32", budget=b, mmac=m, prec1=p, targets=[0.25, 0.5, 0.75])
+             for b, m, p in [(0.75, 52.0, 79.0), (0.25, 21.0, 71.0), (0.5, 36.0, 76.0)]]
+    ax = accuracy_vs_macs_figure([dict(model="resnet32", budget=-1, mmac=69.1, prec1=82.0)] + single + multi).axes[0]
+    curves = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert curves == {"ResNet (dense)": [69.1], "DynConv resnet32": [20.0, 50.0],
+                      "DynConv resnet32, one multi-target network": [21.0, 36.0, 52.0]}

@@ -1,5 +1,6 @@
 """The CIFAR-10 checkpoints shipped in exp/: found from the tree (git's tracked files, else a glob), at least the
-issue's 7 runs, each with exactly one row in exp/cifar/results.jsonl and each row with its checkpoint.
+issue's 7 runs, each with exactly one row in exp/cifar/results.jsonl (a multi-target run: one per budget, the
+budgets its rows name) and each row with its checkpoint.
 
 Without any data every shipped checkpoint is checked for what can be checked from the file alone: small (< 5 MiB),
 tracked by git and not ignored by .gitignore, loadable strictly into the row's model through the model's checkpoint
@@ -65,22 +66,35 @@ CHECKPOINTS = shipped_checkpoints()
 RUNS = [os.path.dirname(p) for p in CHECKPOINTS]  # a run is its checkpoint's directory, as in the results rows
 
 
+def expected_rows(run):
+    """How many results rows `run` must have: one, or one per budget of a multi-target run."""
+    return len(ROWS_BY_RUN[run][0].get("targets", [None])) if ROWS_BY_RUN[run] else 1
+
+
 def load_shipped(run):
-    """(results row, checkpoint dict, model in eval mode with the checkpoint's weights loaded strictly)."""
-    assert len(ROWS_BY_RUN[run]) == 1, f"{run}: expected one row in {RESULTS}, found {len(ROWS_BY_RUN[run])}"
-    row = ROWS_BY_RUN[run][0]
+    """(results rows, checkpoint dict, model in eval mode with the checkpoint's weights loaded strictly)."""
+    rows = sorted(ROWS_BY_RUN[run], key=lambda r: r["budget"])
+    assert len(rows) == expected_rows(run), f"{run}: expected {expected_rows(run)} rows in {RESULTS}"
+    targets = rows[0].get("targets")
+    assert targets is None or [r["budget"] for r in rows] == sorted(targets), f"{run}: a row per budget"
     path = os.path.join(ROOT, run, CHECKPOINT)
     checkpoint = load_checkpoint(path)
-    model = create_model(row["model"], "cifar", gate_layer=MaskUnit if row["budget"] >= 0 else None)
-    load_model_state(model, model_config(row["model"]).checkpoint_filter(checkpoint["state_dict"], model), path)
-    return row, checkpoint, model.eval()
+    model = create_model(rows[0]["model"], "cifar", gate_layer=MaskUnit if rows[0]["budget"] >= 0 else None,
+                         **({"targets": targets} if targets else {}))
+    load_model_state(model, model_config(rows[0]["model"]).filter(checkpoint["state_dict"], model), path)
+    return rows, checkpoint, model.eval()
+
+
+def forward_kwargs(row):
+    """The budget a multi-target row was evaluated at."""
+    return {"target": row["budget"]} if row.get("targets") else {}
 
 
 def test_every_shipped_checkpoint_has_one_results_row_and_every_row_a_checkpoint():
     assert os.path.isfile(RESULTS), f"{RESULTS} is missing"
     assert len(CHECKPOINTS) >= 7, f"expected at least the issue's 7 shipped checkpoints, found {CHECKPOINTS}"
     counts = collections.Counter(r["run"] for r in ROWS)
-    assert {run: n for run, n in counts.items() if n != 1} == {}, "runs with more than one results row"
+    assert {run: n for run, n in counts.items() if n != expected_rows(run)} == {}, "runs with too many rows"
     assert sorted(counts) == sorted(RUNS), "results rows and shipped checkpoints differ"
     assert ISSUE_RUNS <= {(r["model"], r["budget"]) for r in ROWS}
 
@@ -100,12 +114,17 @@ def test_shipped_checkpoints_are_tracked_and_not_ignored():
 @pytest.mark.parametrize("run", RUNS)
 def test_shipped_checkpoint_without_data(run):
     assert os.path.getsize(os.path.join(ROOT, run, CHECKPOINT)) < MAX_BYTES
-    row, checkpoint, model = load_shipped(run)
+    rows, checkpoint, model = load_shipped(run)
     assert "optimizer" not in checkpoint
-    assert checkpoint["epoch"] == row["epoch"]
-    assert count_parameters(model) == row["params"]
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    mmac = count_mmac(model, images)
+    for row in rows:
+        assert checkpoint["epoch"] == row["epoch"]
+        assert count_parameters(model) == row["params"]
+        check_mmac(row, count_mmac(model, images, **forward_kwargs(row)))
+
+
+def check_mmac(row, mmac):
+    """Dense: exactly the dense count; DynConv: strictly between its all-off and all-on counts."""
     name = row["model"]
     if row["budget"] < 0:
         assert name in DENSE_MMAC, f"no reference dense MMac for {name}: add it to DENSE_MMAC"
@@ -141,9 +160,11 @@ def cifar_test_subset(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", RUNS)
 def test_shipped_checkpoint_accuracy_on_real_images(run, cifar_test_subset):
-    row, _, model = load_shipped(run)
+    rows, _, model = load_shipped(run)
     loader = torch.utils.data.DataLoader(cifar_test_subset, batch_size=100)
-    metrics = validate(model, loader, DistContext(), show_progress=False)
-    # a fixed 500-image subset: close to the full-test-set number in the README (binomial noise ~2 points)
-    assert abs(metrics["prec1"] - row["prec1"]) < 7
-    assert metrics["mmac"] == pytest.approx(row["mmac"], rel=0.15)
+    for row in rows:
+        target = forward_kwargs(row).get("target")
+        metrics = validate(model, loader, DistContext(), show_progress=False, target=target)
+        # a fixed 500-image subset: close to the full-test-set number in the README (binomial noise ~2 points)
+        assert abs(metrics["prec1"] - row["prec1"]) < 7
+        assert metrics["mmac"] == pytest.approx(row["mmac"], rel=0.15)

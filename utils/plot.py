@@ -160,7 +160,8 @@ def save_ponder_figures(images, decisions, out_dir, mean, std, labels=None, pred
 
 def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
     """Prec@1 against MMac per image from result rows (scripts/cifar_results.py): the dense models of each network
-    type (`arch`, default ResNet) as one curve, DynConv models (one curve per network) with their budgets."""
+    type (`arch`, default ResNet) as one curve, DynConv models (one curve per network) with their budgets, and a
+    multi-target model (rows with `targets`) as one curve through its budgets."""
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
     for arch in sorted({r.get("arch", "ResNet") for r in rows if r["budget"] < 0}):
@@ -170,12 +171,14 @@ def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
                 else None, label=f"{arch} (dense)")
         for r in dense:
             ax.annotate(r["model"], (r["mmac"], r["prec1"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    for model in sorted({r["model"] for r in rows if r["budget"] >= 0}):
-        sparse = sorted((r for r in rows if r["budget"] >= 0 and r["model"] == model), key=lambda r: r["mmac"])
-        ax.plot([r["mmac"] for r in sparse], [r["prec1"] for r in sparse], "s--", label=f"DynConv {model}")
+    for model, targets in sorted({(r["model"], tuple(r.get("targets", ()))) for r in rows if r["budget"] >= 0}):
+        sparse = sorted((r for r in rows if r["budget"] >= 0 and r["model"] == model
+                         and tuple(r.get("targets", ())) == targets), key=lambda r: r["mmac"])
+        label = f"DynConv {model}" + (", one multi-target network" if targets else "")
+        ax.plot([r["mmac"] for r in sparse], [r["prec1"] for r in sparse], "D-." if targets else "s--", label=label)
         for r in sparse:
-            ax.annotate(f"b={r['budget']:g}", (r["mmac"], r["prec1"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.annotate(f"b={r['budget']:g}", (r["mmac"], r["prec1"]), textcoords="offset points",
+                        xytext=(4, -10) if targets else (4, 4), fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("MMac per image")
     ax.set_ylabel("Prec@1 on the CIFAR-10 test set (%)")
