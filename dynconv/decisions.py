@@ -88,6 +88,7 @@ class ChannelDecision(Decision):
     cost: UnitCost  # per kept input channel and output position
     positions: int
     overhead: UnitCost = ZERO
+    loss: Optional[torch.Tensor] = None  # the deciding layer's regulariser (weight included), training only
 
     def conditional(self):
         return self.kept.sum() * (self.cost.macs * self.positions), self.kept.numel() * self.cost.macs * self.positions

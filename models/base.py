@@ -21,6 +21,10 @@ class WeightsUnavailable(Exception):
     """Published weights that cannot be had here (not cached, no network); the message says what to do."""
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint built for another configuration of the model; the message says which option differs."""
+
+
 def strip_module_prefix(state_dict, model=None):
     """The checkpoint filter of models whose foreign formats differ from ours only by DataParallel's 'module.'."""
     prefix = "module."
@@ -41,6 +45,11 @@ class ModelConfig:
     # checkpoint_filter(state_dict, model) -> state dict in our layout (reference, torchvision, upstream formats)
     checkpoint_filter: Callable = strip_module_prefix
     input_multiple: int = 1  # the input side must be a multiple of this (the network's total stride)
+    # model options the command line sets as flags (--name VALUE): name -> (default, help); recorded in model_kwargs
+    options: dict = field(default_factory=dict)
+    spatial_gates: bool = True  # whether --budget / --budget_targets (spatial mask units) apply to the model
+    # (label, fn(model, images) -> MMac per image): a second MAC count, e.g. as the model's paper counts them
+    paper_count: Optional[tuple] = None
 
     def filter(self, state_dict, model):
         """A checkpoint in our layout for `model`: the model's checkpoint_filter, then the layout of its

@@ -95,6 +95,30 @@ class KeyValues(argparse.Action):
         setattr(namespace, self.dest, dict(values))
 
 
+def model_options():
+    """Every registered model's options (ModelConfig.options): name -> (default, help, model names)."""
+    from models import list_models, model_config
+
+    options = {}
+    for model in list_models():
+        for name, (default, help) in model_config(model).options.items():
+            options.setdefault(name, (default, help, []))[2].append(model)
+    return options
+
+
+def _add_model_option_flags(p):
+    """A flag per model option (e.g. DGC's --heads); None = the model's default. Only the models that have an
+    option take its flag; the values go to the checkpoint with --model_kwargs."""
+    g = p.add_argument_group("model options", "options of some models (default: the model's own; with -r, the "
+                                              "checkpoint's)")
+    for name, (default, help, models) in sorted(model_options().items()):
+        many = isinstance(default, (tuple, list))
+        kind = type(default[0]) if many else type(default)
+        shown = " ".join(map(str, default)) if many else default
+        g.add_argument(f"--{name}", type=kind, nargs="+" if many else None, default=None,
+                       help=f"{help} ({', '.join(models)}; default {shown})")
+
+
 def _add_recipe_flags(p):
     """The training recipe (timm's flag names); None = the model's recipe, then RECIPE_DEFAULTS."""
     g = p.add_argument_group("training recipe", "None = the model's own recipe (e.g. the DynConv reference's "
@@ -202,6 +226,7 @@ def build_parser(description, models, defaults, data_aliases=(), epilog=None):
                         "training one in turn; with -r, the checkpoint's")
     p.add_argument("--model_kwargs", type=key_values(), nargs="*", action=KeyValues, default={}, metavar="KEY=VALUE",
                    help="options of the model's factory (e.g. drop_path_rate=0.1), as Python literals")
+    _add_model_option_flags(p)
     _add_recipe_flags(p)
     _add_budget_aware_flags(p)
     _add_run_flags(p, defaults, data_aliases)

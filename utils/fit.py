@@ -45,8 +45,18 @@ def build_setup(model, args, num_classes, updates_per_epoch, ctx, teacher=None):
                       Loss(terms, weight=awareness),
                       ema=recipe.create_ema(model, args.model_ema_decay) if args.model_ema else None,
                       mixup=mixup, update_freq=args.update_freq, clip_grad=args.clip_grad, amp=args.amp,
-                      freeze=args.freeze, awareness=awareness,
+                      freeze=args.freeze, awareness=awareness, before_step=gate_schedule(model, args),
                       **({"choose_target": lambda i: targets[i % len(targets)]} if targets else {}))
+
+
+def gate_schedule(model, args):
+    """Before every minibatch: the gates' schedule state at `epochs_done` (fractional), i.e. Gumbel noise and
+    temperature of the epoch, and the training progress (iterations done / total, e.g. DGC's pruning)."""
+    def schedule(epochs_done):
+        epoch = int(epochs_done)
+        set_gate_schedule(model, noise=gumbel_noise_on(epoch, args), temperature=gumbel_temperature(epoch, args),
+                          progress=epochs_done / args.epochs)
+    return schedule
 
 
 def gumbel_noise_on(epoch, args):
@@ -183,8 +193,6 @@ def _epochs(trainer, train_loader, val_loader, topk):
                       total=args.epochs, disable=None if ctx.is_main else True):
         start_step = trainer.step if epoch == trainer.epoch else 0
         train_loader.sampler.begin(epoch, start_step * args.batchsize)
-        set_gate_schedule(model, noise=gumbel_noise_on(epoch, args), temperature=gumbel_temperature(epoch, args),
-                          progress=epoch / args.epochs)
         train_metrics = train_one_epoch(train_model, train_loader, setup, epoch, ctx, ctx.is_main, start_step)
         broadcast_buffers(model, ctx)  # the checkpoint holds rank 0's BN statistics: evaluate exactly that
         targets = run_targets(args)

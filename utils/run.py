@@ -13,7 +13,7 @@ from models import WeightsUnavailable, create_model, list_models, model_config, 
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
-from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem
+from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem, model_options
 from .data import build_loaders, class_names, first_images
 from .distributed import init_distributed, shutdown
 from .errors import UserError
@@ -28,7 +28,7 @@ def check_args(args):
         (args.batchsize < 1, "--batchsize must be positive"),
         (args.plot_count < 1, f"--plot_count must be at least 1 (got {args.plot_count})"),
         (args.fast and not args.evaluate, "--fast is an evaluation mode: use it with -e"),
-        (args.fast and not is_dynamic(args), "--fast runs the sparse engine, which needs a model with gates; "
+        (args.fast and not has_gates(args), "--fast runs the sparse engine, which needs a model with gates; "
                                              "this one is static (budget -1)"),
         (args.plot_ponder and not is_dynamic(args), "--plot_ponder draws where gates computed; this model is "
                                                     "static (budget -1)"),
@@ -73,9 +73,10 @@ def build_model(args, family, num_classes):
         kwargs["drop_path_rate"] = args.drop_path
     if args.budget_targets:
         kwargs["targets"] = run_targets(args)
-    gate_layer = MaskUnit if is_dynamic(args) else None
+    if is_dynamic(args):
+        kwargs["gate_layer"] = MaskUnit
     try:
-        model = create_model(args.model, family, gate_layer=gate_layer, num_classes=num_classes, **kwargs)
+        model = create_model(args.model, family, num_classes=num_classes, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
             raise UserError(f"--model_kwargs: {args.model} does not take {str(e).split('argument')[-1].strip()}")
@@ -149,6 +150,7 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
         elif name in saved and getattr(args, name) != saved[name]:
             raise UserError(f"--{name} {_show(getattr(args, name))} contradicts the checkpoint ({args.resume} was "
                             f"trained with {name} {_show(saved[name])}); leave the flag out to use the checkpoint's")
+    _fold_model_options(args, explicit, saved.get("model_kwargs", {}))
     # multi-target from pretrained weights: the per-budget norms share their affine parameters (the budget-aware
     # code's choice); recorded in the checkpoint, since the optimizer state depends on it
     args.tied_norms = saved.get("tied_norms", bool(args.budget_targets) and bool(args.pretrained))
@@ -161,6 +163,33 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
             print(f"=> --{name} {_show(getattr(args, name))} overrides the checkpoint's {_show(saved[name])}")
 
 
+def _fold_model_options(args, explicit, saved_kwargs):
+    """The model-option flags given (e.g. --heads) into args.model_kwargs, with the model's defaults for the rest,
+    so that the checkpoint records the whole configuration. A flag the model does not have, or one that
+    contradicts the checkpoint, is an error."""
+    options = model_config(args.model).options
+    given = {name: getattr(args, name) for name in model_options() if name in explicit}
+    unknown = sorted(set(given) - set(options))
+    if unknown:
+        has = f"its options: {', '.join('--' + o for o in options)}" if options else "it has no model options"
+        raise UserError(f"--{unknown[0]} does not apply to {args.model} ({has})")
+    for name, value in given.items():
+        value, saved = (tuple(v) if isinstance(v, list) else v for v in (value, saved_kwargs.get(name)))
+        if name in saved_kwargs and saved != value:
+            raise UserError(f"--{name} {_show(value)} contradicts the checkpoint (trained with {name} "
+                            f"{_show(saved_kwargs[name])}); leave the flag out to use the checkpoint's")
+        args.model_kwargs = {**args.model_kwargs, name: value}
+    args.model_kwargs = {**{name: default for name, (default, _) in options.items()}, **args.model_kwargs}
+    if not model_config(args.model).spatial_gates and (args.budget >= 0 or args.budget_targets):
+        raise UserError(f"--budget and --budget_targets do not apply to {args.model}: it has no spatial gates "
+                        f"(its options: {', '.join('--' + o for o in options)})")
+
+
+def has_gates(args):
+    """Whether the run's model decides anything per image: spatial gates (a budget) or gates of its own (DGC)."""
+    return is_dynamic(args) or not model_config(args.model).spatial_gates
+
+
 def _checkpoint_budgets(checkpoint):
     """The budgets of a budget-aware code's multi-target checkpoint (it has no args: each budget's best Prec@1
     is stored under the budget as a float key), or None."""
@@ -169,10 +198,14 @@ def _checkpoint_budgets(checkpoint):
 
 
 def _show(value):
-    return " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else f"{value}"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value}"
 
 
 def _describe(args):
+    if not model_config(args.model).spatial_gates:
+        return "its own gates; " + _show(args.model_kwargs)
     if args.budget_targets:
         return "DynConv, multi-target: budgets " + ", ".join(f"{b:g}" for b in run_targets(args))
     return f"DynConv, budget {args.budget:g}" if args.budget >= 0 else "dense"
@@ -314,6 +347,12 @@ def evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx):
             print_eval(epoch, metrics, "" if target is None else f"[budget {target:g}] ")
         per_target[target] = metrics
     metrics = per_target[None] if None in per_target else mean_over_targets(per_target)
+    paper = model_config(args.model).paper_count
+    if paper is not None:  # e.g. the DGC paper's own count (it counts more kinds of layers than ours)
+        label, count = paper
+        metrics["paper_mmac"] = count(model.eval(), val_set[0][0][None].to(next(model.parameters()).device))
+        if ctx.is_main:
+            print(f"* FLOPS as {label}:  {metrics['paper_mmac']:.6f} MMac")
     if ctx.is_main and args.plot_ponder:
         plot_ponder(model, val_set, args, run_dir, ctx)
     return metrics

@@ -36,6 +36,8 @@ class TrainSetup:
     # which target (e.g. budget) minibatch i of the run trains; None for single-target models
     choose_target: Callable[[int], Any] = field(default=lambda i: None)
     awareness: Any = None  # multi-target: dynconv.objectives.BudgetAwareness, updated after every validation
+    # called before every minibatch with the epochs done (fractional): per-iteration gate schedules
+    before_step: Callable[[float], None] = field(default=lambda epochs_done: None)
     # called after every optimizer update with (epoch, batches done in it): mid-epoch checkpoints, stopping
     after_update: Callable[[int, int], None] = field(default=lambda epoch, step: None)
 
@@ -132,6 +134,7 @@ def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_
         hard_labels = labels
         images, labels = _mix(setup, images, labels)
         target = setup.choose_target(epoch * batches + i)
+        setup.before_step(epoch + i / batches)
         with autocast(device, setup.amp):
             logits, decisions = model(images, target=target)
             total, values = setup.loss(StepOutput(images, logits, decisions, labels, epoch + i / batches, target))
