@@ -81,8 +81,9 @@ class SpatialDecision(Decision):
 
 @dataclass
 class ChannelDecision(Decision):
-    """Which input channels a layer reads, per image: `kept` (N, C_in) 0/1; each kept channel costs `cost` per
-    output position, over `positions` output positions per image."""
+    """Which input channels a layer reads, per image: `kept` (N, C_in) 0/1, or (N, G, C_in) for layers whose G
+    groups (heads) each choose; each kept channel costs `cost` per output position, over `positions` output
+    positions per image."""
 
     kept: torch.Tensor
     cost: UnitCost  # per kept input channel and output position

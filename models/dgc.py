@@ -82,7 +82,7 @@ class ChannelSaliency(Gate):
 class DGCConv(Dynamic, nn.Module):
     """A dynamic group convolution C_in -> C_out (kernel k, stride s) with H heads: BN + ReLU of the input, then
     every head's conv of the input times its saliency vector, outputs interleaved. `forward(x, target=None) ->
-    (output, ChannelDecision)`; the decision's `kept` is (N, H * C_in) and carries the lasso term as its loss."""
+    (output, ChannelDecision)`; the decision's `kept` is (N, H, C_in) and carries the lasso term as its loss."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, heads=4, squeeze_rate=16, gate_factor=0.25):
         super().__init__()
@@ -115,7 +115,7 @@ class DGCConv(Dynamic, nn.Module):
         overhead = n * self.gate.generator_macs()
         positions = self.output_size(x.shape[-2]) * self.output_size(x.shape[-1])
         loss = LASSO_WEIGHT * raw.mean(dim=(0, 2)).sum() if torch.is_grad_enabled() else None
-        return ChannelDecision(kept.reshape(n, -1), UnitCost(per_channel, per_channel), positions,
+        return ChannelDecision(kept, UnitCost(per_channel, per_channel), positions,
                                overhead=UnitCost(overhead, overhead), loss=loss)
 
     def forward(self, x, target=None):
@@ -357,6 +357,7 @@ def dgc_checkpoint_filter(state_dict, model=None):
         return state_dict
     out, heads = {}, {}
     for key, value in state_dict.items():
+        key = key.replace("downsample.0.", "downsample.conv.").replace("downsample.1.norm.", "downsample.norm.")
         found = _head_index(key)
         if found is not None and found[2] in _HEAD_KEYS:
             prefix, head, rest = found
@@ -364,8 +365,7 @@ def dgc_checkpoint_filter(state_dict, model=None):
         elif key.endswith("_inactive_channels"):
             out[key[:-len("_inactive_channels")] + "gate.inactive"] = value.reshape(()).round().long()
         else:
-            out[key.replace("downsample.0.", "downsample.conv.").replace("downsample.1.norm.", "downsample.norm.")] \
-                = value
+            out[key] = value
     for key, per_head in heads.items():
         stacked = [per_head[h] for h in sorted(per_head)]
         # the heads' convs are rows of one weight; the generators' tensors get a head dimension

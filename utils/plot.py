@@ -195,3 +195,24 @@ def plot_accuracy_vs_macs(results_paths, out_path, title=ACCURACY_TITLE):
     paths = [results_paths] if isinstance(results_paths, str) else results_paths
     rows = [row for path in paths for row in read_jsonl(path)]
     accuracy_vs_macs_figure(rows, title).savefig(out_path, dpi=110)
+
+
+def channel_selection_figure(frequencies, images):
+    """Channel-choosing layers (e.g. DGC): per layer a heat map of how often each head (row) kept each input
+    channel (column) over `images` evaluation images. `frequencies`: one (heads, channels) tensor per layer."""
+    cols = min(6, len(frequencies))
+    rows = -(-len(frequencies) // cols)
+    fig = Figure(figsize=(2.6 * cols, 1.2 + 1.1 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(frequencies):
+            ax.set_axis_off()
+            continue
+        shown = ax.imshow(frequencies[i].numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis",
+                          interpolation="nearest")
+        ax.set_title(f"layer {i + 1}: {frequencies[i].shape[1]} ch, kept {frequencies[i].mean():.2f}", fontsize=7)
+        ax.set_yticks(range(frequencies[i].shape[0]))
+        ax.tick_params(labelsize=6)
+    fig.colorbar(shown, ax=axes, shrink=0.6, label="fraction of images")
+    fig.suptitle(f"input channels kept per head (rows), over {images} images")
+    return fig

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from dynconv import MaskUnit, SpatialDecision, count_parameters
+from dynconv import ChannelDecision, MaskUnit, SpatialDecision, count_parameters
 from dynconv.gates import gate_state_keys
 from dynconv.multitarget import tie_norms
 from models import WeightsUnavailable, create_model, list_models, model_config, model_family
@@ -30,7 +30,7 @@ def check_args(args):
         (args.fast and not args.evaluate, "--fast is an evaluation mode: use it with -e"),
         (args.fast and not has_gates(args), "--fast runs the sparse engine, which needs a model with gates; "
                                              "this one is static (budget -1)"),
-        (args.plot_ponder and not is_dynamic(args), "--plot_ponder draws where gates computed; this model is "
+        (args.plot_ponder and not has_gates(args), "--plot_ponder draws where gates computed; this model is "
                                                     "static (budget -1)"),
         (args.plot_only and not (args.evaluate and args.plot_ponder), "--plot_only goes with -e --plot_ponder"),
         (args.amp and not args.device.startswith("cuda"), "--amp needs a CUDA device"),
@@ -67,7 +67,7 @@ def check_args(args):
 
 def build_model(args, family, num_classes):
     """The model the flags describe: a MaskUnit gate per block when --budget >= 0 (one per budget and block with
-    --budget_targets), --model_kwargs for its factory."""
+    --budget_targets), --model_kwargs (with the model-option flags folded in) for its factory."""
     kwargs = dict(args.model_kwargs)
     if args.drop_path:
         kwargs["drop_path_rate"] = args.drop_path
@@ -81,6 +81,8 @@ def build_model(args, family, num_classes):
         if "unexpected keyword argument" in str(e):
             raise UserError(f"--model_kwargs: {args.model} does not take {str(e).split('argument')[-1].strip()}")
         raise
+    except ValueError as e:  # options the architecture cannot take (e.g. DGC heads that do not divide a width)
+        raise UserError(f"{args.model}: {e}")
     if args.tied_norms:  # the budget-aware code's choice from pretrained weights: one affine per norm
         tie_norms(model)
     return model
@@ -334,7 +336,7 @@ def evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx):
     show, epoch = ctx.is_main, int(checkpoint.get("epoch", 0))
     if args.plot_only:
         if ctx.is_main:
-            plot_ponder(model, val_set, args, run_dir, ctx)
+            plot_ponder(model, val_set, val_loader, args, run_dir, ctx)
         return {"epoch": epoch}
     per_target = {}
     for target in evaluated_targets(args) or (None,):  # a multi-target model: every budget (or --budget's)
@@ -354,7 +356,7 @@ def evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx):
         if ctx.is_main:
             print(f"* FLOPS as {label}:  {metrics['paper_mmac']:.6f} MMac")
     if ctx.is_main and args.plot_ponder:
-        plot_ponder(model, val_set, args, run_dir, ctx)
+        plot_ponder(model, val_set, val_loader, args, run_dir, ctx)
     return metrics
 
 
@@ -377,9 +379,28 @@ def evaluate_fast(model, loader, ctx, topk, args, show, target=None):
 
 
 @torch.no_grad()
-def plot_ponder(model, val_set, args, run_dir, ctx):
+def plot_channel_selection(model, loader, args, run_dir, ctx):
+    """How often each head of every channel-choosing layer keeps each input channel, over the evaluation set (this
+    process's share under torchrun): one heat map per layer, in `<plot dir>/channels.png`."""
+    from .plot import channel_selection_figure
+
+    sums, count = None, 0
+    for images, _ in loader:
+        _, decisions = model(images.to(ctx.device, memory_format=torch.channels_last))
+        kept = [d.kept.sum(0) for d in decisions if isinstance(d, ChannelDecision)]
+        sums = kept if sums is None else [a + b for a, b in zip(sums, kept)]
+        count += images.shape[0]
+    out_dir = args.plot_dir or os.path.join(run_dir, "ponder")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "channels.png")
+    channel_selection_figure([s.cpu().reshape(-1, s.shape[-1]) / count for s in sums], count).savefig(path, dpi=100)
+    print(f"=> channel selection frequencies of {len(sums)} layers over {count} images written to {path}")
+
+
+@torch.no_grad()
+def plot_ponder(model, val_set, loader, args, run_dir, ctx):
     """One figure per image of the first --plot_count evaluation images: input (true and predicted class),
-    ponder cost, every block's mask."""
+    ponder cost, every block's mask. Models that choose channels: plot_channel_selection instead."""
     from .plot import save_ponder_figures
 
     model.eval()
@@ -388,8 +409,11 @@ def plot_ponder(model, val_set, args, run_dir, ctx):
                for t in evaluated_targets(args) or (None,)}  # a multi-target model: every budget, side by side
     decisions = {t: d for t, (_, d) in outputs.items()}
     predictions = {t: logits.argmax(1).cpu() for t, (logits, _) in outputs.items()}
-    if not any(isinstance(d, SpatialDecision) for d in decisions[next(iter(decisions))]):
-        raise UserError("--plot_ponder needs a model with spatial gates (this one has none)")
+    first = decisions[next(iter(decisions))]
+    if any(isinstance(d, ChannelDecision) for d in first):
+        return plot_channel_selection(model, loader, args, run_dir, ctx)
+    if not any(isinstance(d, SpatialDecision) for d in first):
+        raise UserError("--plot_ponder needs a model with gates (this one has none)")
     if None in decisions:
         decisions, predictions = decisions[None], predictions[None]
     config = model_config(args.model)
