@@ -147,6 +147,33 @@ def test_depthwise_rows(emulated, k, channels, kernel, cpu_kernel, monkeypatch):
     torch.testing.assert_close(emulated["depthwise_rows"](src, idx, size, weight, bias), expected)
 
 
+def channel_case(images, groups, kept, positions, channels, g):
+    src = random_rows(images * positions, channels, g)
+    idx = torch.stack([torch.stack([torch.randperm(channels, generator=g)[:kept] for _ in range(groups)])
+                       for _ in range(images)]) if images else torch.zeros(0, groups, kept, dtype=torch.long)
+    return src, idx, positions
+
+
+@pytest.mark.parametrize("images,groups,kept,positions,channels", [
+    (1, 1, 1, 1, 1), (3, 4, 5, 7, 12), (2, 2, 16, 9, 16), (0, 4, 3, 5, 8), (5, 1, 33, 3, 64)])
+def test_gather_channels(emulated, images, groups, kept, positions, channels):
+    g = torch.Generator().manual_seed(images * 1000 + kept * 10 + channels)
+    case = channel_case(images, groups, kept, positions, channels, g)
+    out = emulated["gather_channels"](*case)
+    assert torch.equal(out, ops.gather_channels(*case))
+    src, idx, _ = case
+    if images:  # the spec itself, one element by hand
+        n, h, p, k = images - 1, groups - 1, positions - 1, kept - 1
+        assert out[n, h, p, k] == src[n * positions + p, idx[n, h, k]]
+
+
+def test_gather_channels_checks(emulated):
+    with pytest.raises(ValueError, match="expected 2 images x 3 positions"):
+        emulated["gather_channels"](torch.randn(5, 4), torch.zeros(2, 1, 1, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="idx must be 3-D"):
+        emulated["gather_channels"](torch.randn(6, 4), torch.zeros(2, 1, dtype=torch.long), 3)
+
+
 def test_depthwise_rows_checks(emulated):
     src, idx, size, weight, bias = depthwise_case(3, 4, 5, 0)
     with pytest.raises(ValueError, match="k \\* k rows"):
@@ -289,10 +316,12 @@ def test_ops_launch_every_compiled_kernel():
     table["gather_rows"](src, idx)
     table["gather_patches"](src, idx[:, None])
     table["depthwise_rows"](src[:4].contiguous(), idx, (1, 2, 2), torch.randn(9, 2), torch.zeros(2))
+    table["gather_channels"](src[:4].contiguous(), idx.reshape(2, 1, 1), 2)
     table["bias_relu_"](rows, torch.zeros(2))
     for op in SCATTERS:
         table[op](src, idx, rows)
-    assert launched == ["gather_rows", "gather_rows", "depthwise_rows", "bias_relu", "scatter_rows", "scatter_add", "scatter_add_relu"]
+    assert launched == ["gather_rows", "gather_rows", "depthwise_rows", "gather_channels", "bias_relu", "scatter_rows",
+                        "scatter_add", "scatter_add_relu"]
     assert sorted(set(launched)) == KERNELS
 
 
@@ -335,6 +364,10 @@ def test_cupy_matches_torch(k, channels):
     for kernel in (3, 7):
         case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in depthwise_case(kernel, channels, k, k)]
         torch.testing.assert_close(cuda["depthwise_rows"](*case), torch_ops["depthwise_rows"](*case))
+
+    case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in channel_case(3, 4, min(k, channels), 5,
+                                                                                  channels, g)]
+    assert torch.equal(cuda["gather_channels"](*case), torch_ops["gather_channels"](*case))
 
     weight = torch.randn(channels, 5, generator=g).cuda()
     linear_bias = torch.nn.Parameter(torch.randn(5, generator=g).cuda())  # requires grad, as a model's would

@@ -1,7 +1,8 @@
 """The "cupy" backend of dynconv/sparse/ops.py: its gather/scatter ops as CUDA C kernels compiled at run time.
 
 One kernel per op (the neighbourhood gather, of any tap count, is the row gather through a table of tap rows; the
-depthwise conv at chosen positions reads its neighbourhoods from the map itself; the scatters share one kernel
+depthwise conv at chosen positions reads its neighbourhoods from the map itself; the channel gather reads each
+image's chosen channels per group; the scatters share one kernel
 template: scatter_rows, scatter_add, scatter_add_relu), one thread per element on a 1-D
 grid (launch_config). No shared memory, barriers or atomics: every thread owns one
 element, and scatter indices never repeat. Each kernel's last two parameters are
@@ -71,6 +72,18 @@ extern "C" __global__ void depthwise_rows(const float* __restrict__ src, const l
         }
     }
     out[i] = acc;
+}
+""",
+    # thread i owns element (n, g, p, k) of the (N, G, P, K) output: channel idx[n, g, k] of position p of image n
+    "gather_channels": r"""
+extern "C" __global__ void gather_channels(const float* __restrict__ src, const long long* __restrict__ idx,
+                                           float* __restrict__ out, long long G, long long P, long long K,
+                                           long long C, long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long k = i % K, p = i / K % P, group = i / (K * P);  // group = n * G + g
+    const long long n = group / G;
+    out[i] = src[(n * P + p) * C + idx[group * K + k]];
 }
 """,
     # "v < 0 ? 0 : v" rather than fmaxf(v, 0): NaN propagates, as in torch's relu.
@@ -213,6 +226,17 @@ def make_ops(launch):
         run("depthwise_rows", out.numel(), src, idx, weight, bias, out, size[1], size[2], kernel, src.shape[1])
         return out
 
+    def gather_channels(src, idx, positions):
+        _rows("src", src)
+        _check("idx", idx, torch.int64, 3)
+        _same_device(src=src, idx=idx)
+        n, groups, kept = idx.shape
+        if src.shape[0] != n * positions:
+            raise ValueError(f"src has {src.shape[0]} rows, expected {n} images x {positions} positions")
+        out = src.new_empty((n, groups, positions, kept))
+        run("gather_channels", out.numel(), src, idx, out, groups, positions, kept, src.shape[1])
+        return out
+
     def bias_relu_(rows, bias):
         _bias_checks(rows, bias)
         run("bias_relu", rows.numel(), rows, bias, rows.shape[1])
@@ -226,7 +250,7 @@ def make_ops(launch):
         return torch.addmm(bias, rows, weight)
 
     return dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
-                bias_relu_=bias_relu_, scatter_rows_=_scatter_op(run, "scatter_rows"),
+                gather_channels=gather_channels, bias_relu_=bias_relu_, scatter_rows_=_scatter_op(run, "scatter_rows"),
                 scatter_add_=_scatter_op(run, "scatter_add"), scatter_add_relu_=_scatter_op(run, "scatter_add_relu"),
                 linear=linear)
 

@@ -2,7 +2,8 @@
 
 Ops (the same names and signatures in every backend's table; a trailing underscore: in place, returns its first
 argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, depthwise_rows(src, idx, size,
-weight, bias) (a depthwise k x k conv at chosen positions), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows),
+weight, bias) (a depthwise k x k conv at chosen positions), gather_channels(src, idx, positions) (each image's
+chosen channels per group), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows),
 scatter_add_(dst, idx, rows) (the residual add of a block with no activation after it), scatter_add_relu_(dst, idx,
 rows), linear(rows, weight, bias, relu).
 
@@ -81,6 +82,15 @@ def depthwise_rows(src, idx, size, weight, bias):
     return dense.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, idx)
 
 
+def gather_channels(src, idx, positions):
+    """Each image's chosen channels, per group: out[n, g, p, k] = src[n * P + p, idx[n, g, k]] for the map `src`
+    (N * P, C) of N images with P positions each and idx (N, G, K). -> (N, G, P, K), the input rows of G convs
+    that each read K channels (e.g. the heads of a dynamic group convolution)."""
+    n, groups, kept = idx.shape
+    maps = src.view(n, 1, positions, src.shape[1]).expand(n, groups, positions, src.shape[1])
+    return maps.gather(3, idx[:, :, None, :].expand(n, groups, positions, kept))
+
+
 def bias_relu_(rows, bias):
     """rows = max(rows + bias, 0), in place (the BatchNorm folded into the preceding conv, then ReLU)."""
     return rows.add_(bias).relu_()
@@ -112,6 +122,7 @@ def linear(rows, weight, bias, relu):
 
 
 TORCH_OPS = dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
+                 gather_channels=gather_channels,
                  bias_relu_=bias_relu_, scatter_rows_=scatter_rows_, scatter_add_=scatter_add_,
                  scatter_add_relu_=scatter_add_relu_, linear=linear)
 
