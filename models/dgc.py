@@ -45,8 +45,9 @@ def inactive_channels(channels, gate_factor, progress):
 
 class ChannelSaliency(Gate):
     """Per image and head, a saliency score for every input channel from the pooled input, and which channels the
-    head keeps (`forward(pooled) -> (saliency (N, H, C) with the dropped channels at 0, kept (N, H, C) 0/1, raw
-    saliency before zeroing)`). The number dropped follows the training progress (`set_schedule(progress=p)`)."""
+    head reads (`forward(pooled) -> (saliency (N, H, C) with the dropped channels at 0, kept (N, H, C) 0/1: the
+    C - inactive channels a head reads, raw saliency before zeroing, idx (N, H, C - inactive): those channels)`).
+    The number dropped follows the training progress (`set_schedule(progress=p)`)."""
 
     def __init__(self, channels, heads, squeeze_rate, gate_factor):
         super().__init__()
@@ -73,10 +74,15 @@ class ChannelSaliency(Gate):
         raw = F.relu(torch.einsum("nhk,hck->nhc", hidden, self.fc2_weight) + self.fc2_bias)
         inactive = int(self.inactive)
         if inactive <= 0:
-            return raw, torch.ones_like(raw), raw
-        threshold = raw.detach().kthvalue(inactive, dim=-1, keepdim=True).values
-        kept = (raw.detach() > threshold).to(raw.dtype)
-        return raw * kept, kept, raw
+            everything = torch.arange(self.channels, device=raw.device).expand(*raw.shape)
+            return raw, torch.ones_like(raw), raw, everything
+        detached = raw.detach()
+        threshold = detached.kthvalue(inactive, dim=-1, keepdim=True).values
+        # the paper's rule zeroes every score <= the inactive-th smallest; the C - inactive largest scores hold
+        # every channel it keeps (and, on ties, some at zero): those are the channels a head reads and pays for
+        idx = detached.topk(self.channels - inactive, dim=-1, sorted=False).indices
+        kept = torch.zeros_like(detached).scatter_(-1, idx, 1.0)
+        return raw * (detached > threshold), kept, raw, idx
 
 
 class DGCConv(Dynamic, nn.Module):
@@ -120,7 +126,7 @@ class DGCConv(Dynamic, nn.Module):
 
     def forward(self, x, target=None):
         x = self.relu(self.norm(x))
-        saliency, kept, raw = self.gate(x.mean((2, 3)), target)
+        saliency, kept, raw, _ = self.gate(x.mean((2, 3)), target)
         n, c, height, width = x.shape
         scaled = (x[:, None] * saliency[..., None, None]).reshape(n, self.heads * c, height, width)
         out = F.conv2d(scaled, self.weight, None, self.stride, self.padding, groups=self.heads)

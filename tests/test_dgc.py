@@ -271,3 +271,21 @@ def test_cli_bad_options_are_one_line(tmp_path, capsys, flags, words):
                                                        "-s", str(tmp_path / "run")], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
+
+
+def test_ties_at_zero_saliency_cost_the_channels_read_and_compute_the_same_function():
+    """Half the channels score 0 (ReLU): the paper's rule zeroes every score <= the inactive-th smallest (0 here), so
+    fewer than C - inactive channels count; a head still reads (and pays for) C - inactive, the extra ones at 0."""
+    from dynconv.sparse.ops import get_ops
+    from dynconv.sparse.plans import EngineSettings
+    from dynconv.sparse.plans.dgc import DGCConvPlan
+
+    layer = randomised(DGCConv(16, 8, 3, heads=2), inactive=4)
+    layer.gate.fc2_bias.data[:, ::2] = -50.0  # channels 0, 2, ... score 0 for every image
+    x = torch.randn(3, 16, 5, 5)
+    with torch.no_grad():
+        expected, decision = layer(x)
+        out, _ = DGCConvPlan(layer, get_ops("torch"), EngineSettings())(x.contiguous(memory_format=torch.channels_last))
+    assert (decision.kept.sum(-1) == 12).all()
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert torch.allclose(expected, per_head_reference(layer, x), atol=1e-5)

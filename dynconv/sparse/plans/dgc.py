@@ -2,8 +2,8 @@
 channels it kept for the image, with the matching slice of its weights, instead of every channel times a saliency
 of zero.
 
-Per image n and head h with kept channels idx[n, h] (the K = C_in - inactive largest saliencies; K is fixed by the
-trained `inactive`): the gathered weights W_h[:, idx] are scaled by the saliencies once (C_out/H x K numbers, not
+Per image n and head h with kept channels idx[n, h] (the K = C_in - inactive largest saliencies, from the layer's
+gate; K is fixed by the trained `inactive`): the gathered weights W_h[:, idx] are scaled by the saliencies once (C_out/H x K numbers, not
 the K x H x W input), then
 - the kept channels are gathered position-major by the backend's `gather_channels` op (torch, or a CuPy kernel);
 - 1x1 convs: one batched matrix product over images and heads, (positions, K) @ (K, C_out/H), whose output is
@@ -11,7 +11,7 @@ the K x H x W input), then
 - k x k convs: one grouped conv over the gathered inputs with N * H groups (each image and head its own weights).
 BN + ReLU of the input run as in the layer (eval mode), and the saliency generator is the layer's own. Where ties
 make the layer zero more than `inactive` channels, the extra gathered ones have saliency 0 here too: the same
-function. The output is interleaved as the layer's (channel j * H + h is head h's j).
+function, and the same MACs as the layer's decision states (K channels per head). The output is interleaved as the layer's (channel j * H + h is head h's j).
 """
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,8 @@ class DGCConvPlan(BlockPlan):
     def __call__(self, x, target=None):
         block = self.block
         x = block.relu(block.norm(x)).contiguous(memory_format=torch.channels_last)
-        saliency, kept, raw = block.gate(x.mean((2, 3)), target)
+        saliency, kept, raw, idx = block.gate(x.mean((2, 3)), target)  # idx (N, H, K): the channels read
         decision = block.decision(kept, raw, x)
-        idx = saliency.topk(self.kept, dim=-1, sorted=False).indices  # (N, H, K)
         heads = torch.arange(block.heads, device=x.device)[None, :, None]
         # (N, H, C_out/H, K, k*k): each image's and head's weights at its kept channels, times their saliencies
         weight = self.weight[heads, :, idx].transpose(2, 3) * saliency.gather(2, idx)[:, :, None, :, None]
