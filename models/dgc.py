@@ -398,14 +398,17 @@ def checkpoint_options(state_dict):
     return options
 
 
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value}"
+
+
 def _check_configuration(state_dict, model):
-    expected = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in getattr(model, "options", {}).items()}
+    shown = _shown
+    expected = getattr(model, "options", {})
     for name, value in checkpoint_options(state_dict).items():
-        if name in expected and expected[name] != value:
-            shown = "-".join(map(str, value)) if isinstance(value, tuple) else value
-            want = "-".join(map(str, expected[name])) if isinstance(value, tuple) else expected[name]
-            raise CheckpointMismatch(f"{name} {want} expected, the checkpoint has {shown} (--{name} {shown} "
-                                     "builds that model)")
+        if name in expected and shown(expected[name]) != shown(value):
+            raise CheckpointMismatch(f"{name} {shown(expected[name])} expected, the checkpoint has {shown(value)} "
+                                     f"(--{name} {shown(value)} builds that model)")
 
 
 OPTION_HELP = {

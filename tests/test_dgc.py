@@ -195,7 +195,7 @@ def test_upstream_layout_loads_to_the_same_function(name, kwargs):
 def test_upstream_checkpoint_of_another_configuration_says_which_option():
     source = create_model("dydensenet86", stages=(2, 2, 2), growth=(4, 8, 8))
     target = create_model("dydensenet86", stages=(2, 2, 2), growth=(4, 8, 16))
-    with pytest.raises(CheckpointMismatch, match="growth 4-8-16 expected, the checkpoint has 4-8-8"):
+    with pytest.raises(CheckpointMismatch, match="growth 4 8 16 expected, the checkpoint has 4 8 8"):
         dgc_checkpoint_filter(to_upstream(source.state_dict(), source), target)
     heads = create_model("dydensenet86", stages=(2, 2, 2), growth=(4, 8, 8), heads=2)
     with pytest.raises(CheckpointMismatch, match="heads 2 expected, the checkpoint has 4"):
@@ -289,3 +289,27 @@ def test_ties_at_zero_saliency_cost_the_channels_read_and_compute_the_same_funct
     assert (decision.kept.sum(-1) == 12).all()
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert torch.allclose(expected, per_head_reference(layer, x), atol=1e-5)
+
+
+def test_cli_evaluates_an_upstream_checkpoint_file(tmp_path, capsys):
+    """The paper's file format ({'epoch', 'state_dict', 'best_prec1', 'optimizer'}, `module.` keys, per-head
+    layout) through `-r FILE -e`; another configuration's file is one line naming the option."""
+    import main_cifar
+    from conftest import run_entry
+    from synthetic import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "data"), classes=2, per_class=2, size=32)
+    options = dict(stages=(2, 2, 2), growth=(4, 8, 8))
+    source = trained_like(create_model("dydensenet86", num_classes=2, **options), 0.75)
+    path = str(tmp_path / "cifar10_dydensenet86_h4.tar")
+    torch.save({"epoch": 300, "state_dict": to_upstream(source.state_dict(), source), "best_prec1": 95.23,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "params": [0]}]}}, path)
+    flags = ["--stages", "2", "2", "2", "--data", root, "--workers", "0"]
+    code, out, err = run_entry(main_cifar.main, ["--model", "dydensenet86", "--growth", "4", "8", "8", "-r", path,
+                                                 "-e"] + flags, capsys)
+    assert code == 0, err
+    assert "* Epoch 300 - Prec@1" in out and "* FLOPS as the DGC paper counts them:" in out
+    code, _, err = run_entry(main_cifar.main, ["--model", "dydensenet86", "--growth", "4", "8", "16", "-r", path,
+                                               "-e"] + flags, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "growth 4 8 16 expected, the checkpoint has 4 8 8" in lines[0], err

@@ -9,7 +9,7 @@ import torch
 from dynconv import ChannelDecision, MaskUnit, SpatialDecision, count_parameters
 from dynconv.gates import gate_state_keys
 from dynconv.multitarget import tie_norms
-from models import WeightsUnavailable, create_model, list_models, model_config, model_family
+from models import CheckpointMismatch, WeightsUnavailable, create_model, list_models, model_config, model_family
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
@@ -63,6 +63,15 @@ def check_args(args):
                                  batch_size=args.batchsize)
     except ValueError as e:
         raise UserError(str(e))
+
+
+def filtered(config, state_dict, model, source):
+    """The model config's filter of a checkpoint (foreign layouts -> ours); a checkpoint of another configuration
+    of the model is one line."""
+    try:
+        return config.filter(state_dict, model)
+    except CheckpointMismatch as e:
+        raise UserError(f"{source} was trained with other options: {e}")
 
 
 def build_model(args, family, num_classes):
@@ -265,7 +274,7 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     if args.pretrained:
         load_pretrained(model, args, config)
     if checkpoint is not None:
-        load_model_state(model, config.filter(checkpoint["state_dict"], model), checkpoint_path)
+        load_model_state(model, filtered(config, checkpoint["state_dict"], model, checkpoint_path), checkpoint_path)
     if ctx.is_main:
         print(f"=> {args.model} ({_describe(args)}), {count_parameters(model):,} parameters" +
               (f", from {checkpoint_path}" if checkpoint else ""))
@@ -297,7 +306,7 @@ def load_teacher(args, num_classes, ctx):
     else:
         state_dict, source = load_checkpoint(args.teacher_weights)["state_dict"], args.teacher_weights
     teacher = create_model(name, model_family(name), num_classes=num_classes)
-    state_dict = config.filter(state_dict, teacher)
+    state_dict = filtered(config, state_dict, teacher, source)
     weight = next(k for k in classifier_keys(teacher) if k.endswith("weight"))
     if weight in state_dict and state_dict[weight].shape[0] != num_classes:
         raise UserError(f"the teacher ({source}) classifies {state_dict[weight].shape[0]} classes, the data set has "
@@ -320,7 +329,7 @@ def load_pretrained(model, args, config):
             raise UserError(str(e))
     else:
         state_dict, source = load_checkpoint(args.pretrained)["state_dict"], args.pretrained
-    state_dict = config.filter(state_dict, model)
+    state_dict = filtered(config, state_dict, model, source)
     allow_missing = gate_state_keys(model)
     classifier = set(classifier_keys(model))
     own = model.state_dict()
