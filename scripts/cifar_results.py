@@ -83,8 +83,10 @@ def evaluate(run_dir, args, data, workers, fast=False):
 def trained_model(args, family, targets):
     """A fresh model of the run's architecture (for its parameter count and type)."""
     dynamic = is_dynamic(SimpleNamespace(budget=args.get("budget", -1), budget_targets=targets))
-    return create_model(args["model"], family, gate_layer=MaskUnit if dynamic else None, num_classes=10,
-                        **({"targets": targets} if targets else {}))
+    kwargs = dict(args.get("model_kwargs") or {}, **({"targets": targets} if targets else {}))
+    if dynamic:
+        kwargs["gate_layer"] = MaskUnit
+    return create_model(args["model"], family, num_classes=10, **kwargs)
 
 
 def _speeds(metrics):
