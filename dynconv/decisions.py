@@ -105,6 +105,7 @@ class StaticDecision(Decision):
 
     work: UnitCost
     overhead: UnitCost = ZERO
+    loss: Optional[torch.Tensor] = None  # the layer's regulariser (weight included), training only
 
     def conditional(self):
         return torch.zeros(()), 0

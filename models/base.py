@@ -47,7 +47,9 @@ class ModelConfig:
     input_multiple: int = 1  # the input side must be a multiple of this (the network's total stride)
     # model options the command line sets as flags (--name VALUE): name -> (default, help); recorded in model_kwargs
     options: dict = field(default_factory=dict)
-    spatial_gates: bool = True  # whether --budget / --budget_targets (spatial mask units) apply to the model
+    # "spatial": DynConv mask units from --budget / --budget_targets; "own": gates of the model's own that the
+    # sparse engine runs (e.g. DGC's channel saliency); None: nothing for a gate to decide (dynamic weights)
+    gates: Optional[str] = "spatial"
     # (label, fn(model, images) -> MMac per image): a second MAC count, e.g. as the model's paper counts them
     paper_count: Optional[tuple] = None
 

@@ -191,14 +191,14 @@ def _fold_model_options(args, explicit, saved_kwargs):
                             f"{_show(saved_kwargs[name])}); leave the flag out to use the checkpoint's")
         args.model_kwargs = {**args.model_kwargs, name: value}
     args.model_kwargs = {**{name: default for name, (default, _) in options.items()}, **args.model_kwargs}
-    if not model_config(args.model).spatial_gates and (args.budget >= 0 or args.budget_targets):
+    if model_config(args.model).gates != "spatial" and (args.budget >= 0 or args.budget_targets):
         raise UserError(f"--budget and --budget_targets do not apply to {args.model}: it has no spatial gates "
                         f"(its options: {', '.join('--' + o for o in options)})")
 
 
 def has_gates(args):
     """Whether the run's model decides anything per image: spatial gates (a budget) or gates of its own (DGC)."""
-    return is_dynamic(args) or not model_config(args.model).spatial_gates
+    return is_dynamic(args) or model_config(args.model).gates == "own"
 
 
 def _checkpoint_budgets(checkpoint):
@@ -215,8 +215,10 @@ def _show(value):
 
 
 def _describe(args):
-    if not model_config(args.model).spatial_gates:
-        return "its own gates; " + _show(args.model_kwargs)
+    gates = model_config(args.model).gates
+    if gates != "spatial":
+        return ("its own gates" if gates == "own" else "no gates") + (f"; {_show(args.model_kwargs)}"
+                                                                       if args.model_kwargs else "")
     if args.budget_targets:
         return "DynConv, multi-target: budgets " + ", ".join(f"{b:g}" for b in run_targets(args))
     return f"DynConv, budget {args.budget:g}" if args.budget >= 0 else "dense"
