@@ -126,3 +126,26 @@ class Dynamic:
         """(conv, BatchNorm) pairs outside the gated blocks where the norm directly follows the conv and nothing
         else reads the conv's output (e.g. a ResNet stem): the sparse engine folds each into one conv."""
         return ()
+
+
+class RecordsDecision(Dynamic):
+    """A dynamic layer called where only a tensor can be returned (e.g. a conv layer injected into a block)
+    records its decision here instead; the network collects the records after its forward (`take_recorded`)."""
+
+    recorded = None
+
+    def record(self, decision):
+        self.recorded = decision
+
+
+def take_recorded(model):
+    """The decisions recorded by `model`'s layers since the last call, in module order (the records cleared). The
+    recording layers are looked up once per model (a deep copy, e.g. an EMA, maps the cached list to its own)."""
+    recorders = model.__dict__.get("_decision_recorders")
+    if recorders is None:
+        recorders = [m for m in model.modules() if isinstance(m, RecordsDecision)]
+        model.__dict__["_decision_recorders"] = recorders
+    decisions = [m.recorded for m in recorders if m.recorded is not None]
+    for m in recorders:
+        m.recorded = None
+    return decisions

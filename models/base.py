@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-from dynconv.decisions import Dynamic
+from dynconv.decisions import Dynamic, take_recorded
 from dynconv.multitarget import per_target_layout, select_target
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -47,6 +47,7 @@ class ModelConfig:
     input_multiple: int = 1  # the input side must be a multiple of this (the network's total stride)
     # model options the command line sets as flags (--name VALUE): name -> (default, help); recorded in model_kwargs
     options: dict = field(default_factory=dict)
+    free_options: tuple = ()  # options that leave the weights alone (e.g. an evaluation path): may differ on -r
     # "spatial": DynConv mask units from --budget / --budget_targets; "own": gates of the model's own that the
     # sparse engine runs (e.g. DGC's channel saliency); None: nothing for a gate to decide (dynamic weights)
     gates: Optional[str] = "spatial"
@@ -76,4 +77,5 @@ class DynamicNetwork(Dynamic, nn.Module):
     def forward(self, x, target=None):
         select_target(self, target)  # the norms etc. of this operating point, in multi-target models
         x, decisions = self.forward_features(x, target)
-        return self.forward_head(x), decisions
+        # layers inside blocks that could only return a tensor (e.g. injected conv layers) recorded theirs
+        return self.forward_head(x), decisions + take_recorded(self)

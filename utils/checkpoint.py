@@ -41,6 +41,17 @@ def _umask():
     return mask
 
 
+def _numpy_scalars():
+    """What numpy float scalars (e.g. learning rates in some papers' optimizer states) pickle as, allowed in
+    weights_only loading: the scalar constructor (under numpy 1's module name too) and the float dtypes; nothing
+    else is unpickled."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
+    return [np.dtype, *dtypes, scalar, (scalar, "numpy.core.multiarray.scalar")]
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
@@ -49,7 +60,8 @@ def load_checkpoint(path):
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
         raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalars()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     if isinstance(checkpoint, dict) and "state_dict" not in checkpoint and isinstance(checkpoint.get("model"), dict):

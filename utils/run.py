@@ -186,7 +186,7 @@ def _fold_model_options(args, explicit, saved_kwargs):
         raise UserError(f"--{unknown[0]} does not apply to {args.model} ({has})")
     for name, value in given.items():
         value, saved = (tuple(v) if isinstance(v, list) else v for v in (value, saved_kwargs.get(name)))
-        if name in saved_kwargs and saved != value:
+        if name in saved_kwargs and saved != value and name not in model_config(args.model).free_options:
             raise UserError(f"--{name} {_show(value)} contradicts the checkpoint (trained with {name} "
                             f"{_show(saved_kwargs[name])}); leave the flag out to use the checkpoint's")
         args.model_kwargs = {**args.model_kwargs, name: value}
