@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=224, help="crop size (evaluation resizes to 256/224 x)")
     args, explicit = parse(parser, argv)
     return run(args, "imagenet", lambda a, config: imagenet_style_datasets(a.data, config, a.dataset, a.resolution,
-                                                                            a.classes), topk=(1, 5),
+                                                                            a.classes, a.auto_augment), topk=(1, 5),
                explicit=explicit, default_model=DEFAULTS["model"])
 
 

@@ -170,7 +170,7 @@ OPTIONS = {"rank": (1, "PEDConv: rank of the attention (a sum of this many rank-
 IMAGENET_PEDCONV = ModelConfig(
     checkpoint_filter=strip_module_prefix, gates=None, options=OPTIONS, free_options=("inference",), input_multiple=32,
     recipe=dict(opt="sgd", lr=0.256, momentum=0.875, weight_decay=2 ** -15, no_wd_norm_bias=True, sched="cosine",
-                warmup_epochs=8, epochs=250, batchsize=256, smoothing=0.1, mixup=0.2))
+                warmup_epochs=8, epochs=250, batchsize=256, smoothing=0.1, mixup=0.2, auto_augment="imagenet"))
 
 
 def _build(factory, kwargs, **fixed):

@@ -199,3 +199,21 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
     assert prec[0] and prec[0] == prec[1]
     mmac = [float(out.split("per image:")[1].split()[0]) for out in (static_out, grouped_out)]
     assert mmac[0] > mmac[1] > 12.500992  # the static ResNet-8's count
+
+
+def test_imagenet_recipe_trains_with_autoaugment(tmp_path, capsys):
+    """pedconv_resnet18 with its recipe (AutoAugment's ImageNet policy, mixup, smoothing, cosine) on a tiny folder."""
+    import main_imagenet
+    from conftest import run_entry
+    from synthetic import make_image_folder
+    from utils.checkpoint import load_checkpoint
+
+    root = make_image_folder(str(tmp_path / "data"), splits=("train", "val"), classes=2, per_class=4, size=32)
+    run_dir = str(tmp_path / "run")
+    code, out, err = run_entry(main_imagenet.main, ["--model", "pedconv_resnet18", "--data", root, "--workers", "0",
+                                                    "--resolution", "32", "--epochs", "1", "--warmup_epochs", "0",
+                                                    "--batchsize", "4", "-s", run_dir], capsys)
+    assert code == 0, err
+    args = load_checkpoint(f"{run_dir}/checkpoint.pth")["args"]
+    assert args["auto_augment"] == "imagenet" and args["momentum"] == 0.875 and args["weight_decay"] == 2 ** -15
+    assert args["model_kwargs"] == {"rank": 1, "inference": "static"}

@@ -16,7 +16,7 @@ from .recipe import OPTIMIZERS, SCHEDULES
 
 RECIPE_DEFAULTS = dict(opt="sgd", lr=0.1, momentum=0.9, sched="step", lr_decay=[], weight_decay=1e-4,
                        batchsize=64, epochs=100, warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, mixup=0.0,
-                       cutmix=0.0, smoothing=0.0, model_ema=False, model_ema_decay=0.9998, drop_path=0.0,
+                       cutmix=0.0, smoothing=0.0, auto_augment="none", model_ema=False, model_ema_decay=0.9998, drop_path=0.0,
                        clip_grad=None, update_freq=1, lr_scale={}, freeze={}, no_wd_norm_bias=False,
                        gumbel_temp=[1.0], gumbel_temp_epochs=[], gumbel_noise_epochs=0.8, sparsity_weight=10.0,
                        teacher_model=None, teacher_weights=None, T_kd=20.0, kd_weight=0.01, awareness_metric=None,
@@ -146,6 +146,8 @@ def _add_recipe_flags(p):
     g.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
     g.add_argument("--smoothing", type=float, help="label smoothing")
+    g.add_argument("--auto_augment", choices=["none", "imagenet"],
+                   help="AutoAugment policy of the training images (torchvision's; main_imagenet.py)")
     g.add_argument("--model_ema", action="store_true", default=None,
                    help="keep an EMA of the weights, evaluated and saved beside the model")
     g.add_argument("--model_ema_decay", type=float, help="EMA decay per optimizer update")

@@ -82,13 +82,14 @@ def cifar10_datasets(root, config):
     return train, test, 10
 
 
-def imagenet_transforms(config, resolution=224):
-    """Train: RandomResizedCrop + flip; evaluation: Resize(resolution / crop fraction, the model's interpolation)
+def imagenet_transforms(config, resolution=224, auto_augment="none"):
+    """Train: RandomResizedCrop + flip (+ torchvision's AutoAugment with its ImageNet policy); evaluation: Resize(resolution / crop fraction, the model's interpolation)
     + CenterCrop (ResNets: 256/224 x, bilinear); the model's normalisation."""
     normalize = transforms.Normalize(config.mean, config.std)
     interpolation = transforms.InterpolationMode(config.interpolation)
+    augment = [transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET)] if auto_augment == "imagenet" else []
     train = transforms.Compose([transforms.RandomResizedCrop(resolution, interpolation=interpolation),
-                                transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+                                transforms.RandomHorizontalFlip(), *augment, transforms.ToTensor(), normalize])
     evaluation = transforms.Compose([transforms.Resize(round(resolution / config.crop_fraction), interpolation),
                                      transforms.CenterCrop(resolution), transforms.ToTensor(), normalize])
     return train, evaluation
@@ -127,10 +128,10 @@ def select_classes(train, val, classes, labels_of, class_names):
     return ClassSubset(train, labels_of(train), keep), ClassSubset(val, labels_of(val), keep), len(keep)
 
 
-def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224, classes=None):
+def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224, classes=None, auto_augment="none"):
     """(train, val, num_classes) for main_imagenet.py: an image folder with train/ and val/ or test/ (ImageNet or any
     other), or torchvision's Food-101 (downloaded into root when absent). `classes` selects a subset."""
-    train_tf, eval_tf = imagenet_transforms(config, resolution)
+    train_tf, eval_tf = imagenet_transforms(config, resolution, auto_augment)
     if dataset == "food101":
         try:
             with _removed_on_failure(root):
