@@ -106,6 +106,7 @@ class StaticDecision(Decision):
     work: UnitCost
     overhead: UnitCost = ZERO
     loss: Optional[torch.Tensor] = None  # the layer's regulariser (weight included), training only
+    detail: Optional[dict] = None  # name -> (N, ...) tensors a plot can show per image (e.g. attention vectors)
 
     def conditional(self):
         return torch.zeros(()), 0

@@ -94,7 +94,9 @@ class PEDConv(RecordsDecision, nn.Module):
         a_in, a_out, a_k, loss = self.attn(x)
         grouped = self.training or self.inference == "grouped"
         out = self.grouped(x, a_in, a_out, a_k) if grouped else self.static(x, a_in, a_out, a_k)
-        self.record(StaticDecision(self.cost(x.shape[0], out.shape[-2] * out.shape[-1], grouped), loss=loss))
+        detail = None if self.training else {"in": a_in.detach(), "out": a_out.detach(), "k x k": a_k.detach()}
+        self.record(StaticDecision(self.cost(x.shape[0], out.shape[-2] * out.shape[-1], grouped), loss=loss,
+                                   detail=detail))
         return out
 
     def kernels(self, a_in, a_out, a_k):

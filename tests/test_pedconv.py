@@ -176,7 +176,7 @@ def test_pedconv_and_static_checkpoints_do_not_load_into_each_other_and_say_whic
         load_model_state(pedconv, static.state_dict(), "resnet18.pth")
 
 
-def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
+def test_cli_trains_resumes_evaluates_and_plots(tmp_path, capsys):
     import main_cifar
     from conftest import run_entry
     from synthetic import make_image_folder
@@ -188,8 +188,12 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
         code, out, err = run_entry(main_cifar.main, common + ["--epochs", epochs, "-r", run_dir], capsys)
         assert code == 0, err
     assert "training epochs 2-2" in out and "regulariser" not in err
-    code, static_out, err = run_entry(main_cifar.main, ["-r", run_dir, "-e", "--data", root, "--workers", "0"], capsys)
+    code, static_out, err = run_entry(main_cifar.main, ["-r", run_dir, "-e", "--data", root, "--workers", "0",
+                                                        "--plot_ponder", "--plot_count", "2"], capsys)
     assert code == 0, err
+    import os
+    assert "figures of 6 layers' decisions" in static_out  # ResNet-8: 3 blocks of two PEDConvs
+    assert os.path.getsize(os.path.join(run_dir, "ponder", "001.png")) > 5_000
     code, grouped_out, err = run_entry(main_cifar.main, ["-r", run_dir, "-e", "--data", root, "--workers", "0",
                                                          "--inference", "grouped"], capsys)
     assert code == 0, err

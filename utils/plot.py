@@ -216,3 +216,27 @@ def channel_selection_figure(frequencies, images):
     fig.colorbar(shown, ax=axes, shrink=0.6, label="fraction of images")
     fig.suptitle(f"input channels kept per head (rows), over {images} images")
     return fig
+
+
+def decision_details_figure(details, index):
+    """Image `index`'s decision details of every layer (e.g. PEDConv's attention vectors): a row per layer, a
+    column per named tensor, each (rank, size) shown as a heat map (k x k vectors at their kernel's shape)."""
+    names = list(details[0])
+    fig = Figure(figsize=(3.2 * len(names), 0.5 + 0.55 * len(details)), layout="constrained")
+    axes = fig.subplots(len(details), len(names), squeeze=False)
+    for row, detail in enumerate(details):
+        for col, name in enumerate(names):
+            values = detail[name][index].float().cpu()
+            side = int(values.shape[-1] ** 0.5)
+            shown = values.reshape(-1, side, side)[0] if side * side == values.shape[-1] and "k" in name \
+                else values.reshape(-1, values.shape[-1])
+            image = axes[row, col].imshow(shown.numpy(), aspect="auto", vmin=0, vmax=1, cmap="magma",
+                                          interpolation="nearest")
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if row == 0:
+                axes[row, col].set_title(f"{name} ({values.shape[-1]})", fontsize=8)
+        axes[row, 0].set_ylabel(f"{row + 1}", rotation=0, fontsize=7, labelpad=8)
+    fig.colorbar(image, ax=axes, shrink=0.5, label="attention (sigmoid)")
+    fig.suptitle(f"image {index}: attention per layer (rows)", fontsize=9)
+    return fig

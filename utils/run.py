@@ -30,8 +30,8 @@ def check_args(args):
         (args.fast and not args.evaluate, "--fast is an evaluation mode: use it with -e"),
         (args.fast and not has_gates(args), "--fast runs the sparse engine, which needs a model with gates; "
                                              "this one is static (budget -1)"),
-        (args.plot_ponder and not has_gates(args), "--plot_ponder draws where gates computed; this model is "
-                                                    "static (budget -1)"),
+        (args.plot_ponder and not has_decisions(args), "--plot_ponder draws what the model decided per image; "
+                                                        "this model is static (budget -1)"),
         (args.plot_only and not (args.evaluate and args.plot_ponder), "--plot_only goes with -e --plot_ponder"),
         (args.amp and not args.device.startswith("cuda"), "--amp needs a CUDA device"),
         (device_problem(args.device) is not None, device_problem(args.device)),
@@ -199,6 +199,11 @@ def _fold_model_options(args, explicit, saved_kwargs):
 def has_gates(args):
     """Whether the run's model decides anything per image: spatial gates (a budget) or gates of its own (DGC)."""
     return is_dynamic(args) or model_config(args.model).gates == "own"
+
+
+def has_decisions(args):
+    """Whether the run's model decides anything per image (gates of any kind, or per-image weights)."""
+    return is_dynamic(args) or model_config(args.model).gates != "spatial"
 
 
 def _checkpoint_budgets(checkpoint):
@@ -408,6 +413,19 @@ def plot_channel_selection(model, loader, args, run_dir, ctx):
     print(f"=> channel selection frequencies of {len(sums)} layers over {count} images written to {path}")
 
 
+def plot_decision_details(images, decisions, args, run_dir, val_set):
+    """Per image, what every layer's decision details (e.g. PEDConv's attention vectors) hold: one figure each."""
+    from .plot import decision_details_figure
+
+    out_dir = args.plot_dir or os.path.join(run_dir, "ponder")
+    os.makedirs(out_dir, exist_ok=True)
+    details = [d.detail for d in decisions if getattr(d, "detail", None)]
+    for i in range(images.shape[0]):
+        path = os.path.join(out_dir, f"{i:03d}.png")
+        decision_details_figure(details, i).savefig(path, dpi=100)
+    print(f"=> {images.shape[0]} figures of {len(details)} layers' decisions written to {out_dir}")
+
+
 @torch.no_grad()
 def plot_ponder(model, val_set, loader, args, run_dir, ctx):
     """One figure per image of the first --plot_count evaluation images: input (true and predicted class),
@@ -423,6 +441,8 @@ def plot_ponder(model, val_set, loader, args, run_dir, ctx):
     first = decisions[next(iter(decisions))]
     if any(isinstance(d, ChannelDecision) for d in first):
         return plot_channel_selection(model, loader, args, run_dir, ctx)
+    if any(getattr(d, "detail", None) for d in first):
+        return plot_decision_details(images, first, args, run_dir, val_set)
     if not any(isinstance(d, SpatialDecision) for d in first):
         raise UserError("--plot_ponder needs a model with gates (this one has none)")
     if None in decisions:
