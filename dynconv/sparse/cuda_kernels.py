@@ -194,6 +194,20 @@ def _scatter_op(run, kernel):
     return scatter_op_
 
 
+def _gather_channels_op(run):
+    def gather_channels(src, idx, positions):
+        _rows("src", src)
+        _check("idx", idx, torch.int64, 3)
+        _same_device(src=src, idx=idx)
+        n, groups, kept = idx.shape
+        if src.shape[0] != n * positions:
+            raise ValueError(f"src has {src.shape[0]} rows, expected {n} images x {positions} positions")
+        out = src.new_empty((n, groups, positions, kept))
+        run("gather_channels", out.numel(), src, idx, out, groups, positions, kept, src.shape[1])
+        return out
+    return gather_channels
+
+
 def make_ops(launch):
     """The op table (same keys and signatures as ops.TORCH_OPS) on top of `launch(name, total, *args)`, which runs
     kernel `name` with launch_config(total) on `args` (tensors and ints) followed by `total`."""
@@ -226,17 +240,6 @@ def make_ops(launch):
         run("depthwise_rows", out.numel(), src, idx, weight, bias, out, size[1], size[2], kernel, src.shape[1])
         return out
 
-    def gather_channels(src, idx, positions):
-        _rows("src", src)
-        _check("idx", idx, torch.int64, 3)
-        _same_device(src=src, idx=idx)
-        n, groups, kept = idx.shape
-        if src.shape[0] != n * positions:
-            raise ValueError(f"src has {src.shape[0]} rows, expected {n} images x {positions} positions")
-        out = src.new_empty((n, groups, positions, kept))
-        run("gather_channels", out.numel(), src, idx, out, groups, positions, kept, src.shape[1])
-        return out
-
     def bias_relu_(rows, bias):
         _bias_checks(rows, bias)
         run("bias_relu", rows.numel(), rows, bias, rows.shape[1])
@@ -250,7 +253,7 @@ def make_ops(launch):
         return torch.addmm(bias, rows, weight)
 
     return dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
-                gather_channels=gather_channels, bias_relu_=bias_relu_, scatter_rows_=_scatter_op(run, "scatter_rows"),
+                gather_channels=_gather_channels_op(run), bias_relu_=bias_relu_, scatter_rows_=_scatter_op(run, "scatter_rows"),
                 scatter_add_=_scatter_op(run, "scatter_add"), scatter_add_relu_=_scatter_op(run, "scatter_add_relu"),
                 linear=linear)
 
