@@ -3,7 +3,7 @@ import torch
 
 from conftest import set_mask_logits
 from dynconv import MaskUnit, count_mmac, count_parameters
-from models import create_model, list_models
+from models import create_model, list_models, model_config
 
 DENSE_MMAC = {"resnet8": 12.500992, "resnet14": 26.656768, "resnet20": 40.812544, "resnet26": 54.968320,
               "resnet32": 69.124096}
@@ -12,7 +12,9 @@ ALL_OFF = {"resnet8": 0.908608, "resnet32": 1.946176}
 
 
 def test_registry_lists_cifar_models():
-    assert list_models("cifar") == sorted(DENSE_MMAC)
+    spatial = [name for name in list_models("cifar") if model_config(name).gates == "spatial"]
+    assert spatial == sorted(DENSE_MMAC)
+    assert {"dydensenet86", "pedconv_resnet8", "pedconv_resnet20", "pedconv_resnet32"} <= set(list_models("cifar"))
     with pytest.raises(KeyError, match="choices"):
         create_model("resnet9", "cifar")
 
@@ -75,9 +77,14 @@ def test_all_on_masks_equal_dense_computation():
 def test_every_parameter_gets_a_gradient(name):
     from dynconv import SparsityCriterion
 
-    model = create_model(name, gate_layer=MaskUnit).train()
-    logits, masks = model(torch.randn(2, 3, 32, 32))
-    loss = logits.logsumexp(1).mean() + SparsityCriterion(0.5, 10)(masks, 1)[0]
+    spatial = model_config(name).gates == "spatial"
+    model = create_model(name, gate_layer=MaskUnit if spatial else None).train()
+    logits, decisions = model(torch.randn(2, 3, 32, 32))
+    loss = logits.logsumexp(1).mean()
+    if spatial:
+        loss = loss + SparsityCriterion(0.5, 10)(decisions, 1)[0]
+    else:  # the models' own regularisers (DGC's lasso, PEDConv's decoder) reach their generators
+        loss = loss + sum(d.loss for d in decisions if d.loss is not None)
     loss.backward()
     assert not torch.isnan(logits).any()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
