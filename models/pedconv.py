@@ -9,12 +9,15 @@ the detached pooled input from the noisy z's; its mean squared error, weight 0.0
 paper's model inits every BatchNorm to weight 0.5, bias 0, every Linear to N(0, 0.01) with bias 0, convs and W
 Kaiming-normal (fan-out, ReLU). Rank R > 1 (a sum of R such products) is an option; the paper uses 1.
 
-Two exact ways to evaluate it (`inference`):
+Three exact ways to evaluate it (`inference`):
 - "grouped" (the paper's, kept as the specification; also the training path): assemble every image's kernel and
   run one conv with groups = N * G;
-- "static" (the default at evaluation): never assemble a kernel. The k x k neighbourhoods of the input (unfold)
-  are scaled by sigmoid(z_in) per channel and sigmoid(z_k) per tap, multiplied by the static W shared by the whole
-  batch, and the output scaled by sigmoid(z_out): one matrix product per rank term.
+- "static": never assemble a kernel. The k x k neighbourhoods of the input (unfold) are scaled by sigmoid(z_in)
+  per channel and sigmoid(z_k) per tap, multiplied by the static W shared by the whole batch, and the output
+  scaled by sigmoid(z_out): one matrix product per rank term;
+- "per_image" (the default at evaluation, the fastest measured on CPU, README): the channel factors act on the
+  maps (input times sigmoid(z_in), output times sigmoid(z_out)) and only the k*k factor on the kernel, W times
+  sigmoid(z_k) per tap, so no (N, C_out, C_in, k, k) tensor is ever built; then one ordinary conv per image.
 """
 import dataclasses
 
@@ -32,7 +35,7 @@ from .resnet_imagenet import ResNet
 NOISE_STD = 0.1  # the paper's fixed reparameterisation noise in training
 DECODER_WEIGHT = 0.001  # the paper's weight of the reconstruction (information) loss
 REDUCTION = 16
-INFERENCE_PATHS = ("static", "grouped")
+INFERENCE_PATHS = ("per_image", "static", "grouped")
 
 
 class Attention(nn.Module):
@@ -72,7 +75,7 @@ class PEDConv(RecordsDecision, nn.Module):
     """A PEDConv C_in -> C_out (k x k, stride, groups G, rank R), a drop-in conv layer (`conv_layer(in, out,
     kernel_size, stride)`): returns the output and records a StaticDecision with its MACs and the decoder loss."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, rank=1, inference="static"):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, rank=1, inference="per_image"):
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"PEDConv: {groups} groups must divide the channels ({in_channels} -> {out_channels})")
@@ -92,11 +95,11 @@ class PEDConv(RecordsDecision, nn.Module):
 
     def forward(self, x):
         a_in, a_out, a_k, loss = self.attn(x)
-        grouped = self.training or self.inference == "grouped"
-        out = self.grouped(x, a_in, a_out, a_k) if grouped else self.static(x, a_in, a_out, a_k)
+        path = "grouped" if self.training else self.inference  # grouped: the fastest to train on CPU
+        out = getattr(self, path)(x, a_in, a_out, a_k)
         detail = None if self.training else {"in": a_in.detach(), "out": a_out.detach(), "k x k": a_k.detach()}
-        self.record(StaticDecision(self.cost(x.shape[0], out.shape[-2] * out.shape[-1], grouped), loss=loss,
-                                   detail=detail))
+        self.record(StaticDecision(self.cost(x.shape[0], x.shape[-2] * x.shape[-1], out.shape[-2] * out.shape[-1],
+                                             path), loss=loss, detail=detail))
         return out
 
     def kernels(self, a_in, a_out, a_k):
@@ -128,18 +131,35 @@ class PEDConv(RecordsDecision, nn.Module):
             out = out + term.reshape(n, self.out_channels, -1) * a_out[:, r, :, None]
         return out.view(n, self.out_channels, *size)
 
-    def cost(self, images, positions, grouped):
-        """MACs of the batch: the conv (once per rank term on the static path), the generators, and what applying
-        the attention costs: assembling the kernels (C_out * C_in/G, then * k*k, per rank term; W times the sum:
-        about 2 multiplies per kernel element at rank 1, 22 M per ResNet-18 image), or scaling the
-        neighbourhoods (C_in * k*k per position) and outputs (C_out per position) per rank term."""
+    def per_image(self, x, a_in, a_out, a_k):
+        """The same function with the channel factors on the maps and the tap factor on W: per rank term, the
+        input times a_in, one conv per image with W times that image's a_k, the output times a_out."""
+        n, k, g = x.shape[0], self.kernel_size, self.groups
+        out = 0
+        for r in range(self.rank):
+            scaled = x * a_in[:, r].repeat(1, g)[:, :, None, None]  # channel c of group j uses a_in[c - j * C/G]
+            taps = a_k[:, r].view(n, 1, 1, k, k)
+            term = torch.cat([F.conv2d(scaled[i:i + 1], self.weight * taps[i], None, self.stride, self.padding,
+                                       groups=g) for i in range(n)])
+            out = out + term * a_out[:, r, :, None, None]
+        return out
+
+    def cost(self, images, in_positions, positions, path):
+        """MACs of the batch: the conv (once per rank term except on the grouped path), the generators, and what
+        applying the attention costs per rank term: grouped, assembling the kernels (C_out * C_in/G, then * k*k;
+        W times the sum: about 2 multiplies per kernel element at rank 1, 22 M per ResNet-18 image); static,
+        scaling the neighbourhoods (C_in * k*k per position) and outputs (C_out per position); per_image,
+        scaling the input (C_in per input position), W by the taps (one per kernel element) and the outputs."""
         conv = self.weight.numel() * positions
         kernel_elements = self.weight.numel()
-        if grouped:  # per rank term a_out (x) a_in, then (x) a_k; then W times the sum
+        if path == "grouped":  # per rank term a_out (x) a_in, then (x) a_k; then W times the sum
             applying = self.rank * (kernel_elements // self.kernel_size ** 2 + kernel_elements) + kernel_elements
-        else:
+        elif path == "static":
             taps = self.in_channels * self.kernel_size ** 2
             applying = self.rank * (taps + taps * positions + self.out_channels * positions)
+        else:
+            applying = self.rank * (self.in_channels * in_positions + kernel_elements + self.out_channels * positions)
+        if path != "grouped":
             conv *= self.rank
         macs = images * (conv + self.attn.generator_macs() + applying)
         return UnitCost(macs, macs)
@@ -165,8 +185,9 @@ def _pedconv_layer(rank, inference):
 
 
 OPTIONS = {"rank": (1, "PEDConv: rank of the attention (a sum of this many rank-1 products)"),
-           "inference": ("static", "PEDConv evaluation path: static (static W, no kernel assembly) or grouped "
-                                   "(per-image kernels, the paper's)")}
+           "inference": ("per_image", "PEDConv evaluation path: per_image (channel attention on the maps, W scaled "
+                                      "per tap, a conv per image), static (static W, scaled neighbourhoods) or "
+                                      "grouped (every image's full kernel, one grouped conv: the paper's)")}
 # the paper's ImageNet recipe (NVIDIA DeepLearningExamples): lr 0.256 per 256 images; no weight decay on norm
 # parameters (here all 1-D parameters: norm weights and biases, and the biases of the Linears)
 IMAGENET_PEDCONV = ModelConfig(

@@ -47,18 +47,19 @@ def test_grouped_over_batch_equals_a_per_image_loop(groups):
         assert torch.allclose(out[n:n + 1], one, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["static", "per_image"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("groups,rank", [(1, 1), (2, 1), (1, 2)])
-def test_static_path_equals_the_grouped_path(batch, stride, groups, rank):
-    conv = layer(stride=stride, groups=groups, rank=rank).eval()
+def test_fast_paths_equal_the_grouped_path(path, batch, stride, groups, rank):
+    conv = layer(stride=stride, groups=groups, rank=rank, inference=path).eval()
     x = torch.randn(batch, 32, 7, 9)
     with torch.no_grad():
-        static = conv(x)
+        fast = conv(x)
         conv.inference = "grouped"
         grouped = conv(x)
-    assert static.shape == grouped.shape == (batch, 6, 4 if stride == 2 else 7, 5 if stride == 2 else 9)
-    assert (static - grouped).abs().max() <= 1e-4 * grouped.abs().max()
+    assert fast.shape == grouped.shape == (batch, 6, 4 if stride == 2 else 7, 5 if stride == 2 else 9)
+    assert (fast - grouped).abs().max() <= 1e-4 * grouped.abs().max()
 
 
 def test_noise_and_decoder_loss_only_in_training():
@@ -104,16 +105,24 @@ def test_macs_of_one_layer_by_hand():
     conv.inference = "grouped"
     conv(x)
     assert conv.recorded.macs() == conv_macs + generators + (6 * 32 + 6 * 32 * 9) + 6 * 32 * 9
+    conv.inference = "per_image"  # the input (32 * 25), W by the taps (6 * 32 * 9), the output (6 * 25)
+    conv(x)
+    assert conv.recorded.macs() == conv_macs + generators + 32 * 25 + 6 * 32 * 9 + 6 * 25
 
 
-def test_resnet18_macs_of_both_paths_and_the_static_resnet():
-    x = torch.randn(1, 3, 224, 224)
-    model = create_model("pedconv_resnet18").eval()
-    static = count_mmac(model, x)
+def set_path(model, path):
     for m in model.modules():
         if isinstance(m, PEDConv):
-            m.inference = "grouped"
-    grouped = count_mmac(model, x)
+            m.inference = path
+    return model
+
+
+def test_resnet18_macs_of_every_path_and_the_static_resnet():
+    x = torch.randn(1, 3, 224, 224)
+    model = create_model("pedconv_resnet18").eval()
+    per_image = count_mmac(model, x)
+    static = count_mmac(set_path(model, "static"), x)
+    grouped = count_mmac(set_path(model, "grouped"), x)
     dense = count_mmac(create_model("resnet18").eval(), x)
     assert dense == pytest.approx(1813.561344, abs=5e-7)
     convs = [m for m in model.modules() if isinstance(m, PEDConv)]
@@ -123,7 +132,16 @@ def test_resnet18_macs_of_both_paths_and_the_static_resnet():
                      for fc in (c.attn.fc_share, c.attn.fc_inp, c.attn.fc_oup, c.attn.fc_k))
     assert assembly == 23_191_552  # 2 x 10,985,472 3x3 weights + 1,220,608: the paper's ~22 M per image
     assert grouped - dense == pytest.approx((assembly + generators) / 1e6, abs=1e-6)
-    assert dense < static < grouped
+    # per_image: W by the taps (one per weight), the input and the output maps by the channel factors
+    sizes = {}
+    hooks = [c.register_forward_hook(lambda m, args, out: sizes.__setitem__(m, (args[0][0].numel(), out[0].numel())))
+             for c in convs]
+    model(x)
+    [h.remove() for h in hooks]
+    maps = sum(sum(sizes[c]) for c in convs)
+    weights = sum(c.weight.numel() for c in convs)
+    assert per_image - dense == pytest.approx((weights + maps + generators) / 1e6, abs=1e-6)
+    assert dense < per_image < static < grouped
 
 
 def to_upstream(model):
@@ -220,4 +238,4 @@ def test_imagenet_recipe_trains_with_autoaugment(tmp_path, capsys):
     assert code == 0, err
     args = load_checkpoint(f"{run_dir}/checkpoint.pth")["args"]
     assert args["auto_augment"] == "imagenet" and args["momentum"] == 0.875 and args["weight_decay"] == 2 ** -15
-    assert args["model_kwargs"] == {"rank": 1, "inference": "static"}
+    assert args["model_kwargs"] == {"rank": 1, "inference": "per_image"}
