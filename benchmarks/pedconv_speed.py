@@ -2,8 +2,8 @@
 its exact evaluation paths (per_image, the default: channel attention on the maps and a tap-scaled W per image;
 static: static W on scaled neighbourhoods; grouped, the paper's: every image's full kernel, one conv with a group
 per image) against the static ResNet of the same name without the prefix, at each batch size. Median times over
---runs alternated runs after --warmup, eval mode, random weights (speed does not depend on them), channels-last inputs; the MMac of each
-variant as the counter gives it. Prints a markdown table.
+--runs alternated runs after --warmup, eval mode, random weights (speed does not depend on them), channels-last
+inputs; the MMac of each variant as the counter gives it. Prints a markdown table.
 """
 import os
 import statistics

@@ -28,7 +28,8 @@ from utils.cli import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.plot import plot_accuracy_vs_macs  # noqa: E402
 
-KEEP = ("state_dict", "epoch", "best_prec1", "prec1", "mmac", "args", "version")
+# what evaluation needs; a multi-target run's per-budget metrics and its tied-norms choice (it fixes the model)
+KEEP = ("state_dict", "epoch", "best_prec1", "prec1", "mmac", "args", "version", "budget_metrics", "tied_norms")
 DEFAULT_RESULTS = os.path.join("runs", "cifar_results.jsonl")
 
 EXAMPLES = """examples:
