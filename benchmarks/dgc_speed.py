@@ -14,7 +14,6 @@ import csv
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as benchmarks/speedtest.py: spinning OpenMP workers
 
@@ -30,6 +29,7 @@ from models import create_model  # noqa: E402
 from models.dgc import DGCConv  # noqa: E402
 from utils.cli import OneLineErrorParser  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.timing import median_ms  # noqa: E402
 
 DEFAULT_MODELS = ("dydensenet86:32", "dyresnet18:224")
 EXAMPLES = """examples:
@@ -38,16 +38,10 @@ EXAMPLES = """examples:
 """
 
 
-def median_ms(fns, runs, warmup):
-    """{name: median ms} of each callable, alternated run by run."""
-    times = {name: [] for name in fns}
-    for i in range(warmup + runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+def speedtest_argv(name, resolution, batch_sizes, runs, warmup):
+    """This benchmark's arguments for one model of benchmarks/speedtest.py's --models."""
+    return ["--models", f"{name}:{resolution}", "--batch-sizes", *map(str, batch_sizes), "--runs", str(runs),
+            "--warmup", str(warmup)]
 
 
 def pruned_model(name, resolution):

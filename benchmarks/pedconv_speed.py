@@ -6,9 +6,7 @@ per image) against the static ResNet of the same name without the prefix, at eac
 inputs; the MMac of each variant as the counter gives it. Prints a markdown table.
 """
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as benchmarks/speedtest.py: spinning OpenMP workers
 
@@ -20,6 +18,7 @@ from models import create_model, list_models  # noqa: E402
 from models.pedconv import INFERENCE_PATHS  # noqa: E402
 from utils.cli import OneLineErrorParser  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.timing import median_ms  # noqa: E402
 
 EXAMPLES = """examples:
   python benchmarks/pedconv_speed.py                         # batch 1 and 32 at 224x224
@@ -27,6 +26,12 @@ EXAMPLES = """examples:
   python benchmarks/pedconv_speed.py --model pedconv_resnet32 --resolution 32 --batch-sizes 1 256
 """
 MODELS = [name for name in list_models() if name.startswith("pedconv_")]
+
+
+def speedtest_argv(name, resolution, batch_sizes, runs, warmup):
+    """This benchmark's arguments for one model of benchmarks/speedtest.py's --models."""
+    return ["--model", name, "--resolution", str(resolution), "--batch-sizes", *map(str, batch_sizes),
+            "--runs", str(runs), "--warmup", str(warmup)]
 
 
 def variants(name):
@@ -59,18 +64,13 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for batch in args.batch_sizes:
         x = torch.randn(batch, 3, args.resolution, args.resolution).contiguous(memory_format=torch.channels_last)
-        times = {name: [] for name in models}
         with torch.no_grad():
-            for i in range(args.warmup + args.runs):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model(x)
-                    if i >= args.warmup:
-                        times[name].append((time.perf_counter() - start) * 1e3)
+            times = median_ms({name: (lambda m=model: m(x)) for name, model in models.items()}, args.runs,
+                              args.warmup)
             mmac = {name: count_mmac(model, x[:1]) for name, model in models.items()}
-        static = statistics.median(next(iter(times.values())))  # the static model comes first
+        static = next(iter(times.values()))  # the static model comes first
         for name in models:
-            ms = statistics.median(times[name])
+            ms = times[name]
             print(f"| {batch} | {name} | {mmac[name]:.3f} | {ms:.1f} | {ms / static:.2f}x |", flush=True)
 
 

@@ -8,13 +8,15 @@ model; ideal speedup = dense MMac / sparse MMac; achieved speedup = dense time /
 achieved / ideal. The dense model has the same weights (the DynConv model without its mask units). OpenMP threads
 wait actively (OMP_WAIT_POLICY=ACTIVE unless set otherwise), for every variant alike. Prints a compact table;
 --csv keeps every column at full precision, --plot draws achieved against ideal speedup (--plot-from redraws it
-from a CSV without measuring).
+from a CSV without measuring). Models that decide without spatial masks (DGC's channels, PEDConv's weights) are
+measured on the CPU by their own benchmark, named by their config (`speed_benchmark`, e.g.
+benchmarks/dgc_speed.py), which prints its own table (their variants are not dense/masked/engine) after this
+one; --csv and --plot cover the DynConv rows.
 """
 import csv
+import importlib
 import os
-import statistics
 import sys
-import time
 
 # OpenMP workers spin between parallel regions instead of sleeping (the usual setting for CPU inference latency).
 # At batch 1 the engine runs many short ops between its matrix products, and waking sleeping workers costs it
@@ -35,6 +37,7 @@ from utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.run import classifier_keys  # noqa: E402
+from utils.timing import median_ms  # noqa: E402
 
 COLUMNS = ["model", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
            "dense_mmac", "sparse_mmac", "ideal_speedup", "speedup", "efficiency"]
@@ -47,6 +50,8 @@ EXAMPLES = """examples:
   python benchmarks/speedtest.py --models convnext_tiny --batch-sizes 1 16 --densities 0.3 1.0 --masks clustered random
   # a trained model's own masks (on images from --data when given, else random inputs)
   python benchmarks/speedtest.py --models resnet32 --checkpoint exp/cifar/resnet32/sparse05/checkpoint_best.pth
+  # DGC and PEDConv: their own benchmarks' tables (masked / gathered / static group conv; each evaluation path)
+  python benchmarks/speedtest.py --models dydensenet86 pedconv_resnet18 --batch-sizes 1 32
   # redraw the plot of an earlier run's CSV without measuring
   python benchmarks/speedtest.py --plot-from docs/engine_speed_cpu.csv --plot docs/engine_speed_cpu.png
 """
@@ -84,20 +89,6 @@ def family_of(name):
     return "cifar" if name in list_models("cifar") else "imagenet"
 
 
-def time_variants(variants, runs, warmup, device):
-    """Median milliseconds of each variant, alternating them run by run."""
-    times = {name: [] for name in variants}
-    for i in range(warmup + runs):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def build_models(name, num_classes, device, trained=None, target=None):
     """(dense, sparse) models with the same weights, eval mode, channels-last. `trained`: (path, state dict in
     our layout, budgets) of --checkpoint; a multi-target one's dense model has the norms of budget `target`."""
@@ -119,7 +110,7 @@ def measure(dense, sparse, images, runs, warmup, backend, target=None):
     except ValueError as e:  # e.g. the cupy backend without a GPU: the message says what to pass instead
         raise UserError(str(e))
     with torch.no_grad():
-        ms = time_variants({"dense": lambda: dense(images), "masked": lambda: sparse(images, target=target),
+        ms = median_ms({"dense": lambda: dense(images), "masked": lambda: sparse(images, target=target),
                             "engine": lambda: engine(images, target=target)}, runs, warmup, images.device)
         dense_mmac, sparse_mmac = count_mmac(dense, images), count_mmac(sparse, images, target=target)
         masks = sparse(images, target=target)[1]
@@ -227,6 +218,9 @@ def check_args(p, args):
         args.plot = args.plot or os.path.splitext(args.plot_from)[0] + ".png"
     elif args.checkpoint and len(args.models) != 1:
         p.error("--checkpoint needs exactly one --models name (the checkpoint's network)")
+    elif args.checkpoint and not spatial(args.models[0]):
+        p.error(f"--checkpoint measures a trained model's masks; {args.models[0]} has none (its own benchmark "
+                "runs without --checkpoint)")
     elif args.data and not args.checkpoint:
         p.error("--data needs --checkpoint (synthetic masks run on random inputs)")
     elif args.data and not os.path.isdir(args.data):
@@ -241,8 +235,23 @@ def check_args(p, args):
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist")
+    own = [name for name in args.models if not spatial(name)]
+    if own and not args.plot_from and args.device != "cpu":
+        p.error(f"{own[0]} is measured by its own CPU benchmark: leave --device at cpu for it")
     if not args.plot_from and device_problem(args.device):
         p.error(device_problem(args.device))
+
+
+def spatial(name):
+    return model_config(name).gates == "spatial"
+
+
+def run_own_benchmark(name, args):
+    """A model without spatial gates: its own benchmark (its config's speed_benchmark), same sizes and runs."""
+    module = importlib.import_module(model_config(name).speed_benchmark)
+    resolution = args.resolution or (32 if family_of(name) == "cifar" else 224)
+    print(f"\n# {name}: {module.__name__.replace('.', '/')}.py", flush=True)
+    module.main(module.speedtest_argv(name, resolution, args.batch_sizes, args.runs, args.warmup))
 
 
 def device_label(name):
@@ -283,14 +292,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     trained = load_trained(args.models[0], args.checkpoint) if args.checkpoint else None  # errors before the table
-    print(f"# {args.device}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-          "times in ms (medians), speedups against the dense model")
-    print(table_header(), flush=True)
+    masked = [name for name in args.models if spatial(name)]
+    if masked:
+        print(f"# {args.device}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+              "times in ms (medians), speedups against the dense model")
+        print(table_header(), flush=True)
     device = torch.device(args.device)
-    rows = [row for name in args.models for row in model_rows(name, args, device, trained)]
-    if args.csv:
+    rows = [row for name in masked for row in model_rows(name, args, device, trained)]
+    for name in args.models:
+        if not spatial(name):
+            run_own_benchmark(name, args)
+    if args.csv and rows:
         write_csv(rows, args.csv)
-    if args.plot:
+    if args.plot and rows:
         plot(rows, args.plot, device_label(args.device))
 
 

@@ -53,6 +53,9 @@ class ModelConfig:
     gates: Optional[str] = "spatial"
     # (label, fn(model, images) -> MMac per image): a second MAC count, e.g. as the model's paper counts them
     paper_count: Optional[tuple] = None
+    # a module of benchmarks/ that times this model's own evaluation paths (speedtest.py hands it the models that
+    # have no spatial gates); it defines speedtest_argv(name, resolution, batch_sizes, runs, warmup) and main(argv)
+    speed_benchmark: Optional[str] = None
 
     def filter(self, state_dict, model):
         """A checkpoint in our layout for `model`: the model's checkpoint_filter, then the layout of its

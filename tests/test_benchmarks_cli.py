@@ -151,6 +151,26 @@ def test_speedtest_reads_a_foreign_checkpoint_layout(tiny_cifar, tmp_path):
 
 
 @pytest.mark.slow
+def test_speedtest_hands_dgc_and_pedconv_to_their_own_benchmarks():
+    done = script(SPEEDTEST, "--models", "pedconv_resnet8", "dydensenet86", "--batch-sizes", "1", "--runs", "1",
+                  "--warmup", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dense ms" not in done.stdout, "no DynConv table without DynConv models"
+    for path in ("per_image", "static", "grouped"):
+        assert f"| 1 | pedconv_resnet8, {path} path |" in done.stdout
+    assert "| 1 | resnet8 (static) | 12.501 |" in done.stdout
+    assert "| dydensenet86 | 1 | 42 1x1 DGC layers |" in done.stdout and "| dydensenet86 | 1 | whole network |" in \
+        done.stdout
+
+
+@pytest.mark.parametrize("argv,words", [(["--models", "pedconv_resnet8", "--checkpoint", "x.pth"], ["has none"]),
+                                        (["--models", "dydensenet86", "--device", "cuda"], ["own CPU benchmark"])])
+def test_speedtest_own_benchmarks_refuse_what_they_cannot_do(argv, words):
+    done = script(SPEEDTEST, *argv)
+    one_line_error(done.returncode, done.stderr, *words)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [SPEEDTEST, TRAIN_SPEED, CIFAR_RESULTS])
 def test_help_shows_defaults_and_examples(path):
     done = script(path, "-h")
