@@ -127,15 +127,51 @@ class DGCConv(Dynamic, nn.Module):
     def forward(self, x, target=None):
         x = self.relu(self.norm(x))
         saliency, kept, raw, _ = self.gate(x.mean((2, 3)), target)
-        n, c, height, width = x.shape
-        scaled = (x[:, None] * saliency[..., None, None]).reshape(n, self.heads * c, height, width)
-        out = F.conv2d(scaled, self.weight, None, self.stride, self.padding, groups=self.heads)
-        return shuffle_heads(out, self.heads), self.decision(kept, raw, x)
+        if self.kernel_size == 1:
+            out = pointwise_heads(x, saliency, self.weight, self.heads, self.stride)
+        else:
+            out = F.conv2d(head_inputs(x, saliency), self.weight, None, self.stride, self.padding, groups=self.heads)
+            out = shuffle_heads(out, self.heads)
+        return out, self.decision(kept, raw, x)
+
+
+def pointwise_heads(x, saliency, weight, heads, stride=1):
+    """A 1x1 DGC conv without H copies of the map: each image's weights W times its heads' saliencies (C_out x C
+    numbers), rows already interleaved (j * H + h), then one batched product over the channels-last rows. The same
+    function as the grouped conv over the scaled copies; on CPU a dydensenet86 training step ~3x faster."""
+    if stride > 1:
+        x = x[..., ::stride, ::stride]
+    n, c, height, width = x.shape
+    c_out = weight.shape[0]
+    per_image = weight.reshape(heads, c_out // heads, c)[None] * saliency[:, :, None, :]  # (N, H, C_out/H, C)
+    per_image = per_image.transpose(1, 2).reshape(n, c_out, c)
+    out = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, height * width, c), per_image.transpose(1, 2))
+    return out.view(n, height, width, c_out).permute(0, 3, 1, 2)
+
+
+def channels_last(x):
+    """Whether x is a channels-last map (and not also contiguous, as a 1x1 map or a single channel is)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+# Both helpers keep the map's memory format: built the naive way from a channels-last map, the (N, H, C, h, w)
+# product cannot be viewed as (N, H*C, h, w) and gets copied channels-first, then converted back by every conv;
+# that made a dydensenet86 training step on CPU about 3x slower.
+def head_inputs(x, saliency):
+    """(N, H*C, h, w): every head's copy of x (N, C, h, w) times its saliency (N, H, C), head-major channels."""
+    n, c, height, width = x.shape
+    if channels_last(x):
+        rows = x.permute(0, 2, 3, 1)[:, :, :, None, :] * saliency[:, None, None]  # (N, h, w, H, C)
+        return rows.reshape(n, height, width, -1).permute(0, 3, 1, 2)
+    return (x[:, None] * saliency[..., None, None]).reshape(n, -1, height, width)
 
 
 def shuffle_heads(out, heads):
     """Grouped-conv output [head 0's channels, head 1's, ...] -> interleaved: channel j * H + h is head h's j."""
     n, c, height, width = out.shape
+    if channels_last(out):
+        rows = out.permute(0, 2, 3, 1).reshape(n, height, width, heads, c // heads).transpose(3, 4)
+        return rows.reshape(n, height, width, c).permute(0, 3, 1, 2)
     return out.view(n, heads, c // heads, height, width).transpose(1, 2).reshape(n, c, height, width)
 
 
