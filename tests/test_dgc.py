@@ -71,12 +71,16 @@ def per_head_reference(layer, x):
     return out
 
 
-@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (3, 2)])
-def test_grouped_heads_equal_a_per_head_loop(kernel, stride):
-    layer = randomised(DGCConv(16, 12, kernel, stride, heads=4), inactive=9)
-    x = torch.randn(3, 16, 7, 9)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_grouped_heads_equal_a_per_head_loop(kernel, stride, layout):
+    layer = randomised(DGCConv(16, 12, kernel, stride, heads=4), inactive=9).to(memory_format=layout)
+    x = torch.randn(3, 16, 7, 9).contiguous(memory_format=layout)
     with torch.no_grad():
-        assert torch.allclose(layer(x)[0], per_head_reference(layer, x), atol=1e-5)
+        out = layer(x)[0]
+        assert torch.allclose(out, per_head_reference(layer, x), atol=1e-5)
+    # a channels-last network stays channels-last through the layer (no silent conversions)
+    assert out.is_contiguous(memory_format=layout)
 
 
 def test_channel_shuffle_order():
