@@ -56,6 +56,8 @@ class ModelConfig:
     # a module of benchmarks/ that times this model's own evaluation paths (speedtest.py hands it the models that
     # have no spatial gates); it defines speedtest_argv(name, resolution, batch_sizes, runs, warmup) and main(argv)
     speed_benchmark: Optional[str] = None
+    # the method's name in result tables and plots (e.g. "PEDConv"); None: DynConv, or dense without a budget
+    method: Optional[str] = None
 
     def filter(self, state_dict, model):
         """A checkpoint in our layout for `model`: the model's checkpoint_filter, then the layout of its

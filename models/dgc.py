@@ -469,7 +469,7 @@ def _dgc_config(**config):
     recipe.update(config.pop("recipe"))
     return ModelConfig(recipe=recipe, checkpoint_filter=dgc_checkpoint_filter, gates="own",
                        paper_count=("the DGC paper counts them", paper_mmac), speed_benchmark="benchmarks.dgc_speed",
-                       **config)
+                       method="DGC", **config)
 
 
 DENSENET_OPTIONS = dict(bottleneck=4, group_3x3=4, heads=4, gate_factor=0.25, squeeze_rate=16)

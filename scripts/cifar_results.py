@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_cifar  # noqa: E402
 import main_imagenet  # noqa: E402
 from dynconv import MaskUnit, count_parameters  # noqa: E402
-from models import create_model, list_models, model_family  # noqa: E402
+from models import create_model, list_models, model_config, model_family  # noqa: E402
 from utils.budgets import is_dynamic  # noqa: E402
 from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.cli import OneLineErrorParser  # noqa: E402
@@ -71,8 +71,9 @@ def evaluate(run_dir, args, data, workers, fast=False):
     model = trained_model(args, family, targets)
     arch = type(model).__name__.replace("Cifar", "") + (f" {args['resolution']}x{args['resolution']}"
                                                          if family == "imagenet" else "")
+    method = model_config(args["model"]).method
     common = {"run": run_dir, "model": args["model"], "params": count_parameters(model), "arch": arch,
-              "resolution": args.get("resolution") or 32}
+              "resolution": args.get("resolution") or 32, **({"method": method} if method else {})}
     per_budget = metrics["targets"].items() if targets else [(args.get("budget", -1), metrics)]
     return [{**common, "budget": budget, **({"targets": targets} if targets else {}),
              "epoch": int(m["epoch"]), "prec1": round(float(m["prec1"]), 3), "mmac": round(float(m["mmac"]), 6),
@@ -99,13 +100,15 @@ def _speeds(metrics):
 
 
 def markdown_table(rows):
-    """The README's table; a multi-target run's budgets read "0.25 (multi)"; with speeds when measured."""
+    """The README's table; a multi-target run's budgets read "0.25 (multi)", a model of another method (its
+    config's `method`, no budget) reads its method's name; with speeds when measured."""
     speed = any("engine_images_per_s" in r for r in rows)
     lines = ["| model | budget | Prec@1 (%) | MMac per image | parameters |"
              + (" images/s masked / engine |" if speed else "") + " evaluate with |",
              "|---|---|---|---|---|" + ("---|" if speed else "") + "---|"]
     for r in rows:
-        budget = "dense" if r["budget"] < 0 else f"{r['budget']:g}" + (" (multi)" if r.get("targets") else "")
+        budget = r.get("method") or ("dense" if r["budget"] < 0 else f"{r['budget']:g}"
+                                     + (" (multi)" if r.get("targets") else ""))
         speeds = (f" {r['masked_images_per_s']:.0f} / {r['engine_images_per_s']:.0f} |" if "engine_images_per_s" in r
                   else " |") if speed else ""
         lines.append(f"| {r['model']} | {budget} | {r['prec1']:.3f} | {r['mmac']:.6f} | {r['params']:,} |{speeds} "

@@ -105,6 +105,15 @@ def test_cifar_results_checks_paths_before_evaluating(cifar_results, tmp_path, c
 
 
 @pytest.mark.skipif(not in_git_checkout(), reason="needs the git checkout (the results file tracked)")
+def test_cifar_results_table_names_another_methods_model_by_its_method(cifar_results):
+    rows = [dict(model="resnet32", budget=-1.0, prec1=81.99, mmac=69.124096, params=466906, command="a"),
+            dict(model="pedconv_resnet32", budget=-1.0, prec1=83.0, mmac=70.183196, params=490660, command="b",
+                 method="PEDConv")]
+    lines = cifar_results.markdown_table(rows).splitlines()
+    assert lines[2].startswith("| resnet32 | dense | 81.990 | 69.124096 | 466,906 |")
+    assert lines[3].startswith("| pedconv_resnet32 | PEDConv | 83.000 | 70.183196 | 490,660 |")
+
+
 def test_cifar_results_leaves_a_tracked_results_file_alone(cifar_results, tmp_path, capsys):
     path = os.path.join(ROOT, TRACKED_RESULTS)
     before = hashlib.sha256(open(path, "rb").read()).hexdigest()

@@ -123,3 +123,14 @@ def test_a_multi_target_model_is_one_curve_beside_the_single_budget_points():
     curves = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
     assert curves == {"ResNet (dense)": [69.1], "DynConv resnet32": [20.0, 50.0],
                       "DynConv resnet32, one multi-target network": [21.0, 36.0, 52.0]}
+
+
+def test_another_methods_models_are_their_own_curve_not_dense_points():
+    rows = [dict(model="resnet32", budget=-1, mmac=69.1, prec1=82.0, arch="ResNet"),
+            dict(model="resnet20", budget=-1, mmac=40.8, prec1=80.9, arch="ResNet"),
+            dict(model="pedconv_resnet32", budget=-1, mmac=70.2, prec1=83.0, arch="ResNet", method="PEDConv"),
+            dict(model="pedconv_resnet20", budget=-1, mmac=41.5, prec1=81.0, arch="ResNet", method="PEDConv")]
+    ax = accuracy_vs_macs_figure(rows).axes[0]
+    curves = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert curves == {"ResNet (dense)": [40.8, 69.1], "PEDConv ResNet": [41.5, 70.2]}
+    assert {t.get_text() for t in ax.texts} == {"resnet32", "resnet20", "pedconv_resnet32", "pedconv_resnet20"}

@@ -160,25 +160,24 @@ def save_ponder_figures(images, decisions, out_dir, mean, std, labels=None, pred
 
 def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
     """Prec@1 against MMac per image from result rows (scripts/cifar_results.py): the dense models of each network
-    type (`arch`, default ResNet) as one curve, DynConv models (one curve per network) with their budgets, and a
-    multi-target model (rows with `targets`) as one curve through its budgets."""
+    type (`arch`, default ResNet) as one curve, DynConv models (one curve per network) with their budgets, a
+    multi-target model (rows with `targets`) as one curve through its budgets, and the models of another method
+    (rows with `method`, e.g. PEDConv) as one curve per method and network type."""
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
-    for arch in sorted({r.get("arch", "ResNet") for r in rows if r["budget"] < 0}):
-        dense = sorted((r for r in rows if r["budget"] < 0 and r.get("arch", "ResNet") == arch),
-                       key=lambda r: r["mmac"])
-        ax.plot([r["mmac"] for r in dense], [r["prec1"] for r in dense], "o-", color="black" if arch == "ResNet"
-                else None, label=f"{arch} (dense)")
-        for r in dense:
-            ax.annotate(r["model"], (r["mmac"], r["prec1"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    dense = [r for r in rows if r["budget"] < 0 and not r.get("method")]
+    for arch in sorted({r.get("arch", "ResNet") for r in dense}):
+        _curve(ax, [r for r in dense if r.get("arch", "ResNet") == arch], "o-", f"{arch} (dense)", "model",
+               color="black" if arch == "ResNet" else None)
+    for method, arch in sorted({(r["method"], r.get("arch", "ResNet")) for r in rows if r.get("method")}):
+        _curve(ax, [r for r in rows if r.get("method") == method and r.get("arch", "ResNet") == arch], "^:",
+               f"{method} {arch}", "model")
     for model, targets in sorted({(r["model"], tuple(r.get("targets", ()))) for r in rows if r["budget"] >= 0}):
-        sparse = sorted((r for r in rows if r["budget"] >= 0 and r["model"] == model
-                         and tuple(r.get("targets", ())) == targets), key=lambda r: r["mmac"])
-        label = f"DynConv {model}" + (", one multi-target network" if targets else "")
-        ax.plot([r["mmac"] for r in sparse], [r["prec1"] for r in sparse], "D-." if targets else "s--", label=label)
-        for r in sparse:
-            ax.annotate(f"b={r['budget']:g}", (r["mmac"], r["prec1"]), textcoords="offset points",
-                        xytext=(4, -10) if targets else (4, 4), fontsize=7)
+        sparse = [r for r in rows
+                  if r["budget"] >= 0 and r["model"] == model and tuple(r.get("targets", ())) == targets]
+        _curve(ax, sparse, "D-." if targets else "s--",
+               f"DynConv {model}" + (", one multi-target network" if targets else ""), "budget",
+               offset=(4, -10) if targets else (4, 4))
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("MMac per image")
     ax.set_ylabel("Prec@1 on the CIFAR-10 test set (%)")
@@ -186,6 +185,15 @@ def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _curve(ax, rows, style, label, annotate, offset=(4, -10), color=None):
+    """One curve of result rows in MMac order, each point annotated with its model name or budget."""
+    rows = sorted(rows, key=lambda r: r["mmac"])
+    ax.plot([r["mmac"] for r in rows], [r["prec1"] for r in rows], style, color=color, label=label)
+    for r in rows:
+        text = r["model"] if annotate == "model" else f"b={r['budget']:g}"
+        ax.annotate(text, (r["mmac"], r["prec1"]), textcoords="offset points", xytext=offset, fontsize=7)
 
 
 def plot_accuracy_vs_macs(results_paths, out_path, title=ACCURACY_TITLE):
