@@ -111,7 +111,7 @@ def measure(dense, sparse, images, runs, warmup, backend, target=None):
         raise UserError(str(e))
     with torch.no_grad():
         ms = median_ms({"dense": lambda: dense(images), "masked": lambda: sparse(images, target=target),
-                            "engine": lambda: engine(images, target=target)}, runs, warmup, images.device)
+                        "engine": lambda: engine(images, target=target)}, runs, warmup, images.device)
         dense_mmac, sparse_mmac = count_mmac(dense, images), count_mmac(sparse, images, target=target)
         masks = sparse(images, target=target)[1]
     active = sum(m.hard.sum().item() for m in masks) / sum(m.hard.numel() for m in masks)  # spatial decisions

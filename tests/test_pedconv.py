@@ -137,7 +137,8 @@ def test_resnet18_macs_of_every_path_and_the_static_resnet():
     hooks = [c.register_forward_hook(lambda m, args, out: sizes.__setitem__(m, (args[0][0].numel(), out[0].numel())))
              for c in convs]
     model(x)
-    [h.remove() for h in hooks]
+    for hook in hooks:
+        hook.remove()
     maps = sum(sum(sizes[c]) for c in convs)
     weights = sum(c.weight.numel() for c in convs)
     assert per_image - dense == pytest.approx((weights + maps + generators) / 1e6, abs=1e-6)
