@@ -7,7 +7,7 @@ import os
 
 from models import list_models
 from utils.cli import build_parser, parse
-from utils.data import cifar10_datasets
+from utils.data import CIFAR_SIZE, cifar10_datasets
 from utils.errors import run_cli
 from utils.run import run
 
@@ -20,11 +20,21 @@ EXAMPLES = """examples:
 DEFAULTS = dict(model="resnet32", workers=min(4, os.cpu_count() or 1), data="data/cifar10")
 
 
-def main(argv=None):
+def make_parser():
     parser = build_parser("DynConv on CIFAR-10", list_models("cifar"), DEFAULTS, epilog=EXAMPLES)
-    args, explicit = parse(parser, argv)
-    return run(args, "cifar", lambda a, config: cifar10_datasets(a.data, config), topk=(1,), explicit=explicit,
-               default_model=DEFAULTS["model"])
+    parser.add_argument("--resolution", type=int, default=CIFAR_SIZE,
+                        help="input size: other values resize every image to it (MACs follow the input size)")
+    return parser
+
+
+def datasets(args, config):
+    """(train, test, num_classes) of the flags."""
+    return cifar10_datasets(args.data, config, args.resolution)
+
+
+def main(argv=None):
+    args, explicit = parse(make_parser(), argv)
+    return run(args, "cifar", datasets, topk=(1,), explicit=explicit, default_model=DEFAULTS["model"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ EXAMPLES = """examples:
 DEFAULTS = dict(model="resnet101", workers=min(8, os.cpu_count() or 1), data="data/imagenet")
 
 
-def main(argv=None):
+def make_parser():
     parser = build_parser("DynConv on ImageNet-style image folders", list_models("imagenet"), DEFAULTS,
                           data_aliases=("--dataset-root",), epilog=EXAMPLES)
     parser.add_argument("--dataset", choices=["imagefolder", "food101"], default="imagefolder",
@@ -28,10 +28,17 @@ def main(argv=None):
     parser.add_argument("--classes", nargs="+", default=None, metavar="C",
                         help="train on a subset: the first N classes (one number) or class names")
     parser.add_argument("--resolution", type=int, default=224, help="crop size (evaluation resizes to 256/224 x)")
-    args, explicit = parse(parser, argv)
-    return run(args, "imagenet", lambda a, config: imagenet_style_datasets(a.data, config, a.dataset, a.resolution,
-                                                                            a.classes, a.auto_augment), topk=(1, 5),
-               explicit=explicit, default_model=DEFAULTS["model"])
+    return parser
+
+
+def datasets(args, config):
+    """(train, val, num_classes) of the flags."""
+    return imagenet_style_datasets(args.data, config, args.dataset, args.resolution, args.classes, args.auto_augment)
+
+
+def main(argv=None):
+    args, explicit = parse(make_parser(), argv)
+    return run(args, "imagenet", datasets, topk=(1, 5), explicit=explicit, default_model=DEFAULTS["model"])
 
 
 if __name__ == "__main__":

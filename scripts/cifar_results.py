@@ -25,6 +25,7 @@ from models import create_model, list_models, model_config, model_family  # noqa
 from utils.budgets import is_dynamic  # noqa: E402
 from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.data import CIFAR_SIZE  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.plot import plot_accuracy_vs_macs  # noqa: E402
 
@@ -47,38 +48,67 @@ EXAMPLES = """examples:
 ENTRY = {"cifar": main_cifar, "imagenet": main_imagenet}  # the entry script of each model family
 
 
-def evaluate_command(run_dir, args, data, budget=None):
-    """The README's evaluation command of a run; `budget`: one budget of a multi-target run (without it the
-    command evaluates every budget)."""
+def checkpoint_path(run):
+    """A run directory's checkpoint_best.pth, or the checkpoint file itself."""
+    return run if os.path.isfile(run) else os.path.join(run, BEST)
+
+
+def evaluate_command(run, args, data, budget=None, resolution=None):
+    """The README's evaluation command of a run (a run directory or a checkpoint); `budget`: one budget of a
+    multi-target run (without it the command evaluates every budget); `resolution`: an input size other than the
+    run's own."""
     family = model_family(args["model"])
-    resolution = ["--resolution", str(args["resolution"])] if family == "imagenet" else []
+    resolution = resolution or args.get("resolution")
+    shown = family == "imagenet" or resolution not in (None, CIFAR_SIZE)
     if args.get("budget_targets"):
         chosen = [] if budget is None else ["--budget", f"{budget:g}"]
     else:
         chosen = ["--budget", f"{args.get('budget', -1):g}"]
-    return ["--model", args["model"], *chosen, "-r", os.path.join(run_dir, BEST), "-e", "--data", data] + resolution
+    return (["--model", args["model"], *chosen, "-r", checkpoint_path(run), "-e", "--data", data]
+            + (["--resolution", str(resolution)] if shown else []))
 
 
-def evaluate(run_dir, args, data, workers, fast=False):
-    """The entry script's own evaluation (its printed lines go to stderr, stdout keeps the table); its metrics
-    as results rows, rounded as it prints them: one row, or one per budget of a multi-target run (`targets`: its
-    budgets, drawn as one curve). `arch`: the network type, one dense curve each in the plot. With `fast`, also
-    the images/s of the masked model and of the sparse engine (-e --fast)."""
-    family, targets = model_family(args["model"]), list(args.get("budget_targets") or [])
-    argv = evaluate_command(run_dir, args, data) + ["--workers", str(workers)] + (["--fast"] if fast else [])
+def evaluate(run, args, data, workers, fast=False, resolution=None):
+    """The entry script's own evaluation (its printed lines go to stderr, stdout keeps the table), as result_rows.
+    With `fast`, also the images/s of the masked model and of the sparse engine (-e --fast); `resolution`: at an
+    input size other than the run's own (the rows say `varied: resolution`)."""
+    family = model_family(args["model"])
+    argv = (evaluate_command(run, args, data, resolution=resolution) + ["--workers", str(workers)]
+            + (["--fast"] if fast else []))
     with contextlib.redirect_stdout(sys.stderr):
         metrics = ENTRY[family].main(argv)
+    rows = result_rows(run, args, data, metrics, resolution)
+    return [{**r, "varied": "resolution"} for r in rows] if resolution else rows
+
+
+def stored_metrics(checkpoint):
+    """The metrics a training run stored with its checkpoint (its evaluation on the validation set after that
+    epoch), in run()'s shape; None when it stored none (e.g. an upstream checkpoint)."""
+    if "prec1" not in checkpoint or "mmac" not in checkpoint:
+        return None
+    epoch = int(checkpoint.get("epoch", 0))
+    targets = {float(b): {**m, "epoch": epoch} for b, m in (checkpoint.get("budget_metrics") or {}).items()}
+    return {"epoch": epoch, "prec1": checkpoint["prec1"], "mmac": checkpoint["mmac"],
+            **({"targets": targets} if targets else {})}
+
+
+def result_rows(run, args, data, metrics, resolution=None):
+    """Results rows of a run's metrics (run()'s, or stored_metrics), rounded as the entry scripts print them: one
+    row, or one per budget of a multi-target run (`targets`: its budgets, drawn as one curve). `arch`: the network
+    type, one dense curve each in the plot."""
+    family, targets = model_family(args["model"]), list(args.get("budget_targets") or [])
     model = trained_model(args, family, targets)
-    arch = type(model).__name__.replace("Cifar", "") + (f" {args['resolution']}x{args['resolution']}"
-                                                         if family == "imagenet" else "")
+    resolution = resolution or args.get("resolution") or CIFAR_SIZE
+    arch = type(model).__name__.replace("Cifar", "") + (f" {resolution}x{resolution}" if family == "imagenet"
+                                                         else "")
     method = model_config(args["model"]).method
-    common = {"run": run_dir, "model": args["model"], "params": count_parameters(model), "arch": arch,
-              "resolution": args.get("resolution") or 32, **({"method": method} if method else {})}
+    common = {"run": run, "model": args["model"], "params": count_parameters(model), "arch": arch,
+              "resolution": resolution, **({"method": method} if method else {})}
     per_budget = metrics["targets"].items() if targets else [(args.get("budget", -1), metrics)]
     return [{**common, "budget": budget, **({"targets": targets} if targets else {}),
              "epoch": int(m["epoch"]), "prec1": round(float(m["prec1"]), 3), "mmac": round(float(m["mmac"]), 6),
              **_speeds(m), "command": f"python {ENTRY[family].__name__}.py "
-             + " ".join(evaluate_command(run_dir, args, data, budget if targets else None))}
+             + " ".join(evaluate_command(run, args, data, budget if targets else None, resolution))}
             for budget, m in per_budget]
 
 
@@ -165,9 +195,9 @@ def check_args(p, args):
         p.error(f"--plot_also {' '.join(missing)} does not exist" if missing else "--plot_also goes with --plot")
 
 
-def training_args(run_dir):
+def training_args(run):
     """The checkpoint's model and budget (the entry scripts save their flags), checked before any evaluation."""
-    path = os.path.join(run_dir, BEST)
+    path = checkpoint_path(run)
     args = load_checkpoint(path).get("args") or {}
     if args.get("model") not in list_models() or not isinstance(args.get("budget", -1), (int, float)):
         raise UserError(f"{path} names no model and budget in its 'args': not a main_cifar.py or main_imagenet.py "

@@ -24,13 +24,20 @@ def checked_loader(path):
         raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it")
 
 
-def cifar_transforms(config):
+CIFAR_SIZE = 32
+
+
+def cifar_transforms(config, resolution=CIFAR_SIZE):
     """CIFAR transforms: random 32x32 crops of the 4-padded image + flips for training; the model's
-    normalisation (ModelConfig.mean/std: the reference's for the DynConv ResNets, which its checkpoints expect)."""
+    normalisation (ModelConfig.mean/std: the reference's for the DynConv ResNets, which its checkpoints expect).
+    Another `resolution` resizes every image to it (bilinear) first, padding and cropping at the new size: the
+    networks' MACs follow the input size (the DynConv course reproduction's way of varying them)."""
     normalize = transforms.Normalize(config.mean, config.std)
-    train = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                transforms.ToTensor(), normalize])
-    evaluation = transforms.Compose([transforms.ToTensor(), normalize])
+    resize = [] if resolution == CIFAR_SIZE else [transforms.Resize((resolution, resolution))]
+    padding = round(4 * resolution / CIFAR_SIZE)
+    train = transforms.Compose([*resize, transforms.RandomCrop(resolution, padding=padding),
+                                transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    evaluation = transforms.Compose([*resize, transforms.ToTensor(), normalize])
     return train, evaluation
 
 
@@ -62,10 +69,10 @@ def _removed_on_failure(root):
         raise
 
 
-def cifar10_datasets(root, config):
+def cifar10_datasets(root, config, resolution=CIFAR_SIZE):
     """(train, test, num_classes): an image-folder copy (root/train, root/test) or torchvision's CIFAR-10,
-    downloaded into `root` when absent."""
-    train_tf, eval_tf = cifar_transforms(config)
+    downloaded into `root` when absent; images at `resolution` (see cifar_transforms)."""
+    train_tf, eval_tf = cifar_transforms(config, resolution)
     if os.path.isdir(os.path.join(root, "train")):
         train, test = image_folder(root, "train", train_tf), image_folder(root, "test", eval_tf)
         if train.classes != test.classes:

@@ -158,42 +158,97 @@ def save_ponder_figures(images, decisions, out_dir, mean, std, labels=None, pred
     return paths
 
 
-def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
-    """Prec@1 against MMac per image from result rows (scripts/cifar_results.py): the dense models of each network
-    type (`arch`, default ResNet) as one curve, DynConv models (one curve per network) with their budgets, a
-    multi-target model (rows with `targets`) as one curve through its budgets, and the models of another method
-    (rows with `method`, e.g. PEDConv) as one curve per method and network type."""
-    fig = Figure(figsize=(6, 4.5))
+# one marker and colour per family of models (row_family); another method's family gets the next free colour
+FAMILY_STYLES = {"dense": ("o", "black"), "DynConv": ("s", "tab:blue"), "DynConv multi-target": ("D", "tab:orange"),
+                 "ConvNeXt": ("P", "tab:purple"), "DGC": ("v", "tab:green"), "PEDConv": ("^", "tab:red")}
+SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def row_family(row):
+    """The family of a result row: another method's name (`method`), ConvNeXt (dense or DynConv), a DynConv
+    multi-target model, DynConv at one budget, or a dense network."""
+    if row.get("method"):
+        return row["method"]
+    if row.get("arch", "ResNet").startswith("ConvNeXt"):
+        return "ConvNeXt"
+    if row.get("targets"):
+        return "DynConv multi-target"
+    return "DynConv" if row["budget"] >= 0 else "dense"
+
+
+def family_styles(families):
+    """(marker, colour) of each family: FAMILY_STYLES', other methods the spare colours in name order."""
+    others = sorted(set(families) - set(FAMILY_STYLES))
+    return {**FAMILY_STYLES, **{f: ("X", SPARE_COLOURS[i % len(SPARE_COLOURS)]) for i, f in enumerate(others)}}
+
+
+def curves(rows):
+    """The curves of result rows: {label: (rows, line style, what each point is annotated with)}.
+    Dense models: one curve per network type (`arch`) through its models; DynConv: one per model through its
+    budgets, a multi-target model as its own curve; another method (`method`): one per method and network type
+    through its models. Rows varied in input size (`varied` == "resolution") join their run's own row in a curve
+    of their own, annotated with the resolution: a different axis of variation than budgets."""
+    groups = {}
+
+    def add(key, row, label, style, annotate):
+        groups.setdefault(key, (label, [], style, annotate))[1].append(row)
+
+    native = [r for r in rows if not r.get("varied")]
+    for r in native:
+        arch = r.get("arch", "ResNet")
+        if r.get("method"):
+            add(("method", r["method"], arch), r, f"{r['method']} {arch}", ":", "model")
+        elif r["budget"] < 0:
+            add(("dense", arch), r, f"{arch} (dense)", "-", "model")
+        else:
+            targets = tuple(r.get("targets", ()))
+            add(("budgets", r["model"], targets), r, f"DynConv {r['model']}"
+                + (", one multi-target network" if targets else ""), "-." if targets else "--", "budget")
+    for r in rows:
+        if r.get("varied") == "resolution":
+            name = r["model"] + ("" if r["budget"] < 0 else f" b={r['budget']:g}")
+            own = [n for n in native if n.get("run") == r["run"] and n["budget"] == r["budget"]]
+            groups.setdefault(("resolution", r["run"], r["budget"]),
+                              (f"{name}, input size varied", own, ":", "resolution"))[1].append(r)
+    return {label: (members, style, annotate) for label, members, style, annotate in groups.values()}
+
+
+def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TITLE, caption=None):
+    """Prec@1 against `x` (a row key, or a function of a row; rows without a value are left out): the curves of
+    curves(rows), one marker and colour per family (row_family), each point annotated with its model name, budget
+    or input size. `caption`: a line under the plot (e.g. what the x axis counts)."""
+    value = x if callable(x) else (lambda r: r.get(x))
+    rows = [r for r in rows if value(r) is not None]
+    styles = family_styles(row_family(r) for r in rows)
+    fig = Figure(figsize=(6.4, 4.8 if caption else 4.5))
     ax = fig.subplots()
-    dense = [r for r in rows if r["budget"] < 0 and not r.get("method")]
-    for arch in sorted({r.get("arch", "ResNet") for r in dense}):
-        _curve(ax, [r for r in dense if r.get("arch", "ResNet") == arch], "o-", f"{arch} (dense)", "model",
-               color="black" if arch == "ResNet" else None)
-    for method, arch in sorted({(r["method"], r.get("arch", "ResNet")) for r in rows if r.get("method")}):
-        _curve(ax, [r for r in rows if r.get("method") == method and r.get("arch", "ResNet") == arch], "^:",
-               f"{method} {arch}", "model")
-    for model, targets in sorted({(r["model"], tuple(r.get("targets", ()))) for r in rows if r["budget"] >= 0}):
-        sparse = [r for r in rows
-                  if r["budget"] >= 0 and r["model"] == model and tuple(r.get("targets", ())) == targets]
-        _curve(ax, sparse, "D-." if targets else "s--",
-               f"DynConv {model}" + (", one multi-target network" if targets else ""), "budget",
-               offset=(4, -10) if targets else (4, 4))
+    for label, (members, style, annotate) in curves(rows).items():
+        members = sorted(members, key=value)
+        marker, colour = styles[row_family(members[-1])]
+        thin = annotate == "resolution"
+        ax.plot([value(r) for r in members], [r["prec1"] for r in members], marker=marker, linestyle=style,
+                color=colour, label=label, alpha=0.6 if thin else 1.0, markerfacecolor="none" if thin else colour)
+        for r in members:
+            if annotate == "resolution" and not r.get("varied"):
+                continue  # the run's own point, annotated on its own curve
+            text = {"model": r["model"], "budget": f"b={r['budget']:g}",
+                    "resolution": f"{r.get('resolution', 32)}px"}[annotate]
+            ax.annotate(text, (value(r), r["prec1"]), textcoords="offset points", fontsize=7,
+                        xytext=(4, -10) if r.get("targets") or annotate == "model" else (4, 4))
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("MMac per image")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Prec@1 on the CIFAR-10 test set (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=7)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
     return fig
 
 
-def _curve(ax, rows, style, label, annotate, offset=(4, -10), color=None):
-    """One curve of result rows in MMac order, each point annotated with its model name or budget."""
-    rows = sorted(rows, key=lambda r: r["mmac"])
-    ax.plot([r["mmac"] for r in rows], [r["prec1"] for r in rows], style, color=color, label=label)
-    for r in rows:
-        text = r["model"] if annotate == "model" else f"b={r['budget']:g}"
-        ax.annotate(text, (r["mmac"], r["prec1"]), textcoords="offset points", xytext=offset, fontsize=7)
+def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
+    """The README's plot: Prec@1 against MMac per image of result rows (scripts/cifar_results.py)."""
+    return comparison_figure(rows, title=title)
 
 
 def plot_accuracy_vs_macs(results_paths, out_path, title=ACCURACY_TITLE):

@@ -246,7 +246,9 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
     config = model_config(args.model)
     apply_recipe(args, config.recipe)
     check_args(args)
-    resolution = vars(args).get("resolution")  # main_imagenet.py's flag
+    resolution = vars(args).get("resolution")  # the entry scripts' flag
+    if resolution is not None and resolution < 1:
+        raise UserError(f"--resolution must be positive (got {resolution})")
     if resolution and resolution % config.input_multiple:
         raise UserError(f"--resolution {resolution} is not a multiple of {config.input_multiple}, the total stride "
                         f"of {args.model}")
@@ -281,7 +283,7 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     if args.pretrained:
         load_pretrained(model, args, config)
     if checkpoint is not None:
-        load_model_state(model, filtered(config, checkpoint["state_dict"], model, checkpoint_path), checkpoint_path)
+        load_weights(model, config, checkpoint, checkpoint_path)
     if ctx.is_main:
         print(f"=> {args.model} ({_describe(args)}), {count_parameters(model):,} parameters" +
               (f", from {checkpoint_path}" if checkpoint else ""))
@@ -291,6 +293,26 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     teacher = load_teacher(args, num_classes, ctx)
     return fit(model, (train_loader, val_loader, val_set, num_classes), checkpoint, args, topk, run_dir, ctx,
                teacher)
+
+
+def load_weights(model, config, checkpoint, path):
+    """The checkpoint's weights, through the model config's filter (foreign layouts -> ours)."""
+    load_model_state(model, filtered(config, checkpoint["state_dict"], model, path), path)
+
+
+def trained_model(args, family, make_datasets, explicit):
+    """(model, validation set) of an evaluation command's flags (-r CHECKPOINT -e ...), built and loaded as run()
+    builds them, in eval mode on the CPU, channels-last: for tools that time or inspect trained models
+    (scripts/compare.py)."""
+    path = find_checkpoint(args)
+    checkpoint = load_checkpoint(path)
+    resolve_from_checkpoint(args, checkpoint, explicit, args.model)
+    config = model_config(args.model)
+    apply_recipe(args, config.recipe)
+    _, val_set, num_classes = make_datasets(args, config)
+    model = build_model(args, family, num_classes)
+    load_weights(model, config, checkpoint, path)
+    return model.eval().to(memory_format=torch.channels_last), val_set
 
 
 def load_teacher(args, num_classes, ctx):

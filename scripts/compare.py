@@ -1,0 +1,239 @@
+"""One comparison of every method: Prec@1 against MMac per image and against latency measured on this machine,
+from finished runs of any family (dense ResNets, DynConv at one budget or multi-target, ConvNeXt, DGC, PEDConv).
+
+For every run directory (its checkpoint_best.pth) or checkpoint file:
+- accuracy and MMac: the metrics the training run stored with the checkpoint (its evaluation of that epoch on the
+  validation set, the command's numbers), else (or with --evaluate) the entry script's own evaluation, through the
+  metrics run() returns (scripts/cifar_results.py's evaluate);
+- latency: the model's own forward (for DynConv the masked-dense model) and, where the model has one, the sparse
+  engine's fast path (SparseEngine: DynConv's spatial masks, DGC's channel gather), on evaluation images at batch 1
+  and a larger batch; every path of every run alternated run by run (a slow phase of the machine hits all alike),
+  the median kept; threads and OpenMP wait policy printed and stored;
+- for dense models, ptflops' module-level count as a cross-check, beside ours under the same conventions
+  (count_mmac(full=True): BN, ReLU, pooling and every Linear counted too, so both read above the MMac column).
+--resolutions adds the course-reproduction mode: the CIFAR dense and DynConv models evaluated at other input
+sizes (MMac follow the input size), drawn as curves of their own, a different axis of variation than budgets.
+Writes OUT/compare.jsonl, OUT/compare.md (the table, also printed), OUT/accuracy_vs_mmac.png and one
+OUT/accuracy_vs_latency_bN.png per batch size.
+"""
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+
+# OpenMP workers spin between parallel regions (the usual CPU latency setting, as benchmarks/speedtest.py); read
+# when torch loads OpenMP, hence before the import
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+import torch  # noqa: E402
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(SCRIPTS))
+sys.path.insert(0, SCRIPTS)
+import cifar_results  # noqa: E402
+from cifar_results import ENTRY, checkpoint_path, evaluate, evaluate_command, result_rows, stored_metrics  # noqa: E402
+from dynconv import count_mmac  # noqa: E402
+from models import model_family  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.cli import OneLineErrorParser, parse  # noqa: E402
+from utils.data import first_images  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.logger import read_jsonl  # noqa: E402
+from utils.plot import comparison_figure, row_family  # noqa: E402
+from utils.run import has_gates, trained_model  # noqa: E402
+from utils.timing import median_ms  # noqa: E402
+
+MMAC_CAPTION = ("MMac: multiply-accumulates per image that our implementation executes at inference (convolutions "
+                "at the positions / channels they run at, gates, generators, linears; norms, activations and "
+                "pooling not counted): one definition for every method.")
+EXAMPLES = """examples:
+  # every shipped CIFAR-10 run: table, JSON lines and plots in runs/compare
+  python scripts/compare.py exp/cifar/*/* exp/cifar64/*/* --data data/cifar10-jpeg
+  # also the dense and DynConv ResNets at other input sizes, latency at batch 1 and 128
+  python scripts/compare.py exp/cifar/resnet32/* --data data/cifar10-jpeg --resolutions 24 40 --batch-sizes 1 128
+"""
+
+
+def parse_args(argv=None):
+    p = OneLineErrorParser(description=__doc__, epilog=EXAMPLES)
+    p.add_argument("runs", nargs="+", help="run directories (their checkpoint_best.pth) or checkpoint files")
+    p.add_argument("--data", default="data/cifar10-jpeg", help="CIFAR-10 root (image folders or torchvision's)")
+    p.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for the table, JSON lines, plots")
+    p.add_argument("--results_in", nargs="*", default=[], metavar="RESULTS",
+                   help="also the rows of these results files (scripts/cifar_results.py's) for runs whose checkpoints "
+                        "are not here (e.g. exp/cifar64/results.jsonl): plotted by MMac, no latency")
+    p.add_argument("--evaluate", action="store_true", help="evaluate every run, also those with stored metrics")
+    p.add_argument("--resolutions", type=int, nargs="*", default=[], metavar="R",
+                   help="also evaluate the CIFAR dense and DynConv models at these input sizes")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="latency batch sizes")
+    p.add_argument("--runs-per-path", type=int, default=10, dest="timed_runs", help="timed runs per path (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per path first")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes for evaluations")
+    args = p.parse_args(argv)
+    missing = [r for r in args.runs if not os.path.isfile(checkpoint_path(r))]
+    missing_results = [f for f in args.results_in if not os.path.isfile(f)]
+    problems = [(missing, f"no checkpoint at {', '.join(missing)} (a run directory needs checkpoint_best.pth)"),
+                (missing_results, f"--results_in {' '.join(missing_results)} does not exist"),
+                (not os.path.isdir(args.data), f"--data {args.data} does not exist"),
+                (min(args.batch_sizes) < 1 or args.timed_runs < 1 or args.warmup < 0 or args.threads < 1,
+                 "--batch-sizes, --runs-per-path and --threads must be positive, --warmup at least 0"),
+                (any(r < 8 for r in args.resolutions), "--resolutions must be at least 8 pixels"),
+                (args.workers < 0, "--workers must be at least 0")]
+    for bad, message in problems:
+        if bad:
+            p.error(message)
+    return args
+
+
+def accuracy_rows(run, train_args, args):
+    """The run's result rows (one per budget of a multi-target run): stored metrics, else its evaluation; then
+    one evaluation per extra input size of a CIFAR dense or DynConv model."""
+    stored = None if args.evaluate else stored_metrics(load_checkpoint(checkpoint_path(run)))
+    if stored is None:
+        rows = [{**r, "source": "evaluated"} for r in evaluate(run, train_args, args.data, args.workers)]
+    else:
+        rows = [{**r, "source": "stored"} for r in result_rows(run, train_args, args.data, stored)]
+    varies = model_family(train_args["model"]) == "cifar" and not any(r.get("method") or r.get("targets")
+                                                                      for r in rows)
+    for resolution in args.resolutions if varies else []:
+        rows += [{**r, "source": "evaluated"} for r in evaluate(run, train_args, args.data, args.workers,
+                                                                resolution=resolution)]
+    return rows
+
+
+def load_model(row, train_args, data):
+    """The row's trained model (eval mode, channels-last) as the entry script builds it, its validation set, and
+    whether it has a sparse-engine fast path."""
+    entry = ENTRY[model_family(train_args["model"])]
+    argv = evaluate_command(row["run"], train_args, data, resolution=row["resolution"])
+    flags, explicit = parse(entry.make_parser(), argv)
+    with contextlib.redirect_stdout(sys.stderr):
+        model, val_set = trained_model(flags, model_family(train_args["model"]), entry.datasets, explicit)
+    return model, val_set, has_gates(flags)
+
+
+def timed_paths(rows, runs_args, data, batch_sizes):
+    """{batch: {(row index, path): callable}}: each row's model forward ("model") and fast path ("fast"), on
+    the first evaluation images of its resolution (repeated up to the batch size); also each dense row's
+    ptflops count and ours under its conventions (row["ptflops_mmac"], row["full_mmac"])."""
+    from dynconv.sparse.engine import SparseEngine
+
+    loaded, paths = {}, {b: {} for b in batch_sizes}
+    for i, row in enumerate(rows):
+        key = (row["run"], row["resolution"])
+        if key not in loaded:
+            model, val_set, fast = load_model(row, runs_args[row["run"]], data)
+            images = first_images(val_set, max(batch_sizes))[0].contiguous(memory_format=torch.channels_last)
+            loaded[key] = model, SparseEngine(model) if fast else None, images
+        model, engine, images = loaded[key]
+        kwargs = {"target": row["budget"]} if row.get("targets") else {}
+        if row_family(row) in ("dense", "ConvNeXt") and row["budget"] < 0:
+            row["ptflops_mmac"] = ptflops_mmac(model, images.shape[1:])
+            row["full_mmac"] = round(count_mmac(model, images[:1], full=True), 6)
+        for b in batch_sizes:
+            x = images.repeat((b + len(images) - 1) // len(images), 1, 1, 1)[:b]
+            paths[b][i, "model"] = lambda m=model, x=x, kw=kwargs: m(x, **kw)
+            if engine is not None:
+                paths[b][i, "fast"] = lambda e=engine, x=x, kw=kwargs: e(x, **kw)
+    return paths
+
+
+def ptflops_mmac(model, shape):
+    """ptflops' MMac of one image (its pytorch backend, modules only: functional calls such as the residual sum are
+    not counted, as in ours), its printing silenced."""
+    import ptflops
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        macs, _ = ptflops.get_model_complexity_info(model, tuple(shape), as_strings=False, print_per_layer_stat=False,
+                                                    backend="pytorch",
+                                                    backend_specific_config={"count_functional": False})
+    return round(macs / 1e6, 6)
+
+
+def measure_latency(rows, runs_args, args):
+    """Adds `latency_ms` ({batch: {path: median ms}}) and the timing setup to every row."""
+    setup = {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu": cpu_name(),
+             "runs": args.timed_runs, "warmup": args.warmup}
+    print("=> latency: " + ", ".join(f"{k} {v}" for k, v in setup.items()), file=sys.stderr)
+    paths = timed_paths(rows, runs_args, args.data, args.batch_sizes)
+    for row in rows:
+        row["latency_ms"], row["timing"] = {}, setup
+    with torch.inference_mode():
+        for batch, fns in paths.items():
+            for (i, path), ms in median_ms(fns, args.timed_runs, args.warmup).items():
+                rows[i]["latency_ms"].setdefault(str(batch), {})[path] = round(ms, 3)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def fastest_ms(row, batch):
+    """The row's fastest exact path at `batch` (the paths compute the same function), or None."""
+    times = row.get("latency_ms", {}).get(str(batch))
+    return min(times.values()) if times else None
+
+
+def markdown_table(rows, batch_sizes):
+    """Family, model, budget, input size, Prec@1, MMac, ptflops / our full count (dense), parameters, latency per
+    batch size (model forward / fast path), where the accuracy came from."""
+    head = ["family", "model", "budget", "input", "Prec@1 (%)", "MMac", "full count: ptflops / ours", "parameters"] + \
+        [f"ms b{b} model / fast" for b in batch_sizes] + ["from"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        budget = "dense" if r["budget"] < 0 else f"{r['budget']:g}" + (" (multi)" if r.get("targets") else "")
+        latency = [" / ".join(f"{r['latency_ms'][str(b)][p]:.2f}" if p in r["latency_ms"].get(str(b), {}) else "-"
+                              for p in ("model", "fast")) for b in batch_sizes]
+        cells = [row_family(r), r["model"], budget, f"{r['resolution']}px", f"{r['prec1']:.2f}", f"{r['mmac']:.3f}",
+                 f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else "", f"{r['params']:,}", *latency, r["source"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plots(rows, args):
+    """OUT/accuracy_vs_mmac.png and OUT/accuracy_vs_latency_bN.png; returns their paths."""
+    written = [os.path.join(args.out, "accuracy_vs_mmac.png")]
+    comparison_figure(rows, caption=MMAC_CAPTION).savefig(written[0], dpi=110)
+    timing = rows[0]["timing"]
+    for b in args.batch_sizes:
+        caption = (f"Latency: median of {timing['runs']} alternated runs after {timing['warmup']} warm-up, batch {b}, "
+                   f"{timing['threads']} threads (OMP_WAIT_POLICY={timing['omp_wait_policy']}), {timing['cpu']}; "
+                   "the fastest exact path of each model (its forward or the sparse engine).")
+        written.append(os.path.join(args.out, f"accuracy_vs_latency_b{b}.png"))
+        comparison_figure(rows, x=lambda r, b=b: fastest_ms(r, b), xlabel=f"ms per batch of {b}",
+                          title=f"CIFAR-10: Prec@1 against measured latency (batch {b})",
+                          caption=caption).savefig(written[-1], dpi=110)
+    return written
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs_args = {run: cifar_results.training_args(run) for run in dict.fromkeys(args.runs)}
+    rows = [row for run, train_args in runs_args.items() for row in accuracy_rows(run, train_args, args)]
+    measure_latency(rows, runs_args, args)
+    measured = {(r["run"], r["budget"]) for r in rows}
+    rows += [{**r, "source": "results file", "latency_ms": {}} for path in args.results_in for r in read_jsonl(path)
+             if (r["run"], r["budget"]) not in measured]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    table = markdown_table(rows, args.batch_sizes)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    for path in write_plots(rows, args):
+        print(f"=> {path}", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,115 @@
+"""scripts/compare.py end to end on a tiny synthetic image folder: runs of two families (dense and DynConv)
+trained for one epoch, compared with their stored metrics, at another input size, and evaluated again."""
+import json
+import os
+
+import pytest
+import torch
+
+import main_cifar
+from conftest import run_entry
+from test_benchmarks_cli import load_script, one_line_error
+from dynconv import count_mmac
+from models import create_model
+from utils.checkpoint import save_checkpoint
+
+TRAIN = ["--model", "resnet8", "--batchsize", "8", "--workers", "0", "--epochs", "1"]
+FAST = ["--runs-per-path", "1", "--warmup", "0", "--batch-sizes", "1", "2", "--workers", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return load_script("scripts/compare.py")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_cifar, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {"dense": str(root / "base"), "DynConv": str(root / "sparse05")}
+    for family, budget in (("dense", "-1"), ("DynConv", "0.5")):
+        assert run_entry(main_cifar.main, TRAIN + ["--budget", budget, "--data", tiny_cifar,
+                                                   "-s", dirs[family]])[0] == 0
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def compared(compare, runs, tiny_cifar, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("compare"))
+    rows = compare.main([runs["dense"], runs["DynConv"], "--data", tiny_cifar, "--out", out, "--resolutions", "24"]
+                        + FAST)
+    return rows, out
+
+
+@pytest.mark.slow
+def test_one_row_per_run_and_input_size_with_its_family(compared, runs):
+    rows, out = compared
+    with open(os.path.join(out, "compare.jsonl")) as f:
+        assert [json.loads(line) for line in f] == rows
+    assert [(r["run"], r["resolution"], r["source"]) for r in rows] == [
+        (runs["dense"], 32, "stored"), (runs["dense"], 24, "evaluated"),
+        (runs["DynConv"], 32, "stored"), (runs["DynConv"], 24, "evaluated")]
+    assert [compare_family(r) for r in rows] == ["dense", "dense", "DynConv", "DynConv"]
+    assert [r.get("varied") for r in rows] == [None, "resolution", None, "resolution"]
+    # MACs follow the input size: the dense resnet8's convolutions at 24x24 are (24/32)^2 of those at 32x32
+    assert rows[1]["mmac"] == pytest.approx(rows[0]["mmac"] * (24 / 32) ** 2, rel=1e-6)
+    table = open(os.path.join(out, "compare.md")).read().splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| dense | resnet8 | dense | 32px |")
+
+
+def compare_family(row):
+    from utils.plot import row_family
+
+    return row_family(row)
+
+
+@pytest.mark.slow
+def test_latency_of_every_path_is_present_and_positive(compared):
+    rows, _ = compared
+    for r in rows:
+        paths = {"model", "fast"} if r["budget"] >= 0 else {"model"}  # the sparse engine needs gates
+        assert set(r["latency_ms"]) == {"1", "2"} and all(set(t) == paths for t in r["latency_ms"].values())
+        assert all(ms > 0 for t in r["latency_ms"].values() for ms in t.values())
+        assert r["timing"]["threads"] == 1 and r["timing"]["runs"] == 1
+
+
+@pytest.mark.slow
+def test_ptflops_agrees_with_our_full_count_for_dense_models(compared):
+    rows, _ = compared
+    for r in rows:
+        if r["budget"] >= 0:
+            assert "ptflops_mmac" not in r
+            continue
+        size = r["resolution"]
+        ours = count_mmac(create_model("resnet8", num_classes=3).eval(), torch.randn(1, 3, size, size), full=True)
+        assert r["ptflops_mmac"] == pytest.approx(ours, abs=1e-6) and r["full_mmac"] == pytest.approx(ours, abs=1e-6)
+        assert r["ptflops_mmac"] > r["mmac"]  # BN, ReLU, pooling and the classifier on top of the convolutions
+
+
+@pytest.mark.slow
+def test_both_plots_are_written_and_drawn(compared):
+    _, out = compared
+    for name in ("accuracy_vs_mmac.png", "accuracy_vs_latency_b1.png", "accuracy_vs_latency_b2.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 10_000, name  # an empty 6.4x4.8 figure is ~5 kB
+
+
+@pytest.mark.slow
+def test_evaluating_again_gives_the_stored_accuracy(compare, compared, runs, tiny_cifar, tmp_path):
+    stored = {(r["run"], r["resolution"]): r for r in compared[0]}
+    rows = compare.main([runs["DynConv"], "--data", tiny_cifar, "--out", str(tmp_path), "--evaluate"] + FAST)
+    assert [r["source"] for r in rows] == ["evaluated"]
+    assert (rows[0]["prec1"], rows[0]["mmac"]) == (stored[runs["DynConv"], 32]["prec1"],
+                                                   stored[runs["DynConv"], 32]["mmac"])
+
+
+def test_a_run_without_a_checkpoint_is_one_line(compare, tmp_path, tiny_cifar, capsys):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    code, _, err = run_entry(compare.main, [str(empty), "--data", tiny_cifar], capsys)
+    one_line_error(code, err, str(empty), "checkpoint_best.pth")
+
+
+def test_a_checkpoint_of_no_run_is_one_line(compare, tmp_path, tiny_cifar, capsys):
+    path = str(tmp_path / "weights.pth")
+    save_checkpoint({"state_dict": create_model("resnet8").state_dict()}, path)
+    code, _, err = run_entry(compare.main, [path, "--data", tiny_cifar, "--out", str(tmp_path / "out")], capsys)
+    one_line_error(code, err, path, "names no model")
