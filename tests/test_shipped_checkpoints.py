@@ -37,6 +37,27 @@ ISSUE_RUNS = {("resnet8", -1), ("resnet8", 0.25), ("resnet8", 0.5), ("resnet8", 
               ("resnet32", 0.5), ("resnet20", -1)}
 # MMac per 32x32 image (tests/test_models_cifar.py holds the models to these numbers)
 DENSE_MMAC = {"resnet8": 12.500992, "resnet20": 40.812544, "resnet32": 69.124096}
+
+
+def pedconv_extra_mmac(blocks_per_stage):
+    """What the PEDConv CIFAR ResNet adds to the static one's MMac, by hand (rank 1, per_image path, 32x32): per
+    3x3 conv C_in -> C_out with input side s_in and output side s_out, the generator's linears with biases
+    (C_in -> C_in/16, then -> C_in, C_out and 9) and applying the attention (C_in per input position, one multiply
+    per kernel element, C_out per output position)."""
+    macs, side, width = 0, 32, 16
+    for stage, out in enumerate((16, 32, 64)):
+        for block in range(blocks_per_stage):
+            for conv in range(2):
+                c_in = width if conv == 0 else out
+                stride = 2 if stage > 0 and block == 0 and conv == 0 else 1
+                hidden, s_in, s_out = c_in // 16, side, side // stride
+                generator = c_in * hidden + hidden + hidden * (c_in + out + 9) + (c_in + out + 9)
+                macs += generator + c_in * s_in ** 2 + out * c_in * 9 + out * s_out ** 2
+                side, width = s_out, out
+    return macs / 1e6
+
+
+DENSE_MMAC["pedconv_resnet32"] = DENSE_MMAC["resnet32"] + pedconv_extra_mmac(5)  # no gates: its count is fixed
 DYNCONV_MMAC = {"resnet8": (0.908608, 12.705088), "resnet32": (1.946176, 70.365760)}  # (all off, all on)
 
 
