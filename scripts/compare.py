@@ -192,8 +192,9 @@ def markdown_table(rows, batch_sizes):
         budget = "dense" if r["budget"] < 0 else f"{r['budget']:g}" + (" (multi)" if r.get("targets") else "")
         latency = [" / ".join(f"{r['latency_ms'][str(b)][p]:.2f}" if p in r["latency_ms"].get(str(b), {}) else "-"
                               for p in ("model", "fast")) for b in batch_sizes]
+        full = f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else ""
         cells = [row_family(r), r["model"], budget, f"{r['resolution']}px", f"{r['prec1']:.2f}", f"{r['mmac']:.3f}",
-                 f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else "", f"{r['params']:,}", *latency, r["source"]]
+                 full, f"{r['params']:,}", *latency, r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
