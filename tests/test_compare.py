@@ -113,3 +113,10 @@ def test_a_checkpoint_of_no_run_is_one_line(compare, tmp_path, tiny_cifar, capsy
     save_checkpoint({"state_dict": create_model("resnet8").state_dict()}, path)
     code, _, err = run_entry(compare.main, [path, "--data", tiny_cifar, "--out", str(tmp_path / "out")], capsys)
     one_line_error(code, err, path, "names no model")
+
+
+def test_a_resolution_below_one_is_one_line(tiny_cifar, tmp_path, capsys):
+    code, _, err = run_entry(main_cifar.main, TRAIN + ["--data", tiny_cifar, "-s", str(tmp_path / "run"),
+                                                       "--resolution", "0"], capsys)
+    one_line_error(code, err, "--resolution", "positive")
+    assert not os.path.exists(tmp_path / "run")
