@@ -129,6 +129,13 @@ def _speeds(metrics):
             "engine_images_per_s": round(float(metrics["images_per_s"]), 1)}
 
 
+def row_order(row):
+    """Tables list rows by network type, then model (resnet8 before resnet20), single-budget before multi-target,
+    budget, input size."""
+    return (row.get("arch", ""), len(row["model"]), row["model"], bool(row.get("targets")), row["budget"],
+            row.get("resolution", 0))
+
+
 def markdown_table(rows):
     """The README's table; a multi-target run's budgets read "0.25 (multi)", a model of another method (its
     config's `method`, no budget) reads its method's name; with speeds when measured."""
@@ -217,7 +224,7 @@ def main(argv=None):
             path = os.path.join(run_dir, BEST)
             checkpoint = load_checkpoint(path)
             save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, path)
-    rows.sort(key=lambda r: (r.get("arch", ""), len(r["model"]), r["model"], bool(r.get("targets")), r["budget"]))
+    rows.sort(key=row_order)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:
         for row in rows:

@@ -33,7 +33,8 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
 sys.path.insert(0, SCRIPTS)
 import cifar_results  # noqa: E402
-from cifar_results import ENTRY, checkpoint_path, evaluate, evaluate_command, result_rows, stored_metrics  # noqa: E402
+from cifar_results import (ENTRY, checkpoint_path, evaluate, evaluate_command, result_rows, row_order,  # noqa: E402
+                           stored_metrics)
 from dynconv import count_mmac  # noqa: E402
 from models import model_family  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
@@ -219,11 +220,12 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     runs_args = {run: cifar_results.training_args(run) for run in dict.fromkeys(args.runs)}
-    rows = [row for run, train_args in runs_args.items() for row in accuracy_rows(run, train_args, args)]
+    rows = sorted((row for run, train_args in runs_args.items() for row in accuracy_rows(run, train_args, args)),
+                  key=row_order)
     measure_latency(rows, runs_args, args)
     measured = {(r["run"], r["budget"]) for r in rows}
-    rows += [{**r, "source": "results file", "latency_ms": {}} for path in args.results_in for r in read_jsonl(path)
-             if (r["run"], r["budget"]) not in measured]
+    rows += sorted(({**r, "source": "results file", "latency_ms": {}} for path in args.results_in
+                    for r in read_jsonl(path) if (r["run"], r["budget"]) not in measured), key=row_order)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compare.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -45,15 +45,15 @@ def test_one_row_per_run_and_input_size_with_its_family(compared, runs):
     rows, out = compared
     with open(os.path.join(out, "compare.jsonl")) as f:
         assert [json.loads(line) for line in f] == rows
-    assert [(r["run"], r["resolution"], r["source"]) for r in rows] == [
-        (runs["dense"], 32, "stored"), (runs["dense"], 24, "evaluated"),
-        (runs["DynConv"], 32, "stored"), (runs["DynConv"], 24, "evaluated")]
+    assert [(r["run"], r["resolution"], r["source"]) for r in rows] == [  # dense first, then by input size
+        (runs["dense"], 24, "evaluated"), (runs["dense"], 32, "stored"),
+        (runs["DynConv"], 24, "evaluated"), (runs["DynConv"], 32, "stored")]
     assert [compare_family(r) for r in rows] == ["dense", "dense", "DynConv", "DynConv"]
-    assert [r.get("varied") for r in rows] == [None, "resolution", None, "resolution"]
+    assert [r.get("varied") for r in rows] == ["resolution", None, "resolution", None]
     # MACs follow the input size: the dense resnet8's convolutions at 24x24 are (24/32)^2 of those at 32x32
-    assert rows[1]["mmac"] == pytest.approx(rows[0]["mmac"] * (24 / 32) ** 2, rel=1e-6)
+    assert rows[0]["mmac"] == pytest.approx(rows[1]["mmac"] * (24 / 32) ** 2, rel=1e-6)
     table = open(os.path.join(out, "compare.md")).read().splitlines()
-    assert len(table) == 2 + len(rows) and table[2].startswith("| dense | resnet8 | dense | 32px |")
+    assert len(table) == 2 + len(rows) and table[3].startswith("| dense | resnet8 | dense | 32px |")
 
 
 def compare_family(row):
