@@ -81,6 +81,18 @@ def evaluate(run, args, data, workers, fast=False, resolution=None):
     return [{**r, "varied": "resolution"} for r in rows] if resolution else rows
 
 
+def model_variant(args):
+    """The model options a run changed from its model's defaults, e.g. "gate_factor=1" ("" when none): tables and
+    plots name the model with them."""
+    def plain(value):
+        return tuple(value) if isinstance(value, list) else value
+
+    options = model_config(args["model"]).options
+    changed = {k: v for k, v in (args.get("model_kwargs") or {}).items()
+               if k in options and plain(v) != plain(options[k][0])}
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items())
+
+
 def stored_metrics(checkpoint):
     """The metrics a training run stored with its checkpoint (its evaluation on the validation set after that
     epoch), in run()'s shape; None when it stored none (e.g. an upstream checkpoint)."""
@@ -102,8 +114,10 @@ def result_rows(run, args, data, metrics, resolution=None):
     arch = type(model).__name__.replace("Cifar", "") + (f" {resolution}x{resolution}" if family == "imagenet"
                                                          else "")
     method = model_config(args["model"]).method
+    variant = model_variant(args)
     common = {"run": run, "model": args["model"], "params": count_parameters(model), "arch": arch,
-              "resolution": resolution, **({"method": method} if method else {})}
+              "resolution": resolution, **({"method": method} if method else {}),
+              **({"variant": variant} if variant else {})}
     per_budget = metrics["targets"].items() if targets else [(args.get("budget", -1), metrics)]
     return [{**common, "budget": budget, **({"targets": targets} if targets else {}),
              "epoch": int(m["epoch"]), "prec1": round(float(m["prec1"]), 3), "mmac": round(float(m["mmac"]), 6),
@@ -129,6 +143,11 @@ def _speeds(metrics):
             "engine_images_per_s": round(float(metrics["images_per_s"]), 1)}
 
 
+def model_name(row):
+    """The row's model with the options it changed, e.g. "dydensenet86 (gate_factor=1)"."""
+    return row["model"] + (f" ({row['variant']})" if row.get("variant") else "")
+
+
 def row_order(row):
     """Tables list rows by network type, then model (resnet8 before resnet20), single-budget before multi-target,
     budget, input size."""
@@ -148,7 +167,7 @@ def markdown_table(rows):
                                      + (" (multi)" if r.get("targets") else ""))
         speeds = (f" {r['masked_images_per_s']:.0f} / {r['engine_images_per_s']:.0f} |" if "engine_images_per_s" in r
                   else " |") if speed else ""
-        lines.append(f"| {r['model']} | {budget} | {r['prec1']:.3f} | {r['mmac']:.6f} | {r['params']:,} |{speeds} "
+        lines.append(f"| {model_name(r)} | {budget} | {r['prec1']:.3f} | {r['mmac']:.6f} | {r['params']:,} |{speeds} "
                      f"`{r['command']}` |")
     return "\n".join(lines)
 

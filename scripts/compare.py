@@ -33,8 +33,8 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
 sys.path.insert(0, SCRIPTS)
 import cifar_results  # noqa: E402
-from cifar_results import (ENTRY, checkpoint_path, evaluate, evaluate_command, result_rows, row_order,  # noqa: E402
-                           stored_metrics)
+from cifar_results import (ENTRY, checkpoint_path, evaluate, evaluate_command, model_name, result_rows,  # noqa: E402
+                           row_order, stored_metrics)
 from dynconv import count_mmac  # noqa: E402
 from models import model_family  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
@@ -190,11 +190,12 @@ def markdown_table(rows, batch_sizes):
         [f"ms b{b} model / fast" for b in batch_sizes] + ["from"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        budget = "dense" if r["budget"] < 0 else f"{r['budget']:g}" + (" (multi)" if r.get("targets") else "")
+        budget = "-" if r.get("method") else "dense" if r["budget"] < 0 else \
+            f"{r['budget']:g}" + (" (multi)" if r.get("targets") else "")
         latency = [" / ".join(f"{r['latency_ms'][str(b)][p]:.2f}" if p in r["latency_ms"].get(str(b), {}) else "-"
                               for p in ("model", "fast")) for b in batch_sizes]
         full = f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else ""
-        cells = [row_family(r), r["model"], budget, f"{r['resolution']}px", f"{r['prec1']:.2f}", f"{r['mmac']:.3f}",
+        cells = [row_family(r), model_name(r), budget, f"{r['resolution']}px", f"{r['prec1']:.2f}", f"{r['mmac']:.3f}",
                  full, f"{r['params']:,}", *latency, r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -212,7 +213,7 @@ def write_plots(rows, args):
         written.append(os.path.join(args.out, f"accuracy_vs_latency_b{b}.png"))
         comparison_figure(rows, x=lambda r, b=b: fastest_ms(r, b), xlabel=f"ms per batch of {b}",
                           title=f"CIFAR-10: Prec@1 against measured latency (batch {b})",
-                          caption=caption).savefig(written[-1], dpi=110)
+                          caption=caption, log_x=True).savefig(written[-1], dpi=110)
     return written
 
 

@@ -213,10 +213,11 @@ def curves(rows):
     return {label: (members, style, annotate) for label, members, style, annotate in groups.values()}
 
 
-def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TITLE, caption=None):
+def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TITLE, caption=None, log_x=False):
     """Prec@1 against `x` (a row key, or a function of a row; rows without a value are left out): the curves of
     curves(rows), one marker and colour per family (row_family), each point annotated with its model name, budget
-    or input size. `caption`: a line under the plot (e.g. what the x axis counts)."""
+    or input size. `caption`: a line under the plot (e.g. what the x axis counts); `log_x`: a logarithmic x axis
+    (latencies spanning orders of magnitude)."""
     value = x if callable(x) else (lambda r: r.get(x))
     rows = [r for r in rows if value(r) is not None]
     styles = family_styles(row_family(r) for r in rows)
@@ -231,12 +232,15 @@ def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TI
         for r in members:
             if annotate == "resolution" and not r.get("varied"):
                 continue  # the run's own point, annotated on its own curve
-            text = {"model": r["model"], "budget": f"b={r['budget']:g}",
+            text = {"model": r["model"] + (f" ({r['variant']})" if r.get("variant") else ""),
+                    "budget": f"b={r['budget']:g}",
                     "resolution": f"{r.get('resolution', 32)}px"}[annotate]
             ax.annotate(text, (value(r), r["prec1"]), textcoords="offset points", fontsize=7,
                         xytext=(4, -10) if r.get("targets") or annotate == "model" else (4, 4))
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
+    if log_x:
+        ax.set_xscale("log")
     ax.set_ylabel("Prec@1 on the CIFAR-10 test set (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
