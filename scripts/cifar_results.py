@@ -27,7 +27,7 @@ from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E40
 from utils.cli import OneLineErrorParser  # noqa: E402
 from utils.data import CIFAR_SIZE  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.plot import plot_accuracy_vs_macs  # noqa: E402
+from utils.plot import model_name, plot_accuracy_vs_macs  # noqa: E402
 
 # what evaluation needs; a multi-target run's per-budget metrics and its tied-norms choice (it fixes the model)
 KEEP = ("state_dict", "epoch", "best_prec1", "prec1", "mmac", "args", "version", "budget_metrics", "tied_norms")
@@ -143,16 +143,16 @@ def _speeds(metrics):
             "engine_images_per_s": round(float(metrics["images_per_s"]), 1)}
 
 
-def model_name(row):
-    """The row's model with the options it changed, e.g. "dydensenet86 (gate_factor=1)"."""
-    return row["model"] + (f" ({row['variant']})" if row.get("variant") else "")
-
-
 def row_order(row):
     """Tables list rows by network type, then model (resnet8 before resnet20), single-budget before multi-target,
     budget, input size."""
     return (row.get("arch", ""), len(row["model"]), row["model"], bool(row.get("targets")), row["budget"],
             row.get("resolution", 0))
+
+
+def budget_label(row):
+    """"dense", a budget, or a multi-target run's budget as "0.25 (multi)"."""
+    return "dense" if row["budget"] < 0 else f"{row['budget']:g}" + (" (multi)" if row.get("targets") else "")
 
 
 def markdown_table(rows):
@@ -163,8 +163,7 @@ def markdown_table(rows):
              + (" images/s masked / engine |" if speed else "") + " evaluate with |",
              "|---|---|---|---|---|" + ("---|" if speed else "") + "---|"]
     for r in rows:
-        budget = r.get("method") or ("dense" if r["budget"] < 0 else f"{r['budget']:g}"
-                                     + (" (multi)" if r.get("targets") else ""))
+        budget = r.get("method") or budget_label(r)
         speeds = (f" {r['masked_images_per_s']:.0f} / {r['engine_images_per_s']:.0f} |" if "engine_images_per_s" in r
                   else " |") if speed else ""
         lines.append(f"| {model_name(r)} | {budget} | {r['prec1']:.3f} | {r['mmac']:.6f} | {r['params']:,} |{speeds} "

@@ -33,7 +33,7 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
 sys.path.insert(0, SCRIPTS)
 import cifar_results  # noqa: E402
-from cifar_results import (ENTRY, checkpoint_path, evaluate, evaluate_command, model_name, result_rows,  # noqa: E402
+from cifar_results import (ENTRY, budget_label, checkpoint_path, evaluate, evaluate_command, result_rows,  # noqa: E402
                            row_order, stored_metrics)
 from dynconv import count_mmac  # noqa: E402
 from models import model_family  # noqa: E402
@@ -42,8 +42,8 @@ from utils.cli import OneLineErrorParser, parse  # noqa: E402
 from utils.data import first_images  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.logger import read_jsonl  # noqa: E402
-from utils.plot import comparison_figure, row_family  # noqa: E402
-from utils.run import has_gates, trained_model  # noqa: E402
+from utils.plot import comparison_figure, model_name, row_family  # noqa: E402
+from utils.run import has_gates, restore_model  # noqa: E402
 from utils.timing import median_ms  # noqa: E402
 
 MMAC_CAPTION = ("MMac: multiply-accumulates per image that our implementation executes at inference (convolutions "
@@ -108,11 +108,11 @@ def accuracy_rows(run, train_args, args):
 def load_model(row, train_args, data):
     """The row's trained model (eval mode, channels-last) as the entry script builds it, its validation set, and
     whether it has a sparse-engine fast path."""
-    entry = ENTRY[model_family(train_args["model"])]
+    family = model_family(train_args["model"])
     argv = evaluate_command(row["run"], train_args, data, resolution=row["resolution"])
-    flags, explicit = parse(entry.make_parser(), argv)
+    flags, explicit = parse(ENTRY[family].make_parser(), argv)
     with contextlib.redirect_stdout(sys.stderr):
-        model, val_set = trained_model(flags, model_family(train_args["model"]), entry.datasets, explicit)
+        model, val_set = restore_model(flags, family, ENTRY[family].datasets, explicit)
     return model, val_set, has_gates(flags)
 
 
@@ -190,8 +190,7 @@ def markdown_table(rows, batch_sizes):
         [f"ms b{b} model / fast" for b in batch_sizes] + ["from"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        budget = "-" if r.get("method") else "dense" if r["budget"] < 0 else \
-            f"{r['budget']:g}" + (" (multi)" if r.get("targets") else "")
+        budget = "-" if r.get("method") else budget_label(r)
         latency = [" / ".join(f"{r['latency_ms'][str(b)][p]:.2f}" if p in r["latency_ms"].get(str(b), {}) else "-"
                               for p in ("model", "fast")) for b in batch_sizes]
         full = f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else ""

@@ -12,6 +12,7 @@ from test_benchmarks_cli import load_script, one_line_error
 from dynconv import count_mmac
 from models import create_model
 from utils.checkpoint import save_checkpoint
+from utils.plot import row_family
 
 TRAIN = ["--model", "resnet8", "--batchsize", "8", "--workers", "0", "--epochs", "1"]
 FAST = ["--runs-per-path", "1", "--warmup", "0", "--batch-sizes", "1", "2", "--workers", "0", "--threads", "1"]
@@ -48,18 +49,12 @@ def test_one_row_per_run_and_input_size_with_its_family(compared, runs):
     assert [(r["run"], r["resolution"], r["source"]) for r in rows] == [  # dense first, then by input size
         (runs["dense"], 24, "evaluated"), (runs["dense"], 32, "stored"),
         (runs["DynConv"], 24, "evaluated"), (runs["DynConv"], 32, "stored")]
-    assert [compare_family(r) for r in rows] == ["dense", "dense", "DynConv", "DynConv"]
+    assert [row_family(r) for r in rows] == ["dense", "dense", "DynConv", "DynConv"]
     assert [r.get("varied") for r in rows] == ["resolution", None, "resolution", None]
     # MACs follow the input size: the dense resnet8's convolutions at 24x24 are (24/32)^2 of those at 32x32
     assert rows[0]["mmac"] == pytest.approx(rows[1]["mmac"] * (24 / 32) ** 2, rel=1e-6)
     table = open(os.path.join(out, "compare.md")).read().splitlines()
     assert len(table) == 2 + len(rows) and table[3].startswith("| dense | resnet8 | dense | 32px |")
-
-
-def compare_family(row):
-    from utils.plot import row_family
-
-    return row_family(row)
 
 
 @pytest.mark.slow

@@ -176,6 +176,11 @@ def row_family(row):
     return "DynConv" if row["budget"] >= 0 else "dense"
 
 
+def model_name(row):
+    """The row's model with the options it changed (`variant`), e.g. "dydensenet86 (gate_factor=1)"."""
+    return row["model"] + (f" ({row['variant']})" if row.get("variant") else "")
+
+
 def family_styles(families):
     """(marker, colour) of each family: FAMILY_STYLES', other methods the spare colours in name order."""
     others = sorted(set(families) - set(FAMILY_STYLES))
@@ -232,8 +237,7 @@ def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TI
         for r in members:
             if annotate == "resolution" and not r.get("varied"):
                 continue  # the run's own point, annotated on its own curve
-            text = {"model": r["model"] + (f" ({r['variant']})" if r.get("variant") else ""),
-                    "budget": f"b={r['budget']:g}",
+            text = {"model": model_name(r), "budget": f"b={r['budget']:g}",
                     "resolution": f"{r.get('resolution', 32)}px"}[annotate]
             ax.annotate(text, (value(r), r["prec1"]), textcoords="offset points", fontsize=7,
                         xytext=(4, -10) if r.get("targets") or annotate == "model" else (4, 4))

@@ -300,7 +300,7 @@ def load_weights(model, config, checkpoint, path):
     load_model_state(model, filtered(config, checkpoint["state_dict"], model, path), path)
 
 
-def trained_model(args, family, make_datasets, explicit):
+def restore_model(args, family, make_datasets, explicit):
     """(model, validation set) of an evaluation command's flags (-r CHECKPOINT -e ...), built and loaded as run()
     builds them, in eval mode on the CPU, channels-last: for tools that time or inspect trained models
     (scripts/compare.py)."""
