@@ -1,6 +1,7 @@
 """The CIFAR-10 checkpoints shipped in exp/: found from the tree (git's tracked files, else a glob), at least the
-issue's 7 runs, each with exactly one row in exp/cifar/results.jsonl (a multi-target run: one per budget, the
-budgets its rows name) and each row with its checkpoint.
+issue's 7 runs in exp/cifar, each with exactly one row in the results.jsonl of its tree (exp/<tree>/results.jsonl,
+e.g. exp/cifar for the 10-epoch runs, exp/cifar30 for the 30-epoch ones; a multi-target run: one row per budget,
+the budgets its rows name) and each row of such a tree with its checkpoint.
 
 Without any data every shipped checkpoint is checked for what can be checked from the file alone: small (< 5 MiB),
 tracked by git and not ignored by .gitignore, loadable strictly into the row's model through the model's checkpoint
@@ -29,14 +30,14 @@ from utils.data import cifar_transforms
 from utils.training import validate
 from utils.distributed import DistContext
 
-RESULTS = os.path.join(ROOT, "exp", "cifar", "results.jsonl")
+RESULTS = os.path.join(ROOT, "exp", "cifar", "results.jsonl")  # the issue's runs: this tree must exist
 CHECKPOINT = "checkpoint_best.pth"
 SUBSET = 500  # test images, the first 50 of every class
 MAX_BYTES = 5 * 2**20
 ISSUE_RUNS = {("resnet8", -1), ("resnet8", 0.25), ("resnet8", 0.5), ("resnet8", 0.75), ("resnet32", -1),
               ("resnet32", 0.5), ("resnet20", -1)}
 # MMac per 32x32 image (tests/test_models_cifar.py holds the models to these numbers)
-DENSE_MMAC = {"resnet8": 12.500992, "resnet20": 40.812544, "resnet32": 69.124096}
+DENSE_MMAC = {"resnet8": 12.500992, "resnet14": 26.656768, "resnet20": 40.812544, "resnet32": 69.124096}
 
 
 def pedconv_extra_mmac(blocks_per_stage):
@@ -79,12 +80,22 @@ def shipped_checkpoints():
     return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in found)
 
 
-ROWS = [json.loads(line) for line in open(RESULTS) if line.strip()] if os.path.isfile(RESULTS) else []
+def results_file(run):
+    """The results table of the tree a run lies in: exp/<tree>/results.jsonl."""
+    return os.path.join(ROOT, *run.split("/")[:2], "results.jsonl")
+
+
+def read_rows(path):
+    return [json.loads(line) for line in open(path) if line.strip()] if os.path.isfile(path) else []
+
+
+CHECKPOINTS = shipped_checkpoints()
+RUNS = [os.path.dirname(p) for p in CHECKPOINTS]  # a run is its checkpoint's directory, as in the results rows
+RESULTS_FILES = sorted({results_file(run) for run in RUNS} | {RESULTS})
+ROWS = [row for path in RESULTS_FILES for row in read_rows(path)]
 ROWS_BY_RUN = collections.defaultdict(list)
 for _row in ROWS:
     ROWS_BY_RUN[_row["run"]].append(_row)
-CHECKPOINTS = shipped_checkpoints()
-RUNS = [os.path.dirname(p) for p in CHECKPOINTS]  # a run is its checkpoint's directory, as in the results rows
 
 
 def expected_rows(run):
@@ -95,7 +106,7 @@ def expected_rows(run):
 def load_shipped(run):
     """(results rows, checkpoint dict, model in eval mode with the checkpoint's weights loaded strictly)."""
     rows = sorted(ROWS_BY_RUN[run], key=lambda r: r["budget"])
-    assert len(rows) == expected_rows(run), f"{run}: expected {expected_rows(run)} rows in {RESULTS}"
+    assert len(rows) == expected_rows(run), f"{run}: expected {expected_rows(run)} rows in {results_file(run)}"
     targets = rows[0].get("targets")
     assert targets is None or [r["budget"] for r in rows] == sorted(targets), f"{run}: a row per budget"
     path = os.path.join(ROOT, run, CHECKPOINT)
@@ -112,12 +123,13 @@ def forward_kwargs(row):
 
 
 def test_every_shipped_checkpoint_has_one_results_row_and_every_row_a_checkpoint():
-    assert os.path.isfile(RESULTS), f"{RESULTS} is missing"
+    missing = [path for path in RESULTS_FILES if not os.path.isfile(path)]
+    assert missing == [], f"results tables missing beside shipped checkpoints: {missing}"
     assert len(CHECKPOINTS) >= 7, f"expected at least the issue's 7 shipped checkpoints, found {CHECKPOINTS}"
     counts = collections.Counter(r["run"] for r in ROWS)
     assert {run: n for run, n in counts.items() if n != expected_rows(run)} == {}, "runs with too many rows"
     assert sorted(counts) == sorted(RUNS), "results rows and shipped checkpoints differ"
-    assert ISSUE_RUNS <= {(r["model"], r["budget"]) for r in ROWS}
+    assert ISSUE_RUNS <= {(r["model"], r["budget"]) for r in read_rows(RESULTS)}
 
 
 def test_shipped_checkpoints_are_tracked_and_not_ignored():
