@@ -107,7 +107,8 @@ def stored_metrics(checkpoint):
 def result_rows(run, args, data, metrics, resolution=None):
     """Results rows of a run's metrics (run()'s, or stored_metrics), rounded as the entry scripts print them: one
     row, or one per budget of a multi-target run (`targets`: its budgets, drawn as one curve). `arch`: the network
-    type, one dense curve each in the plot."""
+    type, one dense curve each in the plot; `epochs`: the length of its training schedule (runs of two schedules
+    are two curves)."""
     family, targets = model_family(args["model"]), list(args.get("budget_targets") or [])
     model = trained_model(args, family, targets)
     resolution = resolution or args.get("resolution") or CIFAR_SIZE
@@ -116,7 +117,8 @@ def result_rows(run, args, data, metrics, resolution=None):
     method = model_config(args["model"]).method
     variant = model_variant(args)
     common = {"run": run, "model": args["model"], "params": count_parameters(model), "arch": arch,
-              "resolution": resolution, **({"method": method} if method else {}),
+              "resolution": resolution, **({"epochs": args["epochs"]} if args.get("epochs") else {}),
+              **({"method": method} if method else {}),
               **({"variant": variant} if variant else {})}
     per_budget = metrics["targets"].items() if targets else [(args.get("budget", -1), metrics)]
     return [{**common, "budget": budget, **({"targets": targets} if targets else {}),
@@ -145,9 +147,9 @@ def _speeds(metrics):
 
 def row_order(row):
     """Tables list rows by network type, then model (resnet8 before resnet20), single-budget before multi-target,
-    budget, input size."""
+    budget, input size, schedule length."""
     return (row.get("arch", ""), len(row["model"]), row["model"], bool(row.get("targets")), row["budget"],
-            row.get("resolution", 0))
+            row.get("resolution", 0), row.get("epochs", 0))
 
 
 def budget_label(row):

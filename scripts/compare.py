@@ -184,18 +184,18 @@ def fastest_ms(row, batch):
 
 
 def markdown_table(rows, batch_sizes):
-    """Family, model, budget, input size, Prec@1, MMac, ptflops / our full count (dense), parameters, latency per
-    batch size (model forward / fast path), where the accuracy came from."""
-    head = ["family", "model", "budget", "input", "Prec@1 (%)", "MMac", "full count: ptflops / ours", "parameters"] + \
-        [f"ms b{b} model / fast" for b in batch_sizes] + ["from"]
+    """Family, model, budget, input size, training epochs, Prec@1, MMac, ptflops / our full count (dense),
+    parameters, latency per batch size (model forward / fast path), where the accuracy came from."""
+    head = ["family", "model", "budget", "input", "epochs", "Prec@1 (%)", "MMac", "full count: ptflops / ours",
+            "parameters"] + [f"ms b{b} model / fast" for b in batch_sizes] + ["from"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         budget = "-" if r.get("method") else budget_label(r)
         latency = [" / ".join(f"{r['latency_ms'][str(b)][p]:.2f}" if p in r["latency_ms"].get(str(b), {}) else "-"
                               for p in ("model", "fast")) for b in batch_sizes]
         full = f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else ""
-        cells = [row_family(r), model_name(r), budget, f"{r['resolution']}px", f"{r['prec1']:.2f}", f"{r['mmac']:.3f}",
-                 full, f"{r['params']:,}", *latency, r["source"]]
+        cells = [row_family(r), model_name(r), budget, f"{r['resolution']}px", str(r.get("epochs", "")),
+                 f"{r['prec1']:.2f}", f"{r['mmac']:.3f}", full, f"{r['params']:,}", *latency, r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

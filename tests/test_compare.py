@@ -54,7 +54,8 @@ def test_one_row_per_run_and_input_size_with_its_family(compared, runs):
     # MACs follow the input size: the dense resnet8's convolutions at 24x24 are (24/32)^2 of those at 32x32
     assert rows[0]["mmac"] == pytest.approx(rows[1]["mmac"] * (24 / 32) ** 2, rel=1e-6)
     table = open(os.path.join(out, "compare.md")).read().splitlines()
-    assert len(table) == 2 + len(rows) and table[3].startswith("| dense | resnet8 | dense | 32px |")
+    assert all(r["epochs"] == 1 for r in rows)  # the training schedule's length, from the run's own arguments
+    assert len(table) == 2 + len(rows) and table[3].startswith("| dense | resnet8 | dense | 32px | 1 |")
 
 
 @pytest.mark.slow

@@ -134,3 +134,18 @@ def test_another_methods_models_are_their_own_curve_not_dense_points():
     curves = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
     assert curves == {"ResNet (dense)": [40.8, 69.1], "PEDConv ResNet": [41.5, 70.2]}
     assert {t.get_text() for t in ax.texts} == {"resnet32", "resnet20", "pedconv_resnet32", "pedconv_resnet20"}
+
+
+def test_runs_of_two_schedules_are_two_curves_the_shorter_faded():
+    rows = [dict(model=m, budget=-1, mmac=x, prec1=p, arch="ResNet", epochs=e)
+            for m, x, p, e in [("resnet8", 12.5, 75.7, 10), ("resnet20", 40.8, 80.9, 10), ("resnet8", 12.5, 80.1, 30),
+                               ("resnet14", 26.7, 84.0, 30)]]
+    rows.append(dict(model="resnet8", budget=0.5, mmac=7.2, prec1=76.0, arch="ResNet", epochs=30))
+    ax = accuracy_vs_macs_figure(rows).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert {label: list(line.get_ydata()) for label, line in lines.items()} == {
+        "ResNet (dense), 10 epochs": [75.7, 80.9], "ResNet (dense), 30 epochs": [80.1, 84.0],
+        "DynConv resnet8, 30 epochs": [76.0]}
+    assert lines["ResNet (dense), 10 epochs"].get_alpha() < lines["ResNet (dense), 30 epochs"].get_alpha() == 1.0
+    one_schedule = accuracy_vs_macs_figure(rows[2:]).axes[0]  # one schedule: no epochs in the labels
+    assert {line.get_label() for line in one_schedule.get_lines()} == {"ResNet (dense)", "DynConv resnet8"}

@@ -187,15 +187,24 @@ def family_styles(families):
     return {**FAMILY_STYLES, **{f: ("X", SPARE_COLOURS[i % len(SPARE_COLOURS)]) for i, f in enumerate(others)}}
 
 
+def schedules(rows):
+    """The training schedule lengths (epochs) of the rows that name theirs."""
+    return {r["epochs"] for r in rows if r.get("epochs")}
+
+
 def curves(rows):
     """The curves of result rows: {label: (rows, line style, what each point is annotated with)}.
     Dense models: one curve per network type (`arch`) through its models; DynConv: one per model through its
     budgets, a multi-target model as its own curve; another method (`method`): one per method and network type
     through its models. Rows varied in input size (`varied` == "resolution") join their run's own row in a curve
-    of their own, annotated with the resolution: a different axis of variation than budgets."""
+    of their own, annotated with the resolution: a different axis of variation than budgets. Runs trained on
+    schedules of different lengths (`epochs`) are never joined: one curve per schedule, its length in the label."""
     groups = {}
+    several = len(schedules(rows)) > 1
 
     def add(key, row, label, style, annotate):
+        if several and row.get("epochs"):
+            key, label = (*key, row["epochs"]), f"{label}, {row['epochs']} epochs"
         groups.setdefault(key, (label, [], style, annotate))[1].append(row)
 
     native = [r for r in rows if not r.get("varied")]
@@ -221,19 +230,22 @@ def curves(rows):
 def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TITLE, caption=None, log_x=False):
     """Prec@1 against `x` (a row key, or a function of a row; rows without a value are left out): the curves of
     curves(rows), one marker and colour per family (row_family), each point annotated with its model name, budget
-    or input size. `caption`: a line under the plot (e.g. what the x axis counts); `log_x`: a logarithmic x axis
+    or input size; curves of schedules shorter than the longest faded. `caption`: a line under the plot (e.g. what the x axis counts); `log_x`: a logarithmic x axis
     (latencies spanning orders of magnitude)."""
     value = x if callable(x) else (lambda r: r.get(x))
     rows = [r for r in rows if value(r) is not None]
     styles = family_styles(row_family(r) for r in rows)
     fig = Figure(figsize=(6.4, 4.8 if caption else 4.5))
     ax = fig.subplots()
+    longest = max(schedules(rows), default=None)
     for label, (members, style, annotate) in curves(rows).items():
         members = sorted(members, key=value)
         marker, colour = styles[row_family(members[-1])]
         thin = annotate == "resolution"
+        shorter = members[-1].get("epochs", longest) < longest if longest else False  # faded behind the longest
         ax.plot([value(r) for r in members], [r["prec1"] for r in members], marker=marker, linestyle=style,
-                color=colour, label=label, alpha=0.6 if thin else 1.0, markerfacecolor="none" if thin else colour)
+                color=colour, label=label, alpha=0.6 if thin else 0.4 if shorter else 1.0,
+                markerfacecolor="none" if thin else colour)
         for r in members:
             if annotate == "resolution" and not r.get("varied"):
                 continue  # the run's own point, annotated on its own curve
