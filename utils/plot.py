@@ -235,7 +235,7 @@ def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TI
     value = x if callable(x) else (lambda r: r.get(x))
     rows = [r for r in rows if value(r) is not None]
     styles = family_styles(row_family(r) for r in rows)
-    fig = Figure(figsize=(6.4, 4.8 if caption else 4.5))
+    fig = Figure(figsize=(8.4, 4.8 if caption else 4.5))  # the legend beside the axes: no curve hidden under it
     ax = fig.subplots()
     longest = max(schedules(rows), default=None)
     for label, (members, style, annotate) in curves(rows).items():
@@ -253,13 +253,14 @@ def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TI
                     "resolution": f"{r.get('resolution', 32)}px"}[annotate]
             ax.annotate(text, (value(r), r["prec1"]), textcoords="offset points", fontsize=7,
                         xytext=(4, -10) if r.get("targets") or annotate == "model" else (4, 4))
+    ax.margins(x=0.08)  # room for the rightmost points' annotations
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     if log_x:
         ax.set_xscale("log")
     ax.set_ylabel("Prec@1 on the CIFAR-10 test set (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     if caption:
         fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
