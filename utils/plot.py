@@ -230,8 +230,8 @@ def curves(rows):
 def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TITLE, caption=None, log_x=False):
     """Prec@1 against `x` (a row key, or a function of a row; rows without a value are left out): the curves of
     curves(rows), one marker and colour per family (row_family), each point annotated with its model name, budget
-    or input size; curves of schedules shorter than the longest faded. `caption`: a line under the plot (e.g. what the x axis counts); `log_x`: a logarithmic x axis
-    (latencies spanning orders of magnitude)."""
+    or input size; curves of schedules shorter than the longest faded. `caption`: a line under the plot (e.g. what
+    the x axis counts); `log_x`: a logarithmic x axis (latencies spanning orders of magnitude)."""
     value = x if callable(x) else (lambda r: r.get(x))
     rows = [r for r in rows if value(r) is not None]
     styles = family_styles(row_family(r) for r in rows)
