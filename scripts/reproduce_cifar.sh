@@ -10,7 +10,7 @@
 # and 78.4% at budget 0.5): 30 epochs, batch 256, lr 0.1 divided by 10 after epochs 15 and 22, the compared
 # ResNets (resnet8 and resnet32 dense and at budgets 0.25 / 0.5 / 0.75, resnet14 and resnet20 dense) under
 # runs/cifar30/. It takes longer than one session: commit the unfinished runs' checkpoint.pth (git add -f) and
-# start the script again in the next session to resume them.
+# start the script again in the next session to resume them. Finished runs are shipped under exp/cifar30/ (README).
 # Usage: bash scripts/reproduce_cifar.sh [DATA_ROOT] [short|long]   (defaults data/cifar10-jpeg, short)
 set -u
 DATA=${1:-data/cifar10-jpeg}
