@@ -9,6 +9,8 @@ For every run directory (its checkpoint_best.pth) or checkpoint file:
   engine's fast path (SparseEngine: DynConv's spatial masks, DGC's channel gather), on evaluation images at batch 1
   and a larger batch; every path of every run alternated run by run (a slow phase of the machine hits all alike),
   the median kept; threads and OpenMP wait policy printed and stored;
+- for dynamic models (DynConv, another method), the gap in Prec@1 to the dense curve of their network type and
+  schedule at their MMac (add_dense_gaps: the paper's claim at equal MACs, answered per run);
 - for dense models, ptflops' module-level count as a cross-check, beside ours under the same conventions
   (count_mmac(full=True): BN, ReLU, pooling and every Linear counted too, so both read above the MMac column).
 --resolutions adds the course-reproduction mode: the CIFAR dense and DynConv models evaluated at other input
@@ -177,6 +179,31 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+def dense_curve_key(row):
+    """What a row's dense reference curve shares with it: network type, schedule length, input size."""
+    return row.get("arch", "ResNet"), row.get("epochs"), row["resolution"]
+
+
+def add_dense_gaps(rows):
+    """Adds `vs_dense` to every dynamic row: its Prec@1 minus the dense curve's at its MMac, in points, or None
+    where no dense models of its network type, schedule and input size lie on both sides of it. The dense curve
+    is the straight line between the two neighbouring dense models (linear in MMac). Accuracy grows concavely with
+    MACs (as across the shipped dense ResNets), so the chord lies at or below the dense networks one could build in
+    between: a model below it is below the dense curve for certain; for one above it the gap is an upper bound of
+    its lead at equal MACs (the paper's claim), the tighter the closer the dense models lie."""
+    curves = {}
+    for r in rows:
+        if r["budget"] < 0 and not r.get("method") and not r.get("varied"):
+            curves.setdefault(dense_curve_key(r), []).append((r["mmac"], r["prec1"]))
+    for r in rows:
+        if r["budget"] < 0 and not r.get("method"):
+            continue
+        points = sorted(curves.get(dense_curve_key(r), []))
+        r["vs_dense"] = next((round(r["prec1"] - (a1 + (a2 - a1) * (r["mmac"] - m1) / (m2 - m1)), 2)
+                              for (m1, a1), (m2, a2) in zip(points, points[1:]) if m1 <= r["mmac"] <= m2 and m1 < m2),
+                             None)
+
+
 def fastest_ms(row, batch):
     """The row's fastest exact path at `batch` (the paths compute the same function), or None."""
     times = row.get("latency_ms", {}).get(str(batch))
@@ -184,9 +211,11 @@ def fastest_ms(row, batch):
 
 
 def markdown_table(rows, batch_sizes):
-    """Family, model, budget, input size, training epochs, Prec@1, MMac, ptflops / our full count (dense),
-    parameters, latency per batch size (model forward / fast path), where the accuracy came from."""
-    head = ["family", "model", "budget", "input", "epochs", "Prec@1 (%)", "MMac", "full count: ptflops / ours",
+    """Family, model, budget, input size, training epochs, Prec@1, its gap to the dense curve at equal MMac, MMac,
+    ptflops / our full count (dense), parameters, latency per batch size (model forward / fast path), where the
+    accuracy came from."""
+    head = ["family", "model", "budget", "input", "epochs", "Prec@1 (%)", "vs dense at equal MMac", "MMac",
+            "full count: ptflops / ours",
             "parameters"] + [f"ms b{b} model / fast" for b in batch_sizes] + ["from"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -194,8 +223,9 @@ def markdown_table(rows, batch_sizes):
         latency = [" / ".join(f"{r['latency_ms'][str(b)][p]:.2f}" if p in r["latency_ms"].get(str(b), {}) else "-"
                               for p in ("model", "fast")) for b in batch_sizes]
         full = f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else ""
+        gap = "" if r.get("vs_dense") is None else f"{r['vs_dense']:+.2f}"
         cells = [row_family(r), model_name(r), budget, f"{r['resolution']}px", str(r.get("epochs", "")),
-                 f"{r['prec1']:.2f}", f"{r['mmac']:.3f}", full, f"{r['params']:,}", *latency, r["source"]]
+                 f"{r['prec1']:.2f}", gap, f"{r['mmac']:.3f}", full, f"{r['params']:,}", *latency, r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -226,6 +256,7 @@ def main(argv=None):
     measured = {(r["run"], r["budget"]) for r in rows}
     rows += sorted(({**r, "source": "results file", "latency_ms": {}} for path in args.results_in
                     for r in read_jsonl(path) if (r["run"], r["budget"]) not in measured), key=row_order)
+    add_dense_gaps(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compare.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -56,6 +56,28 @@ def test_one_row_per_run_and_input_size_with_its_family(compared, runs):
     table = open(os.path.join(out, "compare.md")).read().splitlines()
     assert all(r["epochs"] == 1 for r in rows)  # the training schedule's length, from the run's own arguments
     assert len(table) == 2 + len(rows) and table[3].startswith("| dense | resnet8 | dense | 32px | 1 |")
+    # one dense model per input size is no curve: no gap to it at equal MMac
+    assert [r.get("vs_dense", "absent") for r in rows] == ["absent", "absent", None, None]
+
+
+def dense(mmac, prec1, **kw):
+    return {"budget": -1, "arch": "ResNet", "epochs": 30, "resolution": 32, "mmac": mmac, "prec1": prec1, **kw}
+
+
+def test_the_gap_to_the_dense_curve_is_read_off_the_chord_of_its_neighbours(compare):
+    # dense ResNets at 10, 20 and 40 MMac with 80, 84 and 86%, shuffled: the curve's chords
+    rows = [dense(40.0, 86.0), dense(10.0, 80.0), dense(20.0, 84.0)]
+    judged = [
+        {**dense(15.0, 83.0), "budget": 0.5},  # halfway from 80 to 84: 82%, so +1 point
+        {**dense(35.0, 84.0), "budget": 0.75},  # 3/4 of the way from 84 to 86: 85.5%, so -1.5 points
+        {**dense(20.0, 84.25), "method": "PEDConv", "budget": -1},  # on a dense model: +0.25
+        {**dense(5.0, 79.0), "budget": 0.25},  # left of the smallest dense model: no curve there
+        {**dense(15.0, 83.0), "budget": 0.5, "epochs": 10},  # another schedule has no dense curve here
+        {**dense(15.0, 83.0), "budget": 0.5, "arch": "ConvNeXt"},  # nor another network type
+    ]
+    compare.add_dense_gaps(rows + judged)
+    assert [r["vs_dense"] for r in judged] == [1.0, -1.5, 0.25, None, None, None]
+    assert all("vs_dense" not in r for r in rows)
 
 
 @pytest.mark.slow
