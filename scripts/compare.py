@@ -21,6 +21,7 @@ OUT/accuracy_vs_latency_bN.png per batch size.
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -29,6 +30,7 @@ import sys
 # when torch loads OpenMP, hence before the import
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
@@ -193,15 +195,19 @@ def add_dense_gaps(rows):
     its lead at equal MACs (the paper's claim), the tighter the closer the dense models lie."""
     curves = {}
     for r in rows:
-        if r["budget"] < 0 and not r.get("method") and not r.get("varied"):
+        if dense(r) and not r.get("varied"):
             curves.setdefault(dense_curve_key(r), []).append((r["mmac"], r["prec1"]))
     for r in rows:
-        if r["budget"] < 0 and not r.get("method"):
+        if dense(r):
             continue
-        points = sorted(curves.get(dense_curve_key(r), []))
-        r["vs_dense"] = next((round(r["prec1"] - (a1 + (a2 - a1) * (r["mmac"] - m1) / (m2 - m1)), 2)
-                              for (m1, a1), (m2, a2) in zip(points, points[1:]) if m1 <= r["mmac"] <= m2 and m1 < m2),
-                             None)
+        mmac, prec1 = zip(*sorted(curves.get(dense_curve_key(r), [(math.nan, math.nan)])))
+        at_equal_mmac = float(np.interp(r["mmac"], mmac, prec1, left=math.nan, right=math.nan))
+        r["vs_dense"] = None if math.isnan(at_equal_mmac) else round(r["prec1"] - at_equal_mmac, 2)
+
+
+def dense(row):
+    """A dense network of our own (no gates, no other method): a point of the reference curve."""
+    return row["budget"] < 0 and not row.get("method")
 
 
 def fastest_ms(row, batch):
