@@ -4,7 +4,7 @@
 # runs side by side get through more images per second than one two-threaded run.
 # Every run uses `-s DIR -r DIR`, so starting this script again resumes unfinished runs where they stopped.
 # Runs go to runs/cifar/<model>/<base|sparseBB> (ignored by git). To ship one: strip it with
-#   python scripts/cifar_results.py runs/cifar/*/* --data DATA_ROOT --strip --results runs/cifar/results.jsonl
+#   python -m dynconv.scripts.cifar_results runs/cifar/*/* --data DATA_ROOT --strip --results runs/cifar/results.jsonl
 # then copy its checkpoint_best.pth into exp/cifar/<model>/<base|sparseBB>/ (the tracked, shipped tree).
 # The second schedule, `long` (issue 16: the schedule the reference code was measured with, ResNet-8 79.9% dense
 # and 78.4% at budget 0.5): 30 epochs, batch 256, lr 0.1 divided by 10 after epochs 15 and 22, the compared

@@ -10,7 +10,7 @@
 #   minutes per epoch on one thread, so both fit one 3-hour session but not more epochs. Their checkpoints
 #   (4.26 M parameters, 17 MB stripped) exceed the repository's 5 MB limit for tracked files: they are not shipped;
 #   the README's rows (exp/cifar_dgc/results.jsonl) point at exp/cifar_dgc/dydensenet86/{base,g1}: move the
-#   finished runs there to evaluate them with the rows' commands or compare them (scripts/compare.py).
+#   finished runs there to evaluate them with the rows' commands or compare them (dynconv/scripts/compare.py).
 # Usage: bash scripts/reproduce_methods.sh [DATA_ROOT]   (default data/cifar10-jpeg)
 set -u
 DATA=${1:-data/cifar10-jpeg}

@@ -32,7 +32,7 @@ def set_mask_logits(model, value):
 def run_entry(main, argv, capsys=None):
     """Runs an entry script's main(argv) in-process as the command line does (run_cli: one-line errors, exit
     codes); returns (exit code, stdout, stderr)."""
-    from utils.errors import run_cli
+    from dynconv.utils.errors import run_cli
 
     code = 0
     try:

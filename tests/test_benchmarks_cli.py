@@ -1,4 +1,4 @@
-"""The benchmarks and scripts/cifar_results.py as a new user meets them: one-line errors with exit code 2 (never a
+"""The benchmarks and dynconv/scripts/cifar_results.py as a new user meets them: one-line errors with exit code 2 (never a
 traceback), -h with defaults and examples, a table that fits a terminal, a plot of every CSV group (also redrawn
 from a CSV), and a results file that git tracks left alone unless asked."""
 import csv
@@ -14,18 +14,20 @@ import torch
 
 from conftest import ROOT, run_entry
 from dynconv import MaskUnit, count_parameters
-from models import create_model
+from dynconv.models import create_model
 
-SPEEDTEST, TRAIN_SPEED = "benchmarks/speedtest.py", "benchmarks/train_speed.py"
-CIFAR_RESULTS = "scripts/cifar_results.py"
+SPEEDTEST, TRAIN_SPEED = "dynconv/benchmarks/speedtest.py", "dynconv/benchmarks/train_speed.py"
+CIFAR_RESULTS = "dynconv/scripts/cifar_results.py"
 TINY_RUN = ["--models", "resnet8", "--batch-sizes", "1", "--densities", "0.5", "--runs", "1", "--warmup", "0",
             "--resolution", "32"]
 SHIPPED_RUN = os.path.join("exp", "cifar", "resnet8", "base")
 TRACKED_RESULTS = os.path.join("exp", "cifar", "results.jsonl")
 
 
-def script(*argv):
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def script(path, *argv):
+    """A command of the package as a user runs it from a clone: `python -m dynconv.benchmarks.speedtest ...`."""
+    module = path[:-len(".py")].replace("/", ".")
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def one_line_error(code, err, *words):

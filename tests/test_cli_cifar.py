@@ -11,8 +11,8 @@ import torch
 import main_cifar
 from conftest import ROOT, run_entry
 from dynconv import MaskUnit
-from models import create_model
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from dynconv.models import create_model
+from dynconv.utils.checkpoint import load_checkpoint, save_checkpoint
 
 TRAIN = ["--model", "resnet8", "--batchsize", "8", "--workers", "0", "--lr", "0.05"]
 

@@ -9,7 +9,7 @@ import torch
 
 import main_cifar
 from conftest import run_entry
-from utils.checkpoint import load_checkpoint
+from dynconv.utils.checkpoint import load_checkpoint
 
 TRAIN = ["--model", "resnet8", "--budget", "0.5", "--batchsize", "8", "--workers", "0", "--lr", "0.05",
          "--lr_decay", "1"]
@@ -34,7 +34,7 @@ def test_a_new_run_refuses_a_directory_with_checkpoints_it_did_not_write(tiny_ci
 
 
 def test_new_runs_go_under_runs_by_default():
-    from utils.run import default_run_dir
+    from dynconv.utils.run import default_run_dir
 
     assert default_run_dir("cifar", "resnet8", 0.5) == os.path.join("runs", "cifar", "resnet8", "sparse05")
 
@@ -50,7 +50,7 @@ def straight_run(tiny_cifar, tmp_path_factory):
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_to_the_same_result(sig, code, straight_run, tiny_cifar,
                                                                              tmp_path, capsys):
-    from utils.fit import Trainer
+    from dynconv.utils.fit import Trainer
 
     run_dir = str(tmp_path / "interrupted")
     after_update = Trainer.after_update
@@ -78,7 +78,7 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_to_the_same_result(sig
 
 @pytest.mark.slow
 def test_save_every_steps_writes_mid_epoch_checkpoints(tiny_cifar, tmp_path):
-    from utils.fit import Trainer
+    from dynconv.utils.fit import Trainer
 
     written = []
     write = Trainer._write

@@ -1,4 +1,4 @@
-"""scripts/compare.py end to end on a tiny synthetic image folder: runs of two families (dense and DynConv)
+"""dynconv/scripts/compare.py end to end on a tiny synthetic image folder: runs of two families (dense and DynConv)
 trained for one epoch, compared with their stored metrics, at another input size, and evaluated again."""
 import json
 import os
@@ -10,9 +10,9 @@ import main_cifar
 from conftest import run_entry
 from test_benchmarks_cli import load_script, one_line_error
 from dynconv import count_mmac
-from models import create_model
-from utils.checkpoint import save_checkpoint
-from utils.plot import row_family
+from dynconv.models import create_model
+from dynconv.utils.checkpoint import save_checkpoint
+from dynconv.utils.plot import row_family
 
 TRAIN = ["--model", "resnet8", "--batchsize", "8", "--workers", "0", "--epochs", "1"]
 FAST = ["--runs-per-path", "1", "--warmup", "0", "--batch-sizes", "1", "2", "--workers", "0", "--threads", "1"]
@@ -20,7 +20,7 @@ FAST = ["--runs-per-path", "1", "--warmup", "0", "--batch-sizes", "1", "2", "--w
 
 @pytest.fixture(scope="module")
 def compare():
-    return load_script("scripts/compare.py")
+    return load_script("dynconv/scripts/compare.py")
 
 
 @pytest.fixture(scope="module")

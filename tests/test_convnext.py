@@ -7,9 +7,9 @@ import torch
 
 from conftest import set_mask_logits
 from dynconv import MaskUnit, count_mmac, count_parameters
-from models import create_model, model_config
-from models.convnext import ConvNeXtBlock, convnext_checkpoint_filter
-from utils.checkpoint import load_model_state
+from dynconv.models import create_model, model_config
+from dynconv.models.convnext import ConvNeXtBlock, convnext_checkpoint_filter
+from dynconv.utils.checkpoint import load_model_state
 
 
 @pytest.mark.parametrize("name,params", [("convnext_tiny", 28_589_128),
@@ -119,10 +119,10 @@ def test_the_recipe_schedules_temperature_groups_and_freeze():
     the full lr, the backbone at 0.2x and frozen (lr 0) for 5 epochs."""
     from types import SimpleNamespace
 
-    from utils.cli import RECIPE_DEFAULTS
-    from utils.fit import build_setup, gumbel_temperature
-    from utils.distributed import DistContext
-    from utils.recipe import set_lr
+    from dynconv.utils.cli import RECIPE_DEFAULTS
+    from dynconv.utils.fit import build_setup, gumbel_temperature
+    from dynconv.utils.distributed import DistContext
+    from dynconv.utils.recipe import set_lr
 
     args = SimpleNamespace(**dict(RECIPE_DEFAULTS, **model_config("convnext_atto").recipe), budget=0.5, budget_targets=None,
                            model="convnext_atto", amp=False)
@@ -262,8 +262,8 @@ def test_cli_trains_with_ema_resumes_evaluates_and_plots(tmp_path, capsys):
     import main_imagenet
     from conftest import run_entry
     from synthetic import make_image_folder
-    from utils.checkpoint import load_checkpoint
-    from utils.fit import Trainer
+    from dynconv.utils.checkpoint import load_checkpoint
+    from dynconv.utils.fit import Trainer
 
     root = make_image_folder(str(tmp_path / "data"), splits=("train", "val"), classes=2, per_class=4, size=32)
     run_dir = str(tmp_path / "run")

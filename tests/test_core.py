@@ -10,8 +10,8 @@ from dynconv import (ChannelDecision, Dynamic, Gate, MaskUnit, SparsityCriterion
                      UnitCost, count_mmac, set_gate_schedule)
 from dynconv.objectives import DecisionLosses, Distillation, Loss, Sparsity, StepOutput, TaskLoss
 from dynconv.sparse.engine import SparseEngine
-from models import create_model, list_models
-from models.base import DynamicNetwork
+from dynconv.models import create_model, list_models
+from dynconv.models.base import DynamicNetwork
 
 
 # ---- decisions ----
@@ -192,7 +192,7 @@ def test_gumbel_noise_follows_the_reference_rule(epochs, last_noisy):
     """Noise while not (epoch > 0.8 * epochs), epoch 0-based: with 30 epochs it is off from index 25."""
     from types import SimpleNamespace
 
-    from utils.fit import gumbel_noise_on
+    from dynconv.utils.fit import gumbel_noise_on
 
     args = SimpleNamespace(gumbel_noise_epochs=0.8, epochs=epochs)
     assert gumbel_noise_on(last_noisy, args) and not gumbel_noise_on(last_noisy + 1, args)

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from dynconv import count_parameters
 from dynconv.sparse.engine import SparseEngine
-from models import create_model, model_config
-from models.base import CheckpointMismatch
-from models.dgc import LASSO_WEIGHT, DGCConv, dgc_checkpoint_filter, inactive_channels, paper_mmac, shuffle_heads
-from utils.checkpoint import load_model_state
+from dynconv.models import create_model, model_config
+from dynconv.models.base import CheckpointMismatch
+from dynconv.models.dgc import LASSO_WEIGHT, DGCConv, dgc_checkpoint_filter, inactive_channels, paper_mmac, shuffle_heads
+from dynconv.utils.checkpoint import load_model_state
 
 
 @pytest.mark.parametrize("progress,expected", [(0.0, 0), (1 / 12, 0), (0.2, 8), (0.5, 30), (0.75, 48), (1.0, 48)])
@@ -137,7 +137,7 @@ def test_engine_runs_whole_networks(name, kwargs):
     pytest.param("dydensenet", 224, 549.3, None, marks=pytest.mark.slow),
     pytest.param("dyresnet18", 224, 890.4, 12.34, marks=pytest.mark.slow)])
 def test_published_macs_and_parameters(name, size, mmac, params):
-    """The paper's numbers (its own counter, reimplemented as models.dgc.paper_mmac) to their printed digits."""
+    """The paper's numbers (its own counter, reimplemented as dynconv.models.dgc.paper_mmac) to their printed digits."""
     model = create_model(name).eval()
     assert round(paper_mmac(model, torch.zeros(1, 3, size, size)), 2 if size == 32 else 1) == mmac
     if params is not None:

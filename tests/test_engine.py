@@ -13,9 +13,9 @@ from conftest import ROOT
 from dynconv import MaskUnit
 from dynconv.sparse.engine import SparseEngine
 from dynconv.sparse.masks import SyntheticMaskUnit, synthetic_mask
-from models import create_model
-from models.resnet import BasicBlock, Bottleneck, conv1x1
-from utils.errors import run_cli
+from dynconv.models import create_model
+from dynconv.models.resnet import BasicBlock, Bottleneck, conv1x1
+from dynconv.utils.errors import run_cli
 
 
 def randomise_batchnorm(module, seed=0):
@@ -140,7 +140,7 @@ def test_fast_evaluation_gives_the_same_prec1(tiny_cifar, tmp_path, capsys):
 @pytest.mark.slow
 def test_speed_benchmark_runs_end_to_end(tmp_path):
     out_csv, out_png = tmp_path / "speed.csv", tmp_path / "speed.png"
-    result = subprocess.run([sys.executable, "benchmarks/speedtest.py", "--models", "resnet8", "resnet50",
+    result = subprocess.run([sys.executable, "-m", "dynconv.benchmarks.speedtest", "--models", "resnet8", "resnet50",
                              "--batch-sizes", "1", "--densities", "0.3", "1.0", "--masks", "clustered", "random",
                              "--resolution", "40", "--runs", "1", "--warmup", "0", "--csv", str(out_csv),
                              "--plot", str(out_png)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -165,7 +165,7 @@ def test_speed_benchmark_measures_convnext(tmp_path):
     """speedtest.py on ConvNeXt-T at 64x64: the MMac columns are the issue's numbers (dense 364.750848, every
     position on 366.327900), between them the ideal speedup, and the engine was timed."""
     out_csv = tmp_path / "speed.csv"
-    result = subprocess.run([sys.executable, "benchmarks/speedtest.py", "--models", "convnext_tiny", "--batch-sizes",
+    result = subprocess.run([sys.executable, "-m", "dynconv.benchmarks.speedtest", "--models", "convnext_tiny", "--batch-sizes",
                              "1", "--densities", "0.3", "1.0", "--resolution", "64", "--runs", "1", "--warmup", "0",
                              "--csv", str(out_csv)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

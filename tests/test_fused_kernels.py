@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dynconv import MaskUnit, fused, set_gate_schedule
-from models import create_model
+from dynconv.models import create_model
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernels")
 

@@ -11,7 +11,7 @@ import torchvision
 import main_imagenet
 from conftest import ROOT, run_entry, set_mask_logits
 from dynconv import MaskUnit, count_mmac, count_parameters
-from models import create_model
+from dynconv.models import create_model
 from synthetic import make_food101, make_image_folder
 
 pytestmark = pytest.mark.slow

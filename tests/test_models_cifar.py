@@ -3,7 +3,7 @@ import torch
 
 from conftest import set_mask_logits
 from dynconv import MaskUnit, count_mmac, count_parameters
-from models import create_model, list_models, model_config
+from dynconv.models import create_model, list_models, model_config
 
 DENSE_MMAC = {"resnet8": 12.500992, "resnet14": 26.656768, "resnet20": 40.812544, "resnet26": 54.968320,
               "resnet32": 69.124096}

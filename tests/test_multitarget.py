@@ -9,7 +9,7 @@ import torch
 from dynconv import MaskUnit, count_mmac, count_parameters
 from dynconv.multitarget import PerTarget, model_targets, per_target, target_key
 from dynconv.sparse.engine import SparseEngine
-from models import create_model
+from dynconv.models import create_model
 
 BUDGETS = (0.25, 0.5, 0.75)
 MODELS = [("resnet8", 32), ("resnet18", 64), pytest.param("resnet50", 64, marks=pytest.mark.slow), ("convnext_atto", 64)]
@@ -202,9 +202,9 @@ def test_budget_aware_codes_resnet_checkpoint_evaluates_like_ours(tiny_cifar, tm
 def test_budget_aware_codes_convnext_and_single_budget_weights_load():
     """ConvNeXt: stages.i.j.maskerBB.* and the per-budget LayerNorm copies norm_BB.* (the same tensors as norm)
     in the official layout load into ours; a single-budget checkpoint's gate and norms start every budget."""
-    from models import model_config
+    from dynconv.models import model_config
     from test_convnext import _official_keys
-    from utils.checkpoint import load_model_state
+    from dynconv.utils.checkpoint import load_model_state
 
     torch.manual_seed(0)
     multi = create_model("convnext_atto", gate_layer=MaskUnit, targets=(0.3, 0.5))
@@ -233,7 +233,7 @@ def test_cli_trains_with_a_teacher_resumes_evaluates_every_budget_and_plots(tiny
 
     import main_cifar
     from conftest import run_entry
-    from utils.checkpoint import load_checkpoint
+    from dynconv.utils.checkpoint import load_checkpoint
 
     common = ["--model", "resnet8", "--batchsize", "8", "--workers", "0", "--data", tiny_cifar]
     teacher = str(tmp_path / "teacher")
@@ -318,7 +318,7 @@ def test_speedtest_measures_every_budget_of_a_multi_target_checkpoint(tmp_path):
     path, out_csv = str(tmp_path / "multi.pth"), str(tmp_path / "speed.csv")
     torch.save({"state_dict": randomised(create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS)).state_dict(),
                 "args": {"model": "resnet8", "budget": -1, "budget_targets": list(BUDGETS)}}, path)
-    done = subprocess.run([sys.executable, "benchmarks/speedtest.py", "--models", "resnet8", "--checkpoint", path,
+    done = subprocess.run([sys.executable, "-m", "dynconv.benchmarks.speedtest", "--models", "resnet8", "--checkpoint", path,
                            "--batch-sizes", "2", "--runs", "1", "--warmup", "0", "--csv", out_csv], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -341,10 +341,10 @@ def test_target_state_is_one_budgets_single_target_state():
 def test_minibatches_train_the_budgets_round_robin():
     from types import SimpleNamespace
 
-    from models import model_config
-    from utils.cli import RECIPE_DEFAULTS
-    from utils.distributed import DistContext
-    from utils.fit import build_setup
+    from dynconv.models import model_config
+    from dynconv.utils.cli import RECIPE_DEFAULTS
+    from dynconv.utils.distributed import DistContext
+    from dynconv.utils.fit import build_setup
 
     args = SimpleNamespace(**dict(RECIPE_DEFAULTS, **model_config("resnet8").recipe), budget=-1, model="resnet8",
                            budget_targets=list(BUDGETS), amp=False)

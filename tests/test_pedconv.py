@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from dynconv import count_mmac, count_parameters
-from models import create_model, model_config
-from models.pedconv import DECODER_WEIGHT, NOISE_STD, PEDConv
-from utils.checkpoint import load_checkpoint, load_model_state
+from dynconv.models import create_model, model_config
+from dynconv.models.pedconv import DECODER_WEIGHT, NOISE_STD, PEDConv
+from dynconv.utils.checkpoint import load_checkpoint, load_model_state
 
 
 def layer(in_channels=32, out_channels=6, kernel_size=3, stride=1, groups=1, rank=1, inference="static"):
@@ -172,7 +172,7 @@ def test_checkpoint_with_numpy_learning_rates_loads_without_unrestricted_unpickl
     assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.256)
     evil = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "payload": np.random.default_rng(0)}, evil)  # an arbitrary object: refused
-    from utils.errors import UserError
+    from dynconv.utils.errors import UserError
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(str(evil))
 
@@ -186,7 +186,7 @@ def test_bad_operator_options(kwargs, message):
 
 
 def test_pedconv_and_static_checkpoints_do_not_load_into_each_other_and_say_which_keys():
-    from utils.errors import UserError
+    from dynconv.utils.errors import UserError
 
     pedconv, static = create_model("pedconv_resnet18"), create_model("resnet18")
     with pytest.raises(UserError, match=r"unexpected keys layer1\.0\.conv1\.attn\."):
@@ -229,7 +229,7 @@ def test_imagenet_recipe_trains_with_autoaugment(tmp_path, capsys):
     import main_imagenet
     from conftest import run_entry
     from synthetic import make_image_folder
-    from utils.checkpoint import load_checkpoint
+    from dynconv.utils.checkpoint import load_checkpoint
 
     root = make_image_folder(str(tmp_path / "data"), splits=("train", "val"), classes=2, per_class=4, size=32)
     run_dir = str(tmp_path / "run")

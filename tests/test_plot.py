@@ -6,10 +6,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dynconv.decisions import SpatialDecision, StaticDecision, UnitCost  # noqa: E402
-from utils.plot import (ACCURACY_TITLE, accuracy_vs_macs_figure, cost_ticks, plot_accuracy_vs_macs,  # noqa: E402
+from dynconv.utils.plot import (ACCURACY_TITLE, accuracy_vs_macs_figure, cost_ticks, plot_accuracy_vs_macs,  # noqa: E402
                         ponder_cost_map, ponder_figure, save_ponder_figures)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

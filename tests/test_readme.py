@@ -104,7 +104,7 @@ def test_readme_flags_exist_in_the_parsers():
         assert proc.returncode == 0, f"{script} -h failed: {err[-2000:]}"
         known[script] = parser_flags(out)
         assert {"-h", "--model", "--budget", "-s", "-r", "-e", "--data"} <= known[script], out
-    from models import list_models
+    from dynconv.models import list_models
 
     models = set(list_models())
     problems = []

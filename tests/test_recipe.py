@@ -1,10 +1,10 @@
-"""utils.recipe against hand-computed values: optimizers, schedules, lr scales and freezing, EMA, mixup, checks."""
+"""dynconv.utils.recipe against hand-computed values: optimizers, schedules, lr scales and freezing, EMA, mixup, checks."""
 import math
 
 import pytest
 import torch
 
-from utils import recipe
+from dynconv.utils import recipe
 
 
 class Net(torch.nn.Module):

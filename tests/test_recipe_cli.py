@@ -10,7 +10,7 @@ import torch
 
 import main_cifar
 from conftest import run_entry
-from utils.checkpoint import load_checkpoint
+from dynconv.utils.checkpoint import load_checkpoint
 
 RECIPE = ["--model", "resnet8", "--budget", "0.5", "--batchsize", "8", "--workers", "0", "--opt", "adamw",
           "--lr", "0.002", "--sched", "cosine", "--warmup_epochs", "1", "--model_ema", "--model_ema_decay", "0.9",
@@ -30,7 +30,7 @@ def _logs(run_dir, kind):
 def runs(tiny_cifar, tmp_path_factory):
     """The same 3-epoch recipe run straight through, and interrupted after its second epoch's checkpoint (a
     Ctrl-C there), then resumed with the same command."""
-    from utils.fit import Trainer
+    from dynconv.utils.fit import Trainer
 
     straight, resumed = (str(tmp_path_factory.mktemp(n)) for n in ("straight", "resumed"))
     command = RECIPE + ["--data", tiny_cifar, "--epochs", "3"]
@@ -122,7 +122,7 @@ def test_frozen_backbone_keeps_its_weights_while_the_gates_train(tiny_cifar, tmp
     assert cli(command)[0] == 0
     trained = load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))["state_dict"]
     from dynconv import MaskUnit
-    from models import create_model
+    from dynconv.models import create_model
 
     torch.manual_seed(0)  # the run's own seed: the same initial weights
     initial = create_model("resnet8", gate_layer=MaskUnit, num_classes=3, drop_path_rate=0.1).state_dict()

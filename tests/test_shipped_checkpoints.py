@@ -24,11 +24,11 @@ import torch
 
 from conftest import ROOT
 from dynconv import MaskUnit, count_mmac, count_parameters
-from models import create_model, model_config
-from utils.checkpoint import load_checkpoint, load_model_state
-from utils.data import cifar_transforms
-from utils.training import validate
-from utils.distributed import DistContext
+from dynconv.models import create_model, model_config
+from dynconv.utils.checkpoint import load_checkpoint, load_model_state
+from dynconv.utils.data import cifar_transforms
+from dynconv.utils.training import validate
+from dynconv.utils.distributed import DistContext
 
 RESULTS = os.path.join(ROOT, "exp", "cifar", "results.jsonl")  # the runs: this tree must exist
 CHECKPOINT = "checkpoint_best.pth"

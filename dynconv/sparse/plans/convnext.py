@@ -1,4 +1,4 @@
-"""The engine plan of ConvNeXt blocks (models/convnext.py), read by their layer names.
+"""The engine plan of ConvNeXt blocks (dynconv/models/convnext.py), read by their layer names.
 
 Per block, position-major: the gate runs as usual; the depthwise conv at the active positions (the backend's
 depthwise_rows: a CUDA kernel, or on CPUs a C++ kernel, computes just those rows), then LayerNorm on those rows,

@@ -1,4 +1,4 @@
-"""Engine plan of a dynamic group convolution (models/dgc.py's DGCConv): each head convolves only the input
+"""Engine plan of a dynamic group convolution (dynconv/models/dgc.py's DGCConv): each head convolves only the input
 channels it kept for the image, with the matching slice of its weights, instead of every channel times a saliency
 of zero.
 

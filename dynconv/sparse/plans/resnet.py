@@ -1,4 +1,4 @@
-"""The engine plan of ResNet blocks (BasicBlock, Bottleneck in models/resnet.py), read by their layer names.
+"""The engine plan of ResNet blocks (BasicBlock, Bottleneck in dynconv/models/resnet.py), read by their layer names.
 
 Per block, position-major (rows = pixels, columns = channels):
 - the gate runs as usual; the active positions of the mask and of the dilated mask become index lists;

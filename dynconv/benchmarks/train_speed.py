@@ -7,22 +7,20 @@ DYNCONV_FUSED=0 measures the eager ops instead. The first line printed says whic
 import csv
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import MaskUnit, SparsityCriterion, fused, set_gate_schedule  # noqa: E402
-from models import create_model, list_models  # noqa: E402
-from utils.cli import OneLineErrorParser, device_problem  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from dynconv.models import create_model, list_models  # noqa: E402
+from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
+from dynconv.utils.errors import run_cli  # noqa: E402
 
 EXAMPLES = """examples:
-  python benchmarks/train_speed.py --models resnet8 resnet32 --batchsize 128 --steps 20 --csv train_speed.csv
+  python -m dynconv.benchmarks.train_speed --models resnet8 resnet32 --batchsize 128 --steps 20 --csv train_speed.csv
   # the eager ops instead of the fused CPU kernels, for comparison
-  DYNCONV_FUSED=0 python benchmarks/train_speed.py --models resnet32 --steps 10
+  DYNCONV_FUSED=0 python -m dynconv.benchmarks.train_speed --models resnet32 --steps 10
 """
 
 
@@ -105,5 +103,10 @@ def main(argv=None):
             writer.writerows(rows)
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed command (pyproject.toml's [project.scripts]): one-line errors, exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

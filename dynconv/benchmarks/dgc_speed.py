@@ -13,33 +13,31 @@ per model (the 1x1 and k x k layers summed, and the network), and --csv keeps ev
 import csv
 import os
 import statistics
-import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as benchmarks/speedtest.py: spinning OpenMP workers
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as dynconv/benchmarks/speedtest.py: spinning OpenMP workers
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.ops import get_ops  # noqa: E402
 from dynconv.sparse.plans import EngineSettings  # noqa: E402
 from dynconv.sparse.plans.dgc import DGCConvPlan  # noqa: E402
-from models import create_model  # noqa: E402
-from models.dgc import DGCConv  # noqa: E402
-from utils.cli import OneLineErrorParser  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.timing import median_ms  # noqa: E402
+from dynconv.models import create_model  # noqa: E402
+from dynconv.models.dgc import DGCConv  # noqa: E402
+from dynconv.utils.cli import OneLineErrorParser  # noqa: E402
+from dynconv.utils.errors import run_cli  # noqa: E402
+from dynconv.utils.timing import median_ms  # noqa: E402
 
 DEFAULT_MODELS = ("dydensenet86:32", "dyresnet18:224")
 EXAMPLES = """examples:
-  python benchmarks/dgc_speed.py                                   # dydensenet86 at 32x32, dyresnet18 at 224x224
-  python benchmarks/dgc_speed.py --models dydensenet86:32 --batch-sizes 64 --csv dgc.csv
+  python -m dynconv.benchmarks.dgc_speed                                   # dydensenet86 at 32x32, dyresnet18 at 224x224
+  python -m dynconv.benchmarks.dgc_speed --models dydensenet86:32 --batch-sizes 64 --csv dgc.csv
 """
 
 
 def speedtest_argv(name, resolution, batch_sizes, runs, warmup):
-    """This benchmark's arguments for one model of benchmarks/speedtest.py's --models."""
+    """This benchmark's arguments for one model of dynconv/benchmarks/speedtest.py's --models."""
     return ["--models", f"{name}:{resolution}", "--batch-sizes", *map(str, batch_sizes), "--runs", str(runs),
             "--warmup", str(warmup)]
 
@@ -143,5 +141,10 @@ def main(argv=None):
             writer.writerows(all_rows)
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed command (pyproject.toml's [project.scripts]): one-line errors, exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

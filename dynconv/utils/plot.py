@@ -268,7 +268,7 @@ def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TI
 
 
 def accuracy_vs_macs_figure(rows, title=ACCURACY_TITLE):
-    """The README's plot: Prec@1 against MMac per image of result rows (scripts/cifar_results.py)."""
+    """The README's plot: Prec@1 against MMac per image of result rows (dynconv/scripts/cifar_results.py)."""
     return comparison_figure(rows, title=title)
 
 

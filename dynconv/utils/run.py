@@ -1,5 +1,5 @@
 """The run driver shared by every entry script: check the flags, build the model, then evaluate or train.
-`run()` returns the metrics it printed (for scripts such as scripts/cifar_results.py)."""
+`run()` returns the metrics it printed (for scripts such as dynconv/scripts/cifar_results.py)."""
 import os
 import random
 
@@ -9,7 +9,7 @@ import torch
 from dynconv import ChannelDecision, MaskUnit, SpatialDecision, count_parameters
 from dynconv.gates import gate_state_keys
 from dynconv.multitarget import tie_norms
-from models import CheckpointMismatch, WeightsUnavailable, create_model, list_models, model_config, model_family
+from dynconv.models import CheckpointMismatch, WeightsUnavailable, create_model, list_models, model_config, model_family
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
@@ -303,7 +303,7 @@ def load_weights(model, config, checkpoint, path):
 def restore_model(args, family, make_datasets, explicit):
     """(model, validation set) of an evaluation command's flags (-r CHECKPOINT -e ...), built and loaded as run()
     builds them, in eval mode on the CPU, channels-last: for tools that time or inspect trained models
-    (scripts/compare.py)."""
+    (dynconv/scripts/compare.py)."""
     path = find_checkpoint(args)
     checkpoint = load_checkpoint(path)
     resolve_from_checkpoint(args, checkpoint, explicit, args.model)

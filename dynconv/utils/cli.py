@@ -97,7 +97,7 @@ class KeyValues(argparse.Action):
 
 def model_options():
     """Every registered model's options (ModelConfig.options): name -> (default, help, model names)."""
-    from models import list_models, model_config
+    from dynconv.models import list_models, model_config
 
     options = {}
     for model in list_models():
@@ -175,7 +175,7 @@ def _add_budget_aware_flags(p):
                    "from each budget's validation Prec@1 against its target (default: l2 when the targets CSV has "
                    "the model, else none)")
     g.add_argument("--performance_targets_csv", metavar="CSV", help="multi-target: Prec@1 targets per model and "
-                   "budget (default: configs/performance_targets.csv, the budget-aware paper's ImageNet numbers)")
+                   "budget (default: dynconv/configs/performance_targets.csv, the budget-aware paper's ImageNet numbers)")
 
 
 def _add_run_flags(p, defaults, data_aliases):
@@ -238,7 +238,7 @@ def build_parser(description, models, defaults, data_aliases=(), epilog=None):
 
 def _show_recipe_defaults(parser, model):
     """Appends to each recipe flag's help the value it takes for the script's default model."""
-    from models import model_config
+    from dynconv.models import model_config
 
     recipe = dict(RECIPE_DEFAULTS, **model_config(model).recipe)
     for action in parser._actions:

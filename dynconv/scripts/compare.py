@@ -4,7 +4,7 @@ from finished runs of any family (dense ResNets, DynConv at one budget or multi-
 For every run directory (its checkpoint_best.pth) or checkpoint file:
 - accuracy and MMac: the metrics the training run stored with the checkpoint (its evaluation of that epoch on the
   validation set, the command's numbers), else (or with --evaluate) the entry script's own evaluation, through the
-  metrics run() returns (scripts/cifar_results.py's evaluate);
+  metrics run() returns (dynconv/scripts/cifar_results.py's evaluate);
 - latency: the model's own forward (for DynConv the masked-dense model) and, where the model has one, the sparse
   engine's fast path (SparseEngine: DynConv's spatial masks, DGC's channel gather), on evaluation images at batch 1
   and a larger batch; every path of every run alternated run by run (a slow phase of the machine hits all alike),
@@ -26,38 +26,35 @@ import os
 import platform
 import sys
 
-# OpenMP workers spin between parallel regions (the usual CPU latency setting, as benchmarks/speedtest.py); read
+# OpenMP workers spin between parallel regions (the usual CPU latency setting, as dynconv/benchmarks/speedtest.py); read
 # when torch loads OpenMP, hence before the import
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(SCRIPTS))
-sys.path.insert(0, SCRIPTS)
-import cifar_results  # noqa: E402
-from cifar_results import (ENTRY, budget_label, checkpoint_path, evaluate, evaluate_command, result_rows,  # noqa: E402
+from dynconv.scripts import cifar_results  # noqa: E402
+from dynconv.scripts.cifar_results import (ENTRY, budget_label, checkpoint_path, evaluate, evaluate_command, result_rows,  # noqa: E402
                            row_order, stored_metrics)
 from dynconv import count_mmac  # noqa: E402
-from models import model_family  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.cli import OneLineErrorParser, parse  # noqa: E402
-from utils.data import first_images  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.logger import read_jsonl  # noqa: E402
-from utils.plot import comparison_figure, model_name, row_family  # noqa: E402
-from utils.run import has_gates, restore_model  # noqa: E402
-from utils.timing import median_ms  # noqa: E402
+from dynconv.models import model_family  # noqa: E402
+from dynconv.utils.checkpoint import load_checkpoint  # noqa: E402
+from dynconv.utils.cli import OneLineErrorParser, parse  # noqa: E402
+from dynconv.utils.data import first_images  # noqa: E402
+from dynconv.utils.errors import run_cli  # noqa: E402
+from dynconv.utils.logger import read_jsonl  # noqa: E402
+from dynconv.utils.plot import comparison_figure, model_name, row_family  # noqa: E402
+from dynconv.utils.run import has_gates, restore_model  # noqa: E402
+from dynconv.utils.timing import median_ms  # noqa: E402
 
 MMAC_CAPTION = ("MMac: multiply-accumulates per image that our implementation executes at inference (convolutions "
                 "at the positions / channels they run at, gates, generators, linears; norms, activations and "
                 "pooling not counted): one definition for every method.")
 EXAMPLES = """examples:
   # every shipped CIFAR-10 run: table, JSON lines and plots in runs/compare
-  python scripts/compare.py exp/cifar/*/* exp/cifar64/*/* --data data/cifar10-jpeg
+  python -m dynconv.scripts.compare exp/cifar/*/* exp/cifar64/*/* --data data/cifar10-jpeg
   # also the dense and DynConv ResNets at other input sizes, latency at batch 1 and 128
-  python scripts/compare.py exp/cifar/resnet32/* --data data/cifar10-jpeg --resolutions 24 40 --batch-sizes 1 128
+  python -m dynconv.scripts.compare exp/cifar/resnet32/* --data data/cifar10-jpeg --resolutions 24 40 --batch-sizes 1 128
 """
 
 
@@ -67,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/cifar10-jpeg", help="CIFAR-10 root (image folders or torchvision's)")
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for the table, JSON lines, plots")
     p.add_argument("--results_in", nargs="*", default=[], metavar="RESULTS",
-                   help="also the rows of these results files (scripts/cifar_results.py's) for runs whose checkpoints "
+                   help="also the rows of these results files (dynconv/scripts/cifar_results.py's) for runs whose checkpoints "
                         "are not here (e.g. exp/cifar64/results.jsonl): plotted by MMac, no latency")
     p.add_argument("--evaluate", action="store_true", help="evaluate every run, also those with stored metrics")
     p.add_argument("--resolutions", type=int, nargs="*", default=[], metavar="R",
@@ -275,5 +272,10 @@ def main(argv=None):
     return rows
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed command (pyproject.toml's [project.scripts]): one-line errors, exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,17 +17,16 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import main_cifar  # noqa: E402
-import main_imagenet  # noqa: E402
+from dynconv.apps import cifar as main_cifar  # noqa: E402
+from dynconv.apps import imagenet as main_imagenet  # noqa: E402
 from dynconv import MaskUnit, count_parameters  # noqa: E402
-from models import create_model, list_models, model_config, model_family  # noqa: E402
-from utils.budgets import is_dynamic  # noqa: E402
-from utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
-from utils.cli import OneLineErrorParser  # noqa: E402
-from utils.data import CIFAR_SIZE  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.plot import model_name, plot_accuracy_vs_macs  # noqa: E402
+from dynconv.models import create_model, list_models, model_config, model_family  # noqa: E402
+from dynconv.utils.budgets import is_dynamic  # noqa: E402
+from dynconv.utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
+from dynconv.utils.cli import OneLineErrorParser  # noqa: E402
+from dynconv.utils.data import CIFAR_SIZE  # noqa: E402
+from dynconv.utils.errors import UserError, run_cli  # noqa: E402
+from dynconv.utils.plot import model_name, plot_accuracy_vs_macs  # noqa: E402
 
 # what evaluation needs; a multi-target run's per-budget metrics and its tied-norms choice (it fixes the model)
 KEEP = ("state_dict", "epoch", "best_prec1", "prec1", "mmac", "args", "version", "budget_metrics", "tied_norms")
@@ -35,12 +34,12 @@ DEFAULT_RESULTS = os.path.join("runs", "cifar_results.jsonl")
 
 EXAMPLES = """examples:
   # evaluate new runs, strip their checkpoints for shipping (results: runs/cifar_results.jsonl)
-  python scripts/cifar_results.py runs/cifar/*/* --data data/cifar10-jpeg --strip
+  python -m dynconv.scripts.cifar_results runs/cifar/*/* --data data/cifar10-jpeg --strip
   # the README's table and plot from the shipped checkpoints (replaces the tracked results file)
-  python scripts/cifar_results.py exp/cifar/*/* --data data/cifar10-jpeg --results exp/cifar/results.jsonl \\
+  python -m dynconv.scripts.cifar_results exp/cifar/*/* --data data/cifar10-jpeg --results exp/cifar/results.jsonl \\
       --overwrite --plot docs/cifar_accuracy_vs_mmac.png
   # the ConvNeXt runs at 64x64 (main_imagenet.py), plotted with the ResNets
-  python scripts/cifar_results.py exp/cifar64/*/* --data data/cifar10-jpeg --results exp/cifar64/results.jsonl \\
+  python -m dynconv.scripts.cifar_results exp/cifar64/*/* --data data/cifar10-jpeg --results exp/cifar64/results.jsonl \\
       --overwrite --plot docs/cifar_accuracy_vs_mmac.png --plot_also exp/cifar/results.jsonl
 """
 
@@ -123,7 +122,7 @@ def result_rows(run, args, data, metrics, resolution=None):
     per_budget = metrics["targets"].items() if targets else [(args.get("budget", -1), metrics)]
     return [{**common, "budget": budget, **({"targets": targets} if targets else {}),
              "epoch": int(m["epoch"]), "prec1": round(float(m["prec1"]), 3), "mmac": round(float(m["mmac"]), 6),
-             **_speeds(m), "command": f"python {ENTRY[family].__name__}.py "
+             **_speeds(m), "command": f"python main_{family}.py "
              + " ".join(evaluate_command(run, args, data, budget if targets else None, resolution))}
             for budget, m in per_budget]
 
@@ -255,6 +254,11 @@ def main(argv=None):
         print(f"=> plot written to {args.plot}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed command (pyproject.toml's [project.scripts]): one-line errors, exit codes."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -10,13 +10,12 @@ wait actively (OMP_WAIT_POLICY=ACTIVE unless set otherwise), for every variant a
 --csv keeps every column at full precision, --plot draws achieved against ideal speedup (--plot-from redraws it
 from a CSV without measuring). Models that decide without spatial masks (DGC's channels, PEDConv's weights) are
 measured on the CPU by their own benchmark, named by their config (`speed_benchmark`, e.g.
-benchmarks/dgc_speed.py), which prints its own table (their variants are not dense/masked/engine) after this
+dynconv/benchmarks/dgc_speed.py), which prints its own table (their variants are not dense/masked/engine) after this
 one; --csv and --plot cover the DynConv rows.
 """
 import csv
 import importlib
 import os
-import sys
 
 # OpenMP workers spin between parallel regions instead of sleeping (the usual setting for CPU inference latency).
 # At batch 1 the engine runs many short ops between its matrix products, and waking sleeping workers costs it
@@ -25,35 +24,34 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import MaskUnit, count_mmac  # noqa: E402
 from dynconv.gates import gate_state_keys  # noqa: E402
 from dynconv.multitarget import target_state  # noqa: E402
 from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
-from models import create_model, list_models, model_config  # noqa: E402
-from utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from utils.cli import OneLineErrorParser, device_problem  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.run import classifier_keys  # noqa: E402
-from utils.timing import median_ms  # noqa: E402
+from dynconv.models import create_model, list_models, model_config  # noqa: E402
+from dynconv.utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
+from dynconv.utils.errors import UserError, run_cli  # noqa: E402
+from dynconv.utils.run import classifier_keys  # noqa: E402
+from dynconv.utils.timing import median_ms  # noqa: E402
 
 COLUMNS = ["model", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
            "dense_mmac", "sparse_mmac", "ideal_speedup", "speedup", "efficiency"]
 
 EXAMPLES = """examples:
   # synthetic masks: table, CSV and plot of achieved against ideal speedup
-  python benchmarks/speedtest.py --models resnet50 resnet101 --batch-sizes 1 16 --densities 0.1 0.3 0.5 1.0 \\
+  python -m dynconv.benchmarks.speedtest --models resnet50 resnet101 --batch-sizes 1 16 --densities 0.1 0.3 0.5 1.0 \\
       --masks clustered random --csv speed.csv --plot speed.png
   # ConvNeXt-T (its plan: depthwise conv at the active positions, LayerNorm and both Linears on their rows)
-  python benchmarks/speedtest.py --models convnext_tiny --batch-sizes 1 16 --densities 0.3 1.0 --masks clustered random
+  python -m dynconv.benchmarks.speedtest --models convnext_tiny --batch-sizes 1 16 --densities 0.3 1.0 --masks clustered random
   # a trained model's own masks (on images from --data when given, else random inputs)
-  python benchmarks/speedtest.py --models resnet32 --checkpoint exp/cifar/resnet32/sparse05/checkpoint_best.pth
+  python -m dynconv.benchmarks.speedtest --models resnet32 --checkpoint exp/cifar/resnet32/sparse05/checkpoint_best.pth
   # DGC and PEDConv: their own benchmarks' tables (masked / gathered / static group conv; each evaluation path)
-  python benchmarks/speedtest.py --models dydensenet86 pedconv_resnet18 --batch-sizes 1 32
+  python -m dynconv.benchmarks.speedtest --models dydensenet86 pedconv_resnet18 --batch-sizes 1 32
   # redraw the plot of an earlier run's CSV without measuring
-  python benchmarks/speedtest.py --plot-from docs/engine_speed_cpu.csv --plot docs/engine_speed_cpu.png
+  python -m dynconv.benchmarks.speedtest --plot-from docs/engine_speed_cpu.csv --plot docs/engine_speed_cpu.png
 """
 
 
@@ -149,7 +147,7 @@ def checkpoint_images(args, name, batch, resolution):
     """A batch of evaluation images from --data (CIFAR or image-folder layout), else random inputs."""
     if not args.data:
         return torch.randn(batch, 3, resolution, resolution)
-    from utils.data import cifar10_datasets, imagenet_style_datasets, first_images
+    from dynconv.utils.data import cifar10_datasets, imagenet_style_datasets, first_images
 
     if family_of(name) == "cifar":
         val = cifar10_datasets(args.data, model_config(name))[1]
@@ -345,5 +343,10 @@ def plot(rows, path, device="CPU"):
     plt.close(fig)
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed command (pyproject.toml's [project.scripts]): one-line errors, exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,30 +6,28 @@ per image) against the static ResNet of the same name without the prefix, at eac
 inputs; the MMac of each variant as the counter gives it. Prints a markdown table.
 """
 import os
-import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as benchmarks/speedtest.py: spinning OpenMP workers
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as dynconv/benchmarks/speedtest.py: spinning OpenMP workers
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynconv import count_mmac  # noqa: E402
-from models import create_model, list_models  # noqa: E402
-from models.pedconv import INFERENCE_PATHS  # noqa: E402
-from utils.cli import OneLineErrorParser  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.timing import median_ms  # noqa: E402
+from dynconv.models import create_model, list_models  # noqa: E402
+from dynconv.models.pedconv import INFERENCE_PATHS  # noqa: E402
+from dynconv.utils.cli import OneLineErrorParser  # noqa: E402
+from dynconv.utils.errors import run_cli  # noqa: E402
+from dynconv.utils.timing import median_ms  # noqa: E402
 
 EXAMPLES = """examples:
-  python benchmarks/pedconv_speed.py                         # batch 1 and 32 at 224x224
-  python benchmarks/pedconv_speed.py --batch-sizes 8 --resolution 112 --runs 3
-  python benchmarks/pedconv_speed.py --model pedconv_resnet32 --resolution 32 --batch-sizes 1 256
+  python -m dynconv.benchmarks.pedconv_speed                         # batch 1 and 32 at 224x224
+  python -m dynconv.benchmarks.pedconv_speed --batch-sizes 8 --resolution 112 --runs 3
+  python -m dynconv.benchmarks.pedconv_speed --model pedconv_resnet32 --resolution 32 --batch-sizes 1 256
 """
 MODELS = [name for name in list_models() if name.startswith("pedconv_")]
 
 
 def speedtest_argv(name, resolution, batch_sizes, runs, warmup):
-    """This benchmark's arguments for one model of benchmarks/speedtest.py's --models."""
+    """This benchmark's arguments for one model of dynconv/benchmarks/speedtest.py's --models."""
     return ["--model", name, "--resolution", str(resolution), "--batch-sizes", *map(str, batch_sizes),
             "--runs", str(runs), "--warmup", str(warmup)]
 
@@ -74,5 +72,10 @@ def main(argv=None):
             print(f"| {batch} | {name} | {mmac[name]:.3f} | {ms:.1f} | {ms / static:.2f}x |", flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed command (pyproject.toml's [project.scripts]): one-line errors, exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
