@@ -62,6 +62,9 @@ class SpatialDecision(Decision):
     cost: UnitCost  # per position of `hard`
     dilated_cost: UnitCost = ZERO  # per position of `dilated`
     overhead: UnitCost = ZERO
+    # side of the square tiles (anchored at (0, 0)) the mask is constant on: the tile grid is
+    # hard[:, :, ::tile, ::tile]; 1: decided per position
+    tile: int = 1
 
     def conditional(self):
         executed = self.hard.sum() * self.cost.macs

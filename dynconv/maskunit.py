@@ -47,6 +47,14 @@ def dilate_mask(hard, dilate_stride=1, output_size=None):
     return dilated
 
 
+def expand_tiles(grid, tile, size):
+    """A per-tile map (N, C, ceil(H / tile), ceil(W / tile)) as the per-position map of size (H, W): each tile's
+    value repeated over its tile x tile positions, the tiles overhanging the border cropped. Differentiable (a
+    tile's gradient is the sum over its positions on the map)."""
+    full = grid.repeat_interleave(tile, dim=2).repeat_interleave(tile, dim=3)
+    return full[:, :, : size[0], : size[1]]
+
+
 class MaskLogits(nn.Module):
     """Spatial logits: a 3x3 conv to one channel plus a per-image term from the global average (C -> 1)."""
 
@@ -205,10 +213,22 @@ class MaskUnit(Gate):
     Evaluation: hard = (logits >= 0).
     `cost` / `dilated_cost`: what the block's layers cost per position of the mask and of the dilated mask (no
     dilated mask when dilated_cost is None). Noise and temperature follow the training schedule (`set_schedule`).
+
+    `tile`: the side, in pixels at the mask's (block output) resolution, of the square tiles the unit decides
+    for, anchored at (0, 0) (1: one decision per position, DynConv). A tile's logit is the mean of its positions'
+    logits (average pooling with ceil_mode, so a tile overhanging the right or bottom border is decided from the
+    positions it has on the map): the mean keeps the per-position logits' scale, so a unit decides the same at
+    tile 1 as without tiles and one trained per position can be tiled; noise and the straight-through threshold
+    then act once per tile. The mask is the tile decisions expanded to positions and cropped to the map, so the
+    block, the sparsity objective and the MAC count read it as any mask; a tile >= the map side is one decision
+    per block and image.
     """
 
-    def __init__(self, channels, stride=1, dilate_stride=1, cost=ZERO, dilated_cost=None):
+    def __init__(self, channels, stride=1, dilate_stride=1, cost=ZERO, dilated_cost=None, tile=1):
         super().__init__()
+        if int(tile) != tile or tile < 1:
+            raise ValueError(f"a mask unit's tile side must be a positive integer (got {tile})")
+        self.tile = int(tile)
         self.maskconv = MaskLogits(channels, stride)
         self.dilate_stride = dilate_stride
         self.cost, self.dilated_cost = cost, dilated_cost
@@ -230,17 +250,26 @@ class MaskUnit(Gate):
 
     def decide(self, logits, input_size):
         """The SpatialDecision from the logits; `input_size` is the block input's (H, W)."""
+        tile = self.tile
+        # tile 1 takes the per-position path unchanged (bit for bit what the units did before tiles)
+        decided = logits if tile == 1 else F.avg_pool2d(logits, tile, tile, ceil_mode=True)
         if self.training:
-            hard, soft = GumbelStraightThrough.apply(logits, self.gumbel_noise, self.temperature)
+            hard, soft = GumbelStraightThrough.apply(decided, self.gumbel_noise, self.temperature)
         else:
             soft = None
-            hard = (logits >= 0).to(logits.dtype)
+            hard = (decided >= 0).to(logits.dtype)
+        if tile > 1:
+            hard = expand_tiles(hard, tile, logits.shape[-2:])
+            soft = None if soft is None else expand_tiles(soft, tile, logits.shape[-2:])
         dilated = None
         if self.dilated_cost is not None:
             with torch.no_grad():
                 dilated = self.dilate(hard, input_size)
         return SpatialDecision(hard, dilated, soft, self.cost, self.dilated_cost or ZERO,
-                               self.overhead(logits.shape))
+                               self.overhead(logits.shape), tile)
+
+    def extra_repr(self):
+        return f"tile={self.tile}" if self.tile != 1 else ""
 
     def overhead(self, logits_shape):
         """The unit's own MACs for a batch: the 3x3 conv at every output position (9 C + 1 each), plus in the

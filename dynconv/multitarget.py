@@ -61,6 +61,11 @@ class PerTargetGate(PerTarget, Gate):
     def forward(self, x, target=None):
         return self.variant(target)(x, target)
 
+    @property
+    def tile(self):
+        """The tile side the gates decide for (every target's gate has the same; see MaskUnit)."""
+        return getattr(self.variant(self.targets[0]), "tile", 1)
+
 
 def per_target(layer, targets):
     """A layer factory (like `gate_layer` or `norm_layer`) whose layers have one variant per target; gates

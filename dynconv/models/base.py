@@ -6,6 +6,7 @@ ignore it. The per-model `ModelConfig` holds what a user should not have to know
 evaluation resize and crop, the default training recipe, where pretrained weights come from and how foreign
 checkpoint formats map to ours.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -31,6 +32,35 @@ def strip_module_prefix(state_dict, model=None):
     if state_dict and all(k.startswith(prefix) for k in state_dict):
         return {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
+
+
+TILES_HELP = ("tile side in pixels per stage for the spatial gates (1: per-position masks; a side >= the stage's "
+              "map: one decision per block and image)")
+
+
+def tiles_problem(tiles, stages):
+    """Why `tiles` (one tile side per stage, see MaskUnit) cannot configure a model of `stages` stages, or None."""
+    tiles = tuple(tiles) if isinstance(tiles, (tuple, list)) else (tiles,)
+    if len(tiles) != stages:
+        return f"tiles needs one side per stage: {stages} values (got {len(tiles)})"
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tiles):
+        return f"tile sides must be positive integers (got {' '.join(map(str, tiles))})"
+    return None
+
+
+def check_tiles(tiles, stages):
+    """`tiles` as a tuple of `stages` sides; ValueError when it cannot be one."""
+    problem = tiles_problem(tiles, stages)
+    if problem:
+        raise ValueError(problem)
+    return tuple(tiles)
+
+
+def tiled(gate_layer, tile):
+    """A gate factory whose gates decide per `tile` x `tile` tile (the factory itself at tile 1, or without one)."""
+    if gate_layer is None or tile == 1:
+        return gate_layer
+    return functools.partial(gate_layer, tile=tile)
 
 
 @dataclass

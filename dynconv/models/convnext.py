@@ -24,7 +24,7 @@ from dynconv.flops import position_cost
 from dynconv.multitarget import per_target
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.convnext import ConvNeXtBlockPlan
-from .base import DynamicNetwork, ModelConfig, strip_module_prefix
+from .base import TILES_HELP, DynamicNetwork, ModelConfig, check_tiles, strip_module_prefix, tiled
 from .registry import register_model
 
 
@@ -100,19 +100,21 @@ class NormHead(nn.Module):
 
 class ConvNeXt(DynamicNetwork):
     def __init__(self, depths, dims, num_classes=1000, drop_path_rate=0.0, layer_scale=1e-6, gate_layer=None,
-                 targets=()):
+                 targets=(), tiles=(1, 1, 1, 1)):
         """`targets` (budgets): a multi-target model, with a gate per target in every block (the budget-aware
-        paper's: its per-budget LayerNorm copies are the same tensors, so norms stay shared)."""
+        paper's: its per-budget LayerNorm copies are the same tensors, so norms stay shared). `tiles`: the tile
+        side per stage of the gates (MaskUnit)."""
         super().__init__()
         if targets and gate_layer is None:
             raise ValueError("a multi-target ConvNeXt needs a gate_layer (one gate per target)")
-        gate_layer = per_target(gate_layer, targets)
+        tiles = check_tiles(tiles, len(depths))
         self.stem = nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             stages.append(ConvNeXtStage(dims[max(i - 1, 0)], dim, depth, rates[start:start + depth], i > 0,
-                                        layer_scale=layer_scale, gate_layer=gate_layer))
+                                        layer_scale=layer_scale,
+                                        gate_layer=per_target(tiled(gate_layer, tiles[i]), targets)))
             start += depth
         self.stages = nn.Sequential(*stages)
         self.head = NormHead(dims[-1], num_classes)
@@ -183,7 +185,7 @@ CONVNEXT_RECIPE = dict(opt="adamw", lr=4e-3, weight_decay=0.05, sched="cosine", 
                        model_ema_decay=0.9999, drop_path=0.0, lr_scale={"backbone": 0.2}, freeze={"backbone": 5},
                        gumbel_temp=[5.0, 2.5, 1.0], gumbel_temp_epochs=[0.3, 0.6], sparsity_weight=10.0)
 CONVNEXT = ModelConfig(interpolation="bicubic", crop_fraction=0.875, checkpoint_filter=convnext_checkpoint_filter,
-                       recipe=CONVNEXT_RECIPE, input_multiple=32)
+                       recipe=CONVNEXT_RECIPE, input_multiple=32, options={"tiles": ((1, 1, 1, 1), TILES_HELP)})
 
 _VARIANTS = {"atto": ((2, 2, 6, 2), (40, 80, 160, 320)), "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
              "pico": ((2, 2, 6, 2), (64, 128, 256, 512)), "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),

@@ -20,7 +20,7 @@ from dynconv.flops import position_cost
 from dynconv.multitarget import per_target
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.resnet import ResNetBlockPlan
-from .base import DynamicNetwork
+from .base import DynamicNetwork, tiled
 
 
 def default_conv(in_planes, out_planes, kernel_size, stride=1):
@@ -131,12 +131,15 @@ register_plan(BasicBlock, ResNetBlockPlan)
 register_plan(Bottleneck, ResNetBlockPlan)
 
 
-def make_stage(block, inplanes, planes, num_blocks, stride, drop_paths=None, targets=(), **layers):
+def make_stage(block, inplanes, planes, num_blocks, stride, drop_paths=None, targets=(), tile=1, **layers):
     """A stage of `num_blocks` blocks; a 1x1 strided conv + norm downsample where the shape changes. `layers`:
-    the blocks' layer arguments (gate_layer, conv_layer, norm_layer, act_layer); `drop_paths`: a rate per block.
+    the blocks' layer arguments (gate_layer, conv_layer, norm_layer, act_layer); `drop_paths`: a rate per block;
+    `tile`: the tile side its gates decide for (MaskUnit).
     `targets` (budgets): a multi-target stage, whose blocks have a gate and their norms per target (the
     budget-aware paper's model); convolutions and the downsample (with its norm) are shared."""
     drop_paths = drop_paths or [0.0] * num_blocks
+    if layers.get("gate_layer") is not None:
+        layers = dict(layers, gate_layer=tiled(layers["gate_layer"], tile))
     norm_layer = layers.get("norm_layer", nn.BatchNorm2d)
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:

@@ -3,7 +3,7 @@ import math
 
 import torch.nn as nn
 
-from .base import ModelConfig
+from .base import TILES_HELP, ModelConfig, check_tiles
 from .registry import register_model
 from .resnet import BasicBlock, ResNetBase, drop_path_rates, make_stage, run_stages
 
@@ -11,19 +11,21 @@ from .resnet import BasicBlock, ResNetBase, drop_path_rates, make_stage, run_sta
 CIFAR_RESNET = ModelConfig(
     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), crop_fraction=1.0,
     recipe=dict(opt="sgd", lr=0.1, momentum=0.9, sched="step", lr_decay=[150, 250], weight_decay=5e-4,
-                batchsize=256, epochs=350))
+                batchsize=256, epochs=350),
+    options={"tiles": ((1, 1, 1), TILES_HELP)})
 
 
 class CifarResNet(ResNetBase):
-    def __init__(self, blocks_per_stage, num_classes=10, drop_path_rate=0.0, **layers):
+    def __init__(self, blocks_per_stage, num_classes=10, drop_path_rate=0.0, tiles=(1, 1, 1), **layers):
         super().__init__()
+        tiles = check_tiles(tiles, 3)
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
         rates = drop_path_rates(drop_path_rate, [blocks_per_stage] * 3)
-        self.layer1 = make_stage(BasicBlock, 16, 16, blocks_per_stage, 1, rates[0], **layers)
-        self.layer2 = make_stage(BasicBlock, 16, 32, blocks_per_stage, 2, rates[1], **layers)
-        self.layer3 = make_stage(BasicBlock, 32, 64, blocks_per_stage, 2, rates[2], **layers)
+        self.layer1 = make_stage(BasicBlock, 16, 16, blocks_per_stage, 1, rates[0], tile=tiles[0], **layers)
+        self.layer2 = make_stage(BasicBlock, 16, 32, blocks_per_stage, 2, rates[1], tile=tiles[1], **layers)
+        self.layer3 = make_stage(BasicBlock, 32, 64, blocks_per_stage, 2, rates[2], tile=tiles[2], **layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():

@@ -10,7 +10,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .base import ModelConfig, WeightsUnavailable
+from .base import TILES_HELP, ModelConfig, WeightsUnavailable, check_tiles
 from .registry import register_model
 from .resnet import BasicBlock, Bottleneck, ResNetBase, drop_path_rates, make_stage, run_stages
 
@@ -34,12 +34,14 @@ def torchvision_weights(name):
 IMAGENET_RESNET = ModelConfig(
     pretrained=torchvision_weights,
     recipe=dict(opt="sgd", lr=0.025, momentum=0.9, sched="step", lr_decay=[30, 60, 90], weight_decay=1e-4,
-                batchsize=64, epochs=100))
+                batchsize=64, epochs=100),
+    options={"tiles": ((1, 1, 1, 1), TILES_HELP)})
 
 
 class ResNet(ResNetBase):
-    def __init__(self, block, layers, num_classes=1000, drop_path_rate=0.0, **block_layers):
+    def __init__(self, block, layers, num_classes=1000, drop_path_rate=0.0, tiles=(1, 1, 1, 1), **block_layers):
         super().__init__()
+        tiles = check_tiles(tiles, 4)
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -48,7 +50,8 @@ class ResNet(ResNetBase):
         stages = []
         rates = drop_path_rates(drop_path_rate, layers)
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stages.append(make_stage(block, inplanes, planes, blocks, 1 if i == 0 else 2, rates[i], **block_layers))
+            stages.append(make_stage(block, inplanes, planes, blocks, 1 if i == 0 else 2, rates[i],
+                                     tile=tiles[i], **block_layers))
             inplanes = planes * block.expansion
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -106,6 +106,19 @@ def model_options():
     return options
 
 
+def _shown_defaults(name):
+    """The defaults of option `name` as -h shows them: each distinct one (e.g. tiles per stage: 1 1 1 or 1 1 1 1)."""
+    from dynconv.models import list_models, model_config
+
+    shown = []
+    for model in list_models():
+        default = model_config(model).options.get(name, (None,))[0]
+        text = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else f"{default}"
+        if name in model_config(model).options and text not in shown:
+            shown.append(text)
+    return " or ".join(shown)
+
+
 def _add_model_option_flags(p):
     """A flag per model option (e.g. DGC's --heads); None = the model's default. Only the models that have an
     option take its flag; the values go to the checkpoint with --model_kwargs."""
@@ -114,9 +127,8 @@ def _add_model_option_flags(p):
     for name, (default, help, models) in sorted(model_options().items()):
         many = isinstance(default, (tuple, list))
         kind = type(default[0]) if many else type(default)
-        shown = " ".join(map(str, default)) if many else default
         g.add_argument(f"--{name}", type=kind, nargs="+" if many else None, default=None,
-                       help=f"{help} ({', '.join(models)}; default {shown})")
+                       help=f"{help} ({', '.join(models)}; default {_shown_defaults(name)})")
 
 
 def _add_recipe_flags(p):

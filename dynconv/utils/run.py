@@ -10,6 +10,7 @@ from dynconv import ChannelDecision, MaskUnit, SpatialDecision, count_parameters
 from dynconv.gates import gate_state_keys
 from dynconv.multitarget import tie_norms
 from dynconv.models import CheckpointMismatch, WeightsUnavailable, create_model, list_models, model_config, model_family
+from dynconv.models.base import tiles_problem
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
@@ -40,7 +41,7 @@ def check_args(args):
         (len(args.gumbel_temp) != len(args.gumbel_temp_epochs) + 1,
          "--gumbel_temp needs one value more than --gumbel_temp_epochs (a value per part of the schedule)"),
         (any(t <= 0 for t in args.gumbel_temp), "--gumbel_temp values must be positive"),
-    ] + budget_problems(args)
+    ] + budget_problems(args) + _tiles_problems(args)
     if args.budget_targets and not args.evaluate:
         try:
             awareness_setup(args, args.model)  # the targets CSV and its row for the model, before any data
@@ -63,6 +64,17 @@ def check_args(args):
                                  batch_size=args.batchsize)
     except ValueError as e:
         raise UserError(str(e))
+
+
+def _tiles_problems(args):
+    """--tiles (a model option, in args.model_kwargs by now): one positive side per stage, and spatial gates."""
+    tiles, options = args.model_kwargs.get("tiles"), model_config(args.model).options
+    if tiles is None or "tiles" not in options:
+        return []
+    problem = tiles_problem(tiles, len(options["tiles"][0]))
+    return [(problem is not None, f"--{problem} of {args.model}" if problem else None),
+            (any(t != 1 for t in tiles) and not is_dynamic(args),
+             "--tiles sets the tiles of spatial gates: add --budget or --budget_targets (this model is static)")]
 
 
 def filtered(config, state_dict, model, source):
@@ -224,9 +236,11 @@ def _describe(args):
     if gates != "spatial":
         return ("its own gates" if gates == "own" else "no gates") + (f"; {_show(args.model_kwargs)}"
                                                                        if args.model_kwargs else "")
+    tiles = args.model_kwargs.get("tiles", ())
+    tiles = f", tiles {_show(tiles)}" if any(t != 1 for t in tiles) else ""
     if args.budget_targets:
-        return "DynConv, multi-target: budgets " + ", ".join(f"{b:g}" for b in run_targets(args))
-    return f"DynConv, budget {args.budget:g}" if args.budget >= 0 else "dense"
+        return "DynConv, multi-target: budgets " + ", ".join(f"{b:g}" for b in run_targets(args)) + tiles
+    return f"DynConv, budget {args.budget:g}{tiles}" if args.budget >= 0 else "dense"
 
 
 def _is_complete(checkpoint, args):
