@@ -80,6 +80,38 @@ def test_the_gap_to_the_dense_curve_is_read_off_the_chord_of_its_neighbours(comp
     assert all("vs_dense" not in r for r in rows)
 
 
+def timed(row, **batches):
+    """`row` with latency_ms {batch: {path: ms}} from keyword b<batch>={path: ms}."""
+    return {**row, "latency_ms": {k[1:]: v for k, v in batches.items()}}
+
+
+def test_the_gap_at_equal_latency_is_read_off_the_dense_chord_per_batch_size(compare):
+    # dense models at batch 1: 1, 2 and 4 ms (80, 84, 86%); at batch 64: 10, 20, 40 ms; each row's fastest path
+    rows = [timed(dense(40.0, 86.0), b1={"model": 4.0}, b64={"model": 40.0}),
+            timed(dense(10.0, 80.0), b1={"model": 1.0}, b64={"model": 10.0}),
+            timed(dense(20.0, 84.0), b1={"model": 2.0}, b64={"model": 20.0})]
+    judged = [
+        # batch 1: the engine's 1.5 ms is halfway from 80 to 84 (82%): +1; batch 64: 30 ms, halfway from 84 to
+        # 86 (85%): -2
+        timed({**dense(15.0, 83.0), "budget": 0.5}, b1={"model": 3.0, "fast": 1.5}, b64={"model": 30.0}),
+        # slower than every dense model at batch 1 (no curve there); at batch 64, 35 ms: 85.5%, so -1.5
+        timed({**dense(35.0, 84.0), "budget": 0.25}, b1={"model": 5.0}, b64={"model": 35.0}),
+        timed({**dense(15.0, 83.0), "budget": 0.5, "epochs": 10}, b1={"model": 1.5}),  # another schedule
+        {**dense(15.0, 83.0), "budget": 0.5, "latency_ms": {}},  # not timed (a results-file row)
+    ]
+    compare.add_dense_gaps(rows + judged)
+    assert [r["vs_dense_latency"] for r in judged] == [{"1": 1.0, "64": -2.0}, {"1": None, "64": -1.5},
+                                                       {"1": None}, {}]
+    assert [r["vs_dense"] for r in judged] == [1.0, -1.5, None, 1.0]  # the MMac gap as before
+    assert all("vs_dense_latency" not in r for r in rows)
+    shown = [{**r, "model": "resnet32", "params": 1, "source": "stored"} for r in rows + judged]
+    table = compare.markdown_table(shown, [1, 64]).splitlines()
+    head = [c.strip() for c in table[0].split("|")]
+    row = [c.strip() for c in table[2 + len(rows)].split("|")]
+    assert [row[head.index(f"vs dense at equal {x}")] for x in ("MMac", "ms b1", "ms b64")] == ["+1.00", "+1.00",
+                                                                                               "-2.00"]
+
+
 @pytest.mark.slow
 def test_latency_of_every_path_is_present_and_positive(compared):
     rows, _ = compared

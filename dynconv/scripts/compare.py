@@ -10,7 +10,9 @@ For every run directory (its checkpoint_best.pth) or checkpoint file:
   and a larger batch; every path of every run alternated run by run (a slow phase of the machine hits all alike),
   the median kept; threads and OpenMP wait policy printed and stored;
 - for dynamic models (DynConv, another method), the gap in Prec@1 to the dense curve of their network type and
-  schedule at their MMac (add_dense_gaps: the paper's claim at equal MACs, answered per run);
+  schedule at their MMac (add_dense_gaps: the paper's claim at equal MACs, answered per run), and at their
+  latency per batch size (the fastest path of each, dense models included: is it faster than a dense network
+  of its accuracy?);
 - for dense models, ptflops' module-level count as a cross-check, beside ours under the same conventions
   (count_mmac(full=True): BN, ReLU, pooling and every Linear counted too, so both read above the MMac column).
 --resolutions adds the course-reproduction mode: the CIFAR dense and DynConv models evaluated at other input
@@ -189,17 +191,32 @@ def add_dense_gaps(rows):
     is the straight line between the two neighbouring dense models (linear in MMac). Accuracy grows concavely with
     MACs (as across the shipped dense ResNets), so the chord lies at or below the dense networks one could build in
     between: a model below it is below the dense curve for certain; for one above it the gap is an upper bound of
-    its lead at equal MACs (the paper's claim), the tighter the closer the dense models lie."""
+    its lead at equal MACs (the paper's claim), the tighter the closer the dense models lie.
+    Also `vs_dense_latency` ({batch: points or None}) for rows timed here: the same against the dense curve at
+    equal latency (each model's fastest path, the chord linear in milliseconds), the speed question the MACs
+    stand in for."""
     curves = {}
     for r in rows:
         if dense(r) and not r.get("varied"):
             curves.setdefault(dense_curve_key(r), []).append((r["mmac"], r["prec1"]))
+            for b in r.get("latency_ms", {}):
+                curves.setdefault((dense_curve_key(r), b), []).append((fastest_ms(r, b), r["prec1"]))
     for r in rows:
         if dense(r):
             continue
-        mmac, prec1 = zip(*sorted(curves.get(dense_curve_key(r), [(math.nan, math.nan)])))
-        at_equal_mmac = float(np.interp(r["mmac"], mmac, prec1, left=math.nan, right=math.nan))
-        r["vs_dense"] = None if math.isnan(at_equal_mmac) else round(r["prec1"] - at_equal_mmac, 2)
+        r["vs_dense"] = chord_gap(r["mmac"], r["prec1"], curves.get(dense_curve_key(r)))
+        r["vs_dense_latency"] = {b: chord_gap(fastest_ms(r, b), r["prec1"], curves.get((dense_curve_key(r), b)))
+                                 for b in r.get("latency_ms", {})}
+
+
+def chord_gap(x, prec1, curve):
+    """prec1 minus the curve's Prec@1 at x (points, 2 decimals), the curve the chords between its (x, Prec@1)
+    points; None outside the curve or without one."""
+    if x is None or not curve:
+        return None
+    xs, ys = zip(*sorted(curve))
+    at_x = float(np.interp(x, xs, ys, left=math.nan, right=math.nan))
+    return None if math.isnan(at_x) else round(prec1 - at_x, 2)
 
 
 def dense(row):
@@ -214,10 +231,11 @@ def fastest_ms(row, batch):
 
 
 def markdown_table(rows, batch_sizes):
-    """Family, model, budget, input size, training epochs, Prec@1, its gap to the dense curve at equal MMac, MMac,
-    ptflops / our full count (dense), parameters, latency per batch size (model forward / fast path), where the
-    accuracy came from."""
-    head = ["family", "model", "budget", "input", "epochs", "Prec@1 (%)", "vs dense at equal MMac", "MMac",
+    """Family, model, budget, input size, training epochs, Prec@1, its gap to the dense curve at equal MMac and at
+    equal latency per batch size, MMac, ptflops / our full count (dense), parameters, latency per batch size (model
+    forward / fast path), where the accuracy came from."""
+    head = ["family", "model", "budget", "input", "epochs", "Prec@1 (%)", "vs dense at equal MMac",
+            *(f"vs dense at equal ms b{b}" for b in batch_sizes), "MMac",
             "full count: ptflops / ours",
             "parameters"] + [f"ms b{b} model / fast" for b in batch_sizes] + ["from"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -226,9 +244,10 @@ def markdown_table(rows, batch_sizes):
         latency = [" / ".join(f"{r['latency_ms'][str(b)][p]:.2f}" if p in r["latency_ms"].get(str(b), {}) else "-"
                               for p in ("model", "fast")) for b in batch_sizes]
         full = f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else ""
-        gap = "" if r.get("vs_dense") is None else f"{r['vs_dense']:+.2f}"
+        gaps = [r.get("vs_dense")] + [r.get("vs_dense_latency", {}).get(str(b)) for b in batch_sizes]
+        gaps = ["" if g is None else f"{g:+.2f}" for g in gaps]
         cells = [row_family(r), model_name(r), budget, f"{r['resolution']}px", str(r.get("epochs", "")),
-                 f"{r['prec1']:.2f}", gap, f"{r['mmac']:.3f}", full, f"{r['params']:,}", *latency, r["source"]]
+                 f"{r['prec1']:.2f}", *gaps, f"{r['mmac']:.3f}", full, f"{r['params']:,}", *latency, r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
