@@ -8,6 +8,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
 from .errors import UserError
+from .interrupt import ignore_stop_signals
 
 
 
@@ -191,7 +192,8 @@ def build_loaders(train_set, val_set, batch_size, workers, ctx, seed=0):
     padding)."""
     if ctx.distributed:
         val_set = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
-    common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                  worker_init_fn=ignore_stop_signals)  # the main process handles SIGINT/SIGTERM (utils.interrupt)
     # the loader's own generator (worker seeds) keeps it from drawing on the global RNG that the model uses
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(train_set, seed, ctx),
                               drop_last=len(train_set) > batch_size, generator=torch.Generator().manual_seed(seed),

@@ -12,11 +12,12 @@ from dynconv.multitarget import tie_norms
 from dynconv.models import CheckpointMismatch, WeightsUnavailable, create_model, list_models, model_config, model_family
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
-from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
-from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem, model_options
+from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state, non_finite_keys
+from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem, model_options, range_problems
 from .data import build_loaders, class_names, first_images
 from .distributed import init_distributed, shutdown
 from .errors import UserError
+from .rundir import check_run_dir, run_directory
 from .fit import PARAMETER_GROUPS, fit
 from .training import mean_over_targets, print_eval, validate
 
@@ -40,7 +41,7 @@ def check_args(args):
         (len(args.gumbel_temp) != len(args.gumbel_temp_epochs) + 1,
          "--gumbel_temp needs one value more than --gumbel_temp_epochs (a value per part of the schedule)"),
         (any(t <= 0 for t in args.gumbel_temp), "--gumbel_temp values must be positive"),
-    ] + budget_problems(args)
+    ] + budget_problems(args) + range_problems(args)
     if args.budget_targets and not args.evaluate:
         try:
             awareness_setup(args, args.model)  # the targets CSV and its row for the model, before any data
@@ -104,22 +105,18 @@ def default_run_dir(family, model, budget, targets=()):
     return os.path.join("runs", family, model, "base" if budget < 0 else f"sparse{budget:g}".replace(".", ""))
 
 
-def _check_writable(directory):
-    """The run directory can be created (it is created when the first checkpoint is written, so that a run
-    that fails before it leaves no empty folder behind)."""
-    parent = os.path.abspath(directory)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-        raise UserError(f"cannot write to save directory {directory} ({parent} is not a writable folder)")
+ENTRY = {"cifar": "main_cifar.py", "imagenet": "main_imagenet.py"}
 
 
-def _check_new_run_dir(run_dir, overwrite):
-    """A new run refuses a directory that holds checkpoints it did not write (e.g. shipped ones)."""
-    existing = sorted(f for f in os.listdir(run_dir) if f.endswith(".pth")) if os.path.isdir(run_dir) else []
-    if existing and not overwrite:
-        raise UserError(f"{run_dir} already holds {', '.join(existing)} from another run; resume it with "
-                        f"-r {run_dir} (needs {LATEST}), choose another -s, or pass --overwrite to replace them")
+def _same_dir(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _saved_args(path):
+    try:
+        return load_checkpoint(path).get("args") or {}
+    except UserError:
+        return {}
 
 
 def find_checkpoint(args):
@@ -254,21 +251,20 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
                         f"of {args.model}")
     run_dir = args.save_dir or (os.path.dirname(checkpoint_path) if checkpoint_path else
                                 default_run_dir(family, args.model, args.budget, run_targets(args)))
-    if not args.evaluate:
-        _check_writable(run_dir)
-        if checkpoint is None:
-            _check_new_run_dir(run_dir, args.overwrite)
+    if not args.evaluate and (checkpoint is None or not _same_dir(run_dir, os.path.dirname(checkpoint_path))):
+        check_run_dir(run_dir, args.overwrite, args, explicit, ENTRY[family], _saved_args)
     if checkpoint_path and args.evaluate:
         print(f"=> evaluating {checkpoint_path}")
     if checkpoint is not None and not args.evaluate and _is_complete(checkpoint, args):
         print(f"=> the run in {run_dir} is complete ({checkpoint['epoch']} of {args.epochs} epochs): nothing to "
               "train; evaluate it with -e, or raise --epochs to train on")
         return {"epoch": int(checkpoint["epoch"]), "best_prec1": float(checkpoint.get("best_prec1", 0.0))}
-    ctx = init_distributed(args.device)
-    try:
-        return _run(args, family, config, make_datasets, topk, (checkpoint_path, checkpoint), run_dir, ctx)
-    finally:
-        shutdown(ctx)
+    with run_directory(run_dir, active=not args.evaluate and os.environ.get("RANK", "0") == "0"):
+        ctx = init_distributed(args.device)
+        try:
+            return _run(args, family, config, make_datasets, topk, (checkpoint_path, checkpoint), run_dir, ctx)
+        finally:
+            shutdown(ctx)
 
 
 def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
@@ -296,7 +292,12 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
 
 
 def load_weights(model, config, checkpoint, path):
-    """The checkpoint's weights, through the model config's filter (foreign layouts -> ours)."""
+    """The checkpoint's weights, through the model config's filter (foreign layouts -> ours); weights holding NaN
+    or infinity are refused (they would evaluate to chance, silently)."""
+    bad = non_finite_keys(checkpoint["state_dict"])
+    if bad:
+        raise UserError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+                        ": refused (the run that wrote it diverged)")
     load_model_state(model, filtered(config, checkpoint["state_dict"], model, path), path)
 
 
