@@ -56,6 +56,31 @@ def finite_float(text):
     return value
 
 
+def batch_limit(text):
+    """--limit_*_batches: an int (minibatches) or a float in (0, 1] (a fraction of the split), as Lightning."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = finite_float(text)
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got '{text}'")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a number of batches must be at least 1, got '{text}'")
+    return value
+
+
+def fit_warmup(args, recipe, explicit):
+    """A shorter run than the recipe's (e.g. a quick trial's --epochs 1) scales the recipe's warm-up with it (20 of
+    ConvNeXt's 300 epochs would never end); said in one line. A --warmup_epochs given is kept as given."""
+    warmup, planned = recipe.get("warmup_epochs", 0), recipe.get("epochs")
+    if "warmup_epochs" in explicit or not warmup or not planned or args.epochs >= planned:
+        return
+    args.warmup_epochs = warmup * args.epochs / planned
+    print(f"=> warm-up scaled with the run: the recipe's {warmup:g} of {planned} epochs is {args.warmup_epochs:.3g} "
+          f"of --epochs {args.epochs}")
+
+
 def range_problems(args):
     """(bad, message) pairs for the numeric flags with a range that utils.recipe does not check, after the
     recipe has filled them in."""
@@ -227,6 +252,11 @@ def _add_run_flags(p, defaults, data_aliases):
                    help="also write a resumable checkpoint every N optimizer updates within an epoch")
     p.add_argument("--save_every_minutes", type=finite_float, default=None,
                    help="also write a resumable checkpoint every M minutes within an epoch")
+    p.add_argument("--limit_train_batches", type=batch_limit, default=None, metavar="N|FRACTION",
+                   help="quick trial: train on N minibatches per epoch (an int) or a fraction of the training set "
+                        "(a float in (0, 1]); a fixed random subset, recorded in the checkpoint (Lightning's name)")
+    p.add_argument("--limit_val_batches", type=batch_limit, default=None, metavar="N|FRACTION",
+                   help="quick trial: evaluate on N minibatches or a fraction of the validation set")
     p.add_argument("--plot_ponder", action="store_true",
                    help="save a figure per image of the first --plot_count images: input, ponder cost, masks")
     p.add_argument("--plot_only", action="store_true",

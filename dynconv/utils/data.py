@@ -202,6 +202,18 @@ def build_loaders(train_set, val_set, batch_size, workers, ctx, seed=0):
     return train_loader, val_loader
 
 
+def limited(dataset, limit, batch_size, seed=0):
+    """A quick trial's share of a split (PyTorch Lightning's --limit_train_batches / --limit_val_batches): an int
+    is a number of minibatches, a float in (0, 1] a fraction of the split; None or 1.0 the whole split. The images
+    are a fixed random subset (seed 0 unless given), not the first ones: image folders are sorted by class."""
+    if limit is None or limit == 1.0:
+        return dataset
+    count = round(limit * len(dataset)) if isinstance(limit, float) else limit * batch_size
+    count = max(1, min(count, len(dataset)))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return Subset(dataset, sorted(order.tolist()))
+
+
 def first_images(dataset, count):
     """The first `count` images of a dataset as one batch, and their labels (for ponder plots)."""
     samples = [dataset[i] for i in range(min(count, len(dataset)))]

@@ -13,8 +13,8 @@ from dynconv.models import CheckpointMismatch, WeightsUnavailable, create_model,
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state, non_finite_keys
-from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem, model_options, range_problems
-from .data import build_loaders, class_names, first_images
+from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems
+from .data import build_loaders, class_names, first_images, limited
 from .distributed import init_distributed, shutdown
 from .errors import UserError
 from .rundir import check_run_dir, run_directory
@@ -164,7 +164,7 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
     args.tied_norms = saved.get("tied_norms", bool(args.budget_targets) and bool(args.pretrained))
     if checkpoint is None or args.evaluate:
         return
-    for name in RECIPE_DEFAULTS:
+    for name in (*RECIPE_DEFAULTS, "limit_train_batches", "limit_val_batches"):  # a quick trial resumes as one
         if name not in explicit and name in saved:
             setattr(args, name, saved[name])
         elif name in explicit and name in saved and getattr(args, name) != saved[name]:
@@ -226,6 +226,14 @@ def _describe(args):
     return f"DynConv, budget {args.budget:g}" if args.budget >= 0 else "dense"
 
 
+def _trial(train_set, val_set, full, args):
+    """The quick trial's share of the data, for the run's first line ('' for a full run)."""
+    parts = [f"{name} {len(s)} of {n} images (--limit_{name}_batches {getattr(args, f'limit_{name}_batches'):g})"
+             for name, s, n in (("train", train_set, full[0]), ("val", val_set, full[1]))
+             if vars(args).get(f"limit_{name}_batches") is not None and (name == "val" or not args.evaluate)]
+    return "; quick trial: " + ", ".join(parts) if parts else ""
+
+
 def _is_complete(checkpoint, args):
     return int(checkpoint.get("epoch", 0)) >= args.epochs and not checkpoint.get("step")
 
@@ -242,6 +250,7 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
         raise UserError(f"{args.model} is a {model_family(args.model)} model; this script runs {family} models")
     config = model_config(args.model)
     apply_recipe(args, config.recipe)
+    fit_warmup(args, config.recipe, explicit)
     check_args(args)
     resolution = vars(args).get("resolution")  # the entry scripts' flag
     if resolution is not None and resolution < 1:
@@ -274,6 +283,9 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     random.seed(args.seed + ctx.rank)
     np.random.seed(args.seed + ctx.rank)  # timm's mixup draws from numpy
     train_set, val_set, num_classes = make_datasets(args, config)
+    full = len(train_set), len(val_set)
+    train_set = limited(train_set, vars(args).get("limit_train_batches"), args.batchsize, args.seed)
+    val_set = limited(val_set, vars(args).get("limit_val_batches"), args.batchsize)
     # channels-last: about 1.3x faster training on CPU (oneDNN) and the layout tensor cores want on GPUs
     model = build_model(args, family, num_classes).to(ctx.device, memory_format=torch.channels_last)
     if args.pretrained:
@@ -282,7 +294,7 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
         load_weights(model, config, checkpoint, checkpoint_path)
     if ctx.is_main:
         print(f"=> {args.model} ({_describe(args)}), {count_parameters(model):,} parameters" +
-              (f", from {checkpoint_path}" if checkpoint else ""))
+              (f", from {checkpoint_path}" if checkpoint else "") + _trial(train_set, val_set, full, args))
     train_loader, val_loader = build_loaders(train_set, val_set, args.batchsize, args.workers, ctx, args.seed)
     if args.evaluate:
         return evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx)
