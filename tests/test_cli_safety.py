@@ -210,7 +210,6 @@ def test_a_tampered_weights_cache_runs_no_code(tmp_path, monkeypatch):
     (["--workers", "-1"], "--workers must not be negative"),
     (["--momentum", "-5"], "--momentum must be in [0, 1)"),
     (["--weight_decay", "-1"], "--weight_decay must not be negative"),
-    (["--lr", "0"], "--lr must be positive"),
     (["--lr_decay", "5", "2"], "--lr_decay epochs must be increasing"),
     (["-s", "/proc/x"], "cannot write to save directory /proc/x"),
 ])
@@ -337,3 +336,9 @@ def test_a_short_run_scales_the_recipes_warm_up():
     args = argparse.Namespace(epochs=3, warmup_epochs=1)
     fit_warmup(args, {"warmup_epochs": 20, "epochs": 300}, explicit={"epochs", "warmup_epochs"})
     assert args.warmup_epochs == 1  # given: kept
+
+
+def test_lr_0_is_said(tmp_path, capsys):
+    code, out, _ = cli(TRAIN + ["--data", str(tmp_path / "none"), "--epochs", "1", "--lr", "0", "-s",
+                                str(tmp_path / "run")], capsys)
+    assert code == 2 and "--lr 0: the weights will not change" in out  # then the missing data set

@@ -81,6 +81,13 @@ def fit_warmup(args, recipe, explicit):
           f"of --epochs {args.epochs}")
 
 
+def say_inert_settings(args):
+    """Settings that are allowed but train nothing get a line (never silently): --lr 0 keeps the weights (a test
+    of the data path or of BN statistics may want exactly that)."""
+    if not args.evaluate and args.lr == 0:
+        print("=> --lr 0: the weights will not change (only the BatchNorm statistics)")
+
+
 def range_problems(args):
     """(bad, message) pairs for the numeric flags with a range that utils.recipe does not check, after the
     recipe has filled them in."""
@@ -90,7 +97,6 @@ def range_problems(args):
         (not 0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum:g})"),
         (args.opt == "nesterov" and args.momentum == 0, "--opt nesterov needs a --momentum above 0"),
         (args.weight_decay < 0, f"--weight_decay must not be negative (got {args.weight_decay:g})"),
-        (not args.evaluate and args.lr <= 0, f"--lr must be positive (got {args.lr:g}): with 0 nothing trains"),
         (decay != sorted(set(decay)), f"--lr_decay epochs must be increasing (got {' '.join(map(str, decay))})"),
         (not 0 <= args.drop_path < 1, f"--drop_path must be in [0, 1) (got {args.drop_path:g})"),
         (args.T_kd <= 0, f"--T_kd must be positive (got {args.T_kd:g})"),

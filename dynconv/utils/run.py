@@ -13,7 +13,8 @@ from dynconv.models import CheckpointMismatch, WeightsUnavailable, create_model,
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state, non_finite_keys
-from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems
+from .cli import (RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems,
+                  say_inert_settings)
 from .data import build_loaders, class_names, first_images, limited
 from .distributed import init_distributed, shutdown
 from .errors import UserError
@@ -251,6 +252,7 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
     config = model_config(args.model)
     apply_recipe(args, config.recipe)
     fit_warmup(args, config.recipe, explicit)
+    say_inert_settings(args)
     check_args(args)
     resolution = vars(args).get("resolution")  # the entry scripts' flag
     if resolution is not None and resolution < 1:
