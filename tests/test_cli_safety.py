@@ -342,3 +342,21 @@ def test_lr_0_is_said(tmp_path, capsys):
     code, out, _ = cli(TRAIN + ["--data", str(tmp_path / "none"), "--epochs", "1", "--lr", "0", "-s",
                                 str(tmp_path / "run")], capsys)
     assert code == 2 and "--lr 0: the weights will not change" in out  # then the missing data set
+
+
+def test_a_data_set_with_one_class_is_refused(tmp_path, capsys):
+    from synthetic import make_image_folder
+
+    data = make_image_folder(str(tmp_path / "one"), classes=1, per_class=4)
+    code, _, err = cli(TRAIN + ["--data", data, "--epochs", "1", "-s", str(tmp_path / "run")], capsys)
+    assert code == 2 and "has 1 class" in err
+
+
+def test_an_unreadable_image_is_named_by_its_path(tiny_cifar, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cifar, data)
+    (data / "test" / "class0" / "0000.jpg").write_bytes(b"")  # an empty file
+    code, _, err = cli(TRAIN + ["--data", str(data), "--epochs", "1", "-s", str(tmp_path / "run")], capsys)
+    assert code == 2 and os.path.join("class0", "0000.jpg") in err and "BufferedReader" not in err

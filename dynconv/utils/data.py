@@ -18,11 +18,13 @@ class UnreadableImageError(UserError):
 
 def checked_loader(path):
     """PIL loader that names the file it cannot read. We stop rather than skip: silently dropping images
-    would change the data set and the accuracy reported on it."""
+    would change the data set and the accuracy reported on it. (PIL's own message names an open file object,
+    not the path: ours is the path and the kind of error.)"""
     try:
         return datasets.folder.default_loader(path)
     except (OSError, ValueError) as e:
-        raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it")
+        raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: not a decodable image); remove "
+                                   "or replace it")
 
 
 CIFAR_SIZE = 32

@@ -285,6 +285,8 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     random.seed(args.seed + ctx.rank)
     np.random.seed(args.seed + ctx.rank)  # timm's mixup draws from numpy
     train_set, val_set, num_classes = make_datasets(args, config)
+    if num_classes < 2:  # one class trains to "Prec@1 100.000", a number that means nothing
+        raise UserError(f"{args.data} has {num_classes} class: training and evaluation need at least two")
     full = len(train_set), len(val_set)
     train_set = limited(train_set, vars(args).get("limit_train_batches"), args.batchsize, args.seed)
     val_set = limited(val_set, vars(args).get("limit_val_batches"), args.batchsize)
