@@ -255,3 +255,31 @@ def test_cifar_results_gives_a_multi_target_run_one_row_per_budget(tiny_cifar, t
     assert all(r["engine_images_per_s"] > 0 and r["masked_images_per_s"] > 0 for r in rows)
     assert "-e --budget" not in rows[0]["command"] and "--budget 0.25 -r" in rows[0]["command"]
     assert "| resnet8 | 0.25 (multi) |" in done.stdout and "| resnet8 | 0.75 (multi) |" in done.stdout
+
+
+def test_speedtest_takes_the_network_from_the_checkpoint(tmp_path):
+    import torch
+
+    from dynconv.benchmarks import speedtest as module
+
+    path = tmp_path / "trained.pth"
+    torch.save({"state_dict": {}, "args": {"model": "resnet8"}}, path)
+    assert module.parse_args(["--checkpoint", str(path)]).models == ["resnet8"]
+    assert module.parse_args([]).models == list(module.DEFAULT_MODELS)
+
+
+def test_compare_defaults_to_every_core_whatever_torch_was_told(tmp_path, monkeypatch):
+    import torch
+
+    from dynconv.scripts import compare
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint_best.pth").write_bytes(b"x")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
+    try:
+        args = compare.parse_args([str(run), "--data", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert args.threads == len(os.sched_getaffinity(0))

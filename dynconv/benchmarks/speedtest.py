@@ -180,11 +180,15 @@ def model_rows(name, args, device, trained=None):
             yield row
 
 
+DEFAULT_MODELS = ("resnet32", "resnet50", "resnet101")
+
+
 def parse_args(argv=None):
     p = OneLineErrorParser(description=__doc__, epilog=EXAMPLES)
-    p.add_argument("--models", nargs="+", default=["resnet32", "resnet50", "resnet101"],
+    p.add_argument("--models", nargs="+", default=None,
                    choices=list_models("cifar") + list_models("imagenet"), metavar="NAME",
-                   help=f"networks to measure ({', '.join(list_models('cifar') + list_models('imagenet'))})")
+                   help=f"networks to measure ({', '.join(list_models('cifar') + list_models('imagenet'))}; default "
+                        f"{' '.join(DEFAULT_MODELS)}, with --checkpoint the checkpoint's network)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batch sizes to measure")
     p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
                    help="fractions of active positions of the synthetic masks, in (0, 1]")
@@ -210,6 +214,12 @@ def parse_args(argv=None):
 
 def check_args(p, args):
     """Every flag and path checked before anything is measured: one line each (p.error exits with code 2)."""
+    if args.models is None and args.checkpoint and not args.plot_from:  # the checkpoint names its network
+        trained_as = (load_checkpoint(args.checkpoint).get("args") or {}).get("model")  # one-line errors
+        if trained_as is None:
+            p.error(f"{args.checkpoint} does not name its network: pass --models NAME")
+        args.models = [trained_as]
+    args.models = list(args.models or DEFAULT_MODELS)
     if args.plot_from:
         if not os.path.isfile(args.plot_from):
             p.error(f"--plot-from {args.plot_from} does not exist")

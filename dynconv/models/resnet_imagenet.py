@@ -3,8 +3,6 @@
 Dense models load torchvision's weights unchanged; DynConv models add `layerX.Y.masker.maskconv.{conv,fc}.*`
 (the reference's checkpoint format).
 """
-import contextlib
-import io
 import os
 
 import torch
@@ -16,18 +14,20 @@ from .resnet import BasicBlock, Bottleneck, ResNetBase, drop_path_rates, make_st
 
 
 def torchvision_weights(name):
-    """torchvision's ImageNet weights for model `name`, from the torch hub cache or downloaded into it."""
+    """torchvision's ImageNet weights for model `name`, from the torch hub cache or downloaded into it; checked
+    against the hash torchvision publishes and read with weights_only (dynconv.utils.checkpoint.load_published)."""
     import torchvision
+
+    from dynconv.utils.checkpoint import load_published
 
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # torch.hub announces the download attempt
-            return weights.get_state_dict(progress=False, check_hash=False)
-    except Exception as e:
+        return load_published(weights.url)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.hub's hash check of a download
         raise WeightsUnavailable(f"torchvision's ImageNet weights for {name} are not cached ({cached}) and could "
-                                 f"not be downloaded ({type(e).__name__}); copy the file there or pass "
-                                 "--pretrained PATH")
+                                 f"not be downloaded ({type(e).__name__}); download {weights.url} into that folder "
+                                 "(its hash is checked when it is read), or pass --pretrained PATH")
 
 
 # the DynConv reference's ImageNet defaults (per process); torchvision's weights for --pretrained

@@ -74,7 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="latency batch sizes")
     p.add_argument("--runs-per-path", type=int, default=10, dest="timed_runs", help="timed runs per path (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per path first")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count(), help="torch intra-op threads (default: every core this process may use, as "
+                   "the README's tables; not OMP_NUM_THREADS)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes for evaluations")
     args = p.parse_args(argv)
     missing = [r for r in args.runs if not os.path.isfile(checkpoint_path(r))]

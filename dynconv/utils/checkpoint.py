@@ -5,7 +5,10 @@ resume at), best_prec1, args (a plain dict), version; with EMA also the EMA weig
 best_ema_prec1. The EMA's own files (checkpoint_ema.pth, checkpoint_best_ema.pth) hold its weights as their
 state_dict, so `-r FILE -e` evaluates them like any checkpoint.
 """
+import hashlib
 import os
+import pickle
+import re
 import tempfile
 
 import torch
@@ -18,8 +21,21 @@ LATEST, BEST = "checkpoint.pth", "checkpoint_best.pth"
 EMA, BEST_EMA = "checkpoint_ema.pth", "checkpoint_best_ema.pth"
 
 
+class SaveFailed(UserError):
+    """A checkpoint could not be written (a full disk, a quota, a removed folder): the previous one is intact."""
+
+
 def save_checkpoint(state, path):
-    """Writes to a temporary file in the same directory, then renames: a crash never leaves half a file."""
+    """Writes to a temporary file in the same directory, then renames: a crash never leaves half a file. An
+    OSError (e.g. no space left on device) is one line (SaveFailed); the file at `path` is then the previous one."""
+    try:
+        _write_atomically(state, path)
+    except OSError as e:
+        kept = "the previous one is intact" if os.path.exists(path) else "none was there before"
+        raise SaveFailed(f"cannot write {path} ({e.strerror or type(e).__name__}); {kept}") from None
+
+
+def _write_atomically(state, path):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pth")
     try:
@@ -62,8 +78,14 @@ def load_checkpoint(path):
     try:
         with torch.serialization.safe_globals(_numpy_scalars()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it could run code
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise UserError(f"{path} is not a readable checkpoint: it holds Python objects other than tensors and "
+                        "plain values" + (f" ({found.group(1)})" if found else "") + ", and loading those could "
+                        "run code; refused")
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"{path} is not a readable checkpoint: damaged or not written by torch.save "
+                        f"({type(e).__name__})")
     if isinstance(checkpoint, dict) and "state_dict" not in checkpoint and isinstance(checkpoint.get("model"), dict):
         checkpoint = {**checkpoint, "state_dict": checkpoint.pop("model")}  # official ConvNeXt files: {"model": ...}
     if isinstance(checkpoint, dict) and "state_dict" not in checkpoint and all(
@@ -72,6 +94,41 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UserError(f"{path} is not a checkpoint (expected a dict with a 'state_dict')")
     return checkpoint
+
+
+def load_published(url):
+    """The state dict of published weights at `url` (e.g. torchvision's), from the torch hub cache
+    ($TORCH_HOME/hub/checkpoints/<file name>) or downloaded into it, checked against the SHA-256 prefix that the
+    file name carries (torchvision's convention, `name-<hash prefix>.pth`) and then read with load_checkpoint
+    (weights_only=True): a tampered cache file is refused before anything in it is unpickled. Download failures
+    raise OSError (the caller words them)."""
+    from torch.hub import HASH_REGEX, download_url_to_file, get_dir
+
+    name = os.path.basename(url)
+    path = os.path.join(get_dir(), "checkpoints", name)
+    match = HASH_REGEX.search(name)
+    prefix = match.group(1) if match else None
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        download_url_to_file(url, path, hash_prefix=prefix, progress=False)  # checks the hash before the rename
+    elif prefix and not _sha256(path).startswith(prefix):
+        raise UserError(f"{path} is not the published file (its SHA-256 does not start with {prefix}, as {url} "
+                        "does): refused; delete it and run again to download the published one")
+    return load_checkpoint(path)["state_dict"]
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def non_finite_keys(state_dict):
+    """Names of the floating-point tensors of a state dict that hold NaN or infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def _summarise(keys, limit=3):

@@ -7,6 +7,7 @@ a bare command trains a model with its paper's recipe.
 """
 import argparse
 import ast
+import math
 import sys
 
 import torch
@@ -42,6 +43,71 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def finite_float(text):
+    """argparse type of every float flag: a number, never nan or inf (nan passes every `x <= 0` check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+def batch_limit(text):
+    """--limit_*_batches: an int (minibatches) or a float in (0, 1] (a fraction of the split), as Lightning."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = finite_float(text)
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got '{text}'")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a number of batches must be at least 1, got '{text}'")
+    return value
+
+
+def fit_warmup(args, recipe, explicit):
+    """A shorter run than the recipe's (e.g. a quick trial's --epochs 1) scales the recipe's warm-up with it (20 of
+    ConvNeXt's 300 epochs would never end); said in one line. A --warmup_epochs given is kept as given."""
+    warmup, planned = recipe.get("warmup_epochs", 0), recipe.get("epochs")
+    if "warmup_epochs" in explicit or not warmup or not planned or args.epochs >= planned:
+        return
+    args.warmup_epochs = warmup * args.epochs / planned
+    print(f"=> warm-up scaled with the run: the recipe's {warmup:g} of {planned} epochs is {args.warmup_epochs:.3g} "
+          f"of --epochs {args.epochs}")
+
+
+def say_inert_settings(args):
+    """Settings that are allowed but train nothing get a line (never silently): --lr 0 keeps the weights (a test
+    of the data path or of BN statistics may want exactly that)."""
+    if not args.evaluate and args.lr == 0:
+        print("=> --lr 0: the weights will not change (only the BatchNorm statistics)")
+
+
+def range_problems(args):
+    """(bad, message) pairs for the numeric flags with a range that utils.recipe does not check, after the
+    recipe has filled them in."""
+    decay = list(args.lr_decay)
+    return [
+        (args.workers < 0, f"--workers must not be negative (got {args.workers})"),
+        (not 0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum:g})"),
+        (args.opt == "nesterov" and args.momentum == 0, "--opt nesterov needs a --momentum above 0"),
+        (args.weight_decay < 0, f"--weight_decay must not be negative (got {args.weight_decay:g})"),
+        (decay != sorted(set(decay)), f"--lr_decay epochs must be increasing (got {' '.join(map(str, decay))})"),
+        (not 0 <= args.drop_path < 1, f"--drop_path must be in [0, 1) (got {args.drop_path:g})"),
+        (args.T_kd <= 0, f"--T_kd must be positive (got {args.T_kd:g})"),
+        (args.kd_weight < 0 or args.sparsity_weight < 0, "--kd_weight and --sparsity_weight must not be negative"),
+        (args.gumbel_noise_epochs < 0, f"--gumbel_noise_epochs must not be negative (got {args.gumbel_noise_epochs:g})"),
+        (list(args.gumbel_temp_epochs) != sorted(args.gumbel_temp_epochs)
+         or any(not 0 <= f <= 1 for f in args.gumbel_temp_epochs),
+         "--gumbel_temp_epochs must be increasing fractions in [0, 1]"),
+        (any(v < 0 for v in list(args.lr_scale.values()) + list(args.freeze.values())),
+         "--lr_scale and --freeze values must not be negative"),
+    ]
 
 
 def device_problem(name):
@@ -137,41 +203,41 @@ def _add_recipe_flags(p):
                              "SGD and steps for the ResNets); on resume, the checkpoint's")
     g.add_argument("--opt", choices=OPTIMIZERS, help="optimizer: sgd (classical momentum, the reference's), "
                    "nesterov (SGD with Nesterov momentum) or adamw")
-    g.add_argument("--lr", type=float, help="initial (peak) learning rate")
-    g.add_argument("--momentum", type=float, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, help="weight decay (decoupled for adamw)")
+    g.add_argument("--lr", type=finite_float, help="initial (peak) learning rate")
+    g.add_argument("--momentum", type=finite_float, help="SGD momentum")
+    g.add_argument("--weight_decay", type=finite_float, help="weight decay (decoupled for adamw)")
     g.add_argument("--no_wd_norm_bias", action="store_true", default=None,
                    help="no weight decay on norm weights and biases")
     g.add_argument("--sched", choices=SCHEDULES, help="step (lr / 10 at --lr_decay epochs) or cosine; both "
                    "stepped per iteration")
     g.add_argument("--lr_decay", type=int, nargs="*", help="step schedule: epochs at which the lr is divided by 10")
-    g.add_argument("--warmup_epochs", type=float, help="linear warm-up from --warmup_lr (cosine)")
-    g.add_argument("--warmup_lr", type=float, help="learning rate the warm-up starts from")
-    g.add_argument("--min_lr", type=float, help="cosine schedule: the final learning rate")
-    g.add_argument("--lr_scale", type=key_values(float), nargs="*", action=KeyValues, metavar="GROUP=SCALE",
+    g.add_argument("--warmup_epochs", type=finite_float, help="linear warm-up from --warmup_lr (cosine)")
+    g.add_argument("--warmup_lr", type=finite_float, help="learning rate the warm-up starts from")
+    g.add_argument("--min_lr", type=finite_float, help="cosine schedule: the final learning rate")
+    g.add_argument("--lr_scale", type=key_values(finite_float), nargs="*", action=KeyValues, metavar="GROUP=SCALE",
                    help="learning-rate scale per parameter group: gates (the gates' parameters) and backbone")
-    g.add_argument("--freeze", type=key_values(float), nargs="*", action=KeyValues, metavar="GROUP=EPOCHS",
+    g.add_argument("--freeze", type=key_values(finite_float), nargs="*", action=KeyValues, metavar="GROUP=EPOCHS",
                    help="learning rate 0 for a group during its first EPOCHS epochs, e.g. backbone=5")
     g.add_argument("--batchsize", type=int, help="batch size (per process)")
     g.add_argument("--update_freq", type=int, help="minibatches per optimizer update (gradient accumulation)")
     g.add_argument("--epochs", type=int, help="epochs to train (on resume: the total, not the ones left)")
-    g.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
-    g.add_argument("--smoothing", type=float, help="label smoothing")
+    g.add_argument("--mixup", type=finite_float, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=finite_float, help="cutmix alpha (0: off)")
+    g.add_argument("--smoothing", type=finite_float, help="label smoothing")
     g.add_argument("--auto_augment", choices=["none", "imagenet"],
                    help="AutoAugment policy of the training images (torchvision's; main_imagenet.py)")
     g.add_argument("--model_ema", action="store_true", default=None,
                    help="keep an EMA of the weights, evaluated and saved beside the model")
-    g.add_argument("--model_ema_decay", type=float, help="EMA decay per optimizer update")
-    g.add_argument("--drop_path", type=float, help="stochastic depth rate (of the last block)")
-    g.add_argument("--clip_grad", type=float, help="clip the gradients' global norm to this value")
-    g.add_argument("--gumbel_temp", type=float, nargs="+", metavar="T",
+    g.add_argument("--model_ema_decay", type=finite_float, help="EMA decay per optimizer update")
+    g.add_argument("--drop_path", type=finite_float, help="stochastic depth rate (of the last block)")
+    g.add_argument("--clip_grad", type=finite_float, help="clip the gradients' global norm to this value")
+    g.add_argument("--gumbel_temp", type=finite_float, nargs="+", metavar="T",
                    help="Gumbel-softmax temperature; several values form a schedule with --gumbel_temp_epochs")
-    g.add_argument("--gumbel_temp_epochs", type=float, nargs="*", metavar="FRACTION",
+    g.add_argument("--gumbel_temp_epochs", type=finite_float, nargs="*", metavar="FRACTION",
                    help="fractions of the epochs at which the next --gumbel_temp value starts (one fewer than them)")
-    g.add_argument("--gumbel_noise_epochs", type=float,
+    g.add_argument("--gumbel_noise_epochs", type=finite_float,
                    help="fraction of the epochs trained with Gumbel noise (noise while epoch <= fraction * epochs)")
-    g.add_argument("--sparsity_weight", type=float, help="weight of the sparsity criterion")
+    g.add_argument("--sparsity_weight", type=finite_float, help="weight of the sparsity criterion")
 
 
 def _add_budget_aware_flags(p):
@@ -181,8 +247,8 @@ def _add_budget_aware_flags(p):
                    "or --teacher_weights); default with --teacher_weights: --model; none: no distillation")
     g.add_argument("--teacher_weights", metavar="PATH", help="the teacher's weights (a checkpoint of ours, a timm "
                    "or torchvision state dict)")
-    g.add_argument("--T_kd", type=float, help="distillation temperature")
-    g.add_argument("--kd_weight", type=float, help="weight of the distillation term")
+    g.add_argument("--T_kd", type=finite_float, help="distillation temperature")
+    g.add_argument("--kd_weight", type=finite_float, help="weight of the distillation term")
     g.add_argument("--awareness_metric", choices=("l1", "l2", "none"), help="multi-target: per-budget loss weights "
                    "from each budget's validation Prec@1 against its target (default: l2 when the targets CSV has "
                    "the model, else none)")
@@ -202,8 +268,13 @@ def _add_run_flags(p, defaults, data_aliases):
                    help="let a new run replace the checkpoints of another run in its directory")
     p.add_argument("--save_every_steps", type=int, default=None,
                    help="also write a resumable checkpoint every N optimizer updates within an epoch")
-    p.add_argument("--save_every_minutes", type=float, default=None,
+    p.add_argument("--save_every_minutes", type=finite_float, default=None,
                    help="also write a resumable checkpoint every M minutes within an epoch")
+    p.add_argument("--limit_train_batches", type=batch_limit, default=None, metavar="N|FRACTION",
+                   help="quick trial: train on N minibatches per epoch (an int) or a fraction of the training set "
+                        "(a float in (0, 1]); a fixed random subset, recorded in the checkpoint (Lightning's name)")
+    p.add_argument("--limit_val_batches", type=batch_limit, default=None, metavar="N|FRACTION",
+                   help="quick trial: evaluate on N minibatches or a fraction of the validation set")
     p.add_argument("--plot_ponder", action="store_true",
                    help="save a figure per image of the first --plot_count images: input, ponder cost, masks")
     p.add_argument("--plot_only", action="store_true",
@@ -232,10 +303,10 @@ def build_parser(description, models, defaults, data_aliases=(), epilog=None):
     p = OneLineErrorParser(description=description, epilog=epilog)
     p.add_argument("--model", default=defaults["model"], choices=models, metavar="NAME",
                    help=f"network ({', '.join(models)}); with -r, the checkpoint's")
-    p.add_argument("--budget", type=float, default=-1,
+    p.add_argument("--budget", type=finite_float, default=-1,
                    help="fraction of conditional MACs to keep, in [0, 1]; -1 = the static network (no gates, a plain "
                         "ResNet); with -r, the checkpoint's")
-    p.add_argument("--budget_targets", type=float, nargs="+", default=None, metavar="BUDGET",
+    p.add_argument("--budget_targets", type=finite_float, nargs="+", default=None, metavar="BUDGET",
                    help="a multi-target model: one network with a gate (and block norms) per budget, each minibatch "
                         "training one in turn; with -r, the checkpoint's")
     p.add_argument("--model_kwargs", type=key_values(), nargs="*", action=KeyValues, default={}, metavar="KEY=VALUE",

@@ -8,6 +8,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
 from .errors import UserError
+from .interrupt import ignore_stop_signals
 
 
 
@@ -17,11 +18,13 @@ class UnreadableImageError(UserError):
 
 def checked_loader(path):
     """PIL loader that names the file it cannot read. We stop rather than skip: silently dropping images
-    would change the data set and the accuracy reported on it."""
+    would change the data set and the accuracy reported on it. (PIL's own message names an open file object,
+    not the path: ours is the path and the kind of error.)"""
     try:
         return datasets.folder.default_loader(path)
     except (OSError, ValueError) as e:
-        raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it")
+        raise UnreadableImageError(f"cannot read image {path} ({type(e).__name__}: not a decodable image); remove "
+                                   "or replace it")
 
 
 CIFAR_SIZE = 32
@@ -191,13 +194,26 @@ def build_loaders(train_set, val_set, batch_size, workers, ctx, seed=0):
     padding)."""
     if ctx.distributed:
         val_set = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
-    common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                  worker_init_fn=ignore_stop_signals)  # the main process handles SIGINT/SIGTERM (utils.interrupt)
     # the loader's own generator (worker seeds) keeps it from drawing on the global RNG that the model uses
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(train_set, seed, ctx),
                               drop_last=len(train_set) > batch_size, generator=torch.Generator().manual_seed(seed),
                               **common)
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, **common)
     return train_loader, val_loader
+
+
+def limited(dataset, limit, batch_size, seed=0):
+    """A quick trial's share of a split (PyTorch Lightning's --limit_train_batches / --limit_val_batches): an int
+    is a number of minibatches, a float in (0, 1] a fraction of the split; None or 1.0 the whole split. The images
+    are a fixed random subset (seed 0 unless given), not the first ones: image folders are sorted by class."""
+    if limit is None or limit == 1.0:
+        return dataset
+    count = round(limit * len(dataset)) if isinstance(limit, float) else limit * batch_size
+    count = max(1, min(count, len(dataset)))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return Subset(dataset, sorted(order.tolist()))
 
 
 def first_images(dataset, count):

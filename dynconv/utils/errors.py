@@ -1,4 +1,5 @@
 """User-facing errors: one line on stderr and exit code 2, never a traceback."""
+import os
 import sys
 
 
@@ -15,17 +16,30 @@ def _one_line(error):
 
 def run_cli(main):
     """Runs `main()`; turns UserError into 'error: ...' + exit 2, a training run stopped by a signal into its
-    one-line message and exit code (utils.interrupt), and any other Ctrl-C into 'interrupted' + exit 130."""
-    from .interrupt import Interrupted
+    one-line message and exit code (utils.interrupt), and any other Ctrl-C or SIGTERM (e.g. while the data set is
+    read) into 'interrupted' + exit 130/143, with the run's clean-up done (its directory's lock removed)."""
+    import signal
+    import threading
 
+    from .interrupt import Interrupted, StopNow
+
+    def terminated(sig, frame):
+        raise StopNow(143)
+
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         main()
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job
+            print(str(e), file=sys.stderr)
         sys.exit(e.code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "code", 130))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -11,12 +11,12 @@ from dynconv.gates import gate_state_keys
 from dynconv.objectives import BudgetAwareness, DecisionLosses, Distillation, Loss, Sparsity, TaskLoss
 from . import recipe
 from .budgets import awareness_setup, is_dynamic, run_targets
-from .checkpoint import BEST, BEST_EMA, EMA, LATEST, restore_rng, rng_state, save_checkpoint
+from .checkpoint import BEST, BEST_EMA, EMA, LATEST, non_finite_keys, restore_rng, rng_state, save_checkpoint
 from .distributed import broadcast_buffers
 from .errors import UserError
 from .interrupt import Interrupted, SavePolicy, StopRequest
 from .logger import RunLogger
-from .training import TrainSetup, target_scalars, train_one_epoch, validate_targets
+from .training import NonFinite, TrainSetup, target_scalars, train_one_epoch, validate_targets
 
 PARAMETER_GROUPS = ("gates", "backbone")  # the gates' parameters, and everything else
 
@@ -125,7 +125,13 @@ class Trainer:
                               f"-r {self.run_dir}", self.stop.exit_code)
 
     def save_epoch(self, epoch, metrics, ema_metrics):
-        """checkpoint.pth (resumable), checkpoint_best.pth, and the EMA's own pair (its weights as state_dict)."""
+        """checkpoint.pth (resumable), checkpoint_best.pth, and the EMA's own pair (its weights as state_dict).
+        Weights holding NaN or infinity are never saved: the run stops with one line."""
+        bad = non_finite_keys(self.model.state_dict())
+        if bad:
+            raise NonFinite(f"the weights hold NaN or infinity after epoch {epoch + 1} ({', '.join(bad[:3])}"
+                            f"{' ...' if len(bad) > 3 else ''}): nothing of this epoch is saved; the learning rate "
+                            f"(--lr {self.args.lr:g}) is likely too high")
         state = self._state(epoch=epoch + 1, prec1=metrics["prec1"], mmac=metrics["mmac"],
                             **_per_budget(metrics))
         self._write(state, LATEST)
@@ -169,9 +175,9 @@ def fit(model, data, checkpoint, args, topk, run_dir, ctx, teacher=None):
     with trainer.stop:
         try:
             metrics = _epochs(trainer, train_loader, val_loader, topk)
-        except KeyboardInterrupt:  # a second Ctrl-C
+        except KeyboardInterrupt as e:  # a second signal
             raise Interrupted("interrupted: " + (f"the last checkpoint is {trainer.saved}" if trainer.saved else
-                                                 "no checkpoint was saved by this run"), 130)
+                                                 "no checkpoint was saved by this run"), getattr(e, "code", 130))
     if ctx.is_main:
         print(f"=> done: best Prec@1 {trainer.best:.3f}; checkpoints in {run_dir}")
     return {**metrics, "best_prec1": trainer.best,
@@ -204,8 +210,9 @@ def _epochs(trainer, train_loader, val_loader, topk):
         if setup.awareness is not None:  # the next epoch's weights, from the EMA's accuracy when there is one
             setup.awareness.update({t: m["prec1"] for t, m in (ema_metrics or metrics)["targets"].items()})
         if ctx.is_main:
-            _report_epoch(epoch, train_metrics, metrics, ema_metrics, trainer.best, logger, setup.awareness)
+            _report_epoch(epoch, train_metrics, metrics, ema_metrics, setup.awareness)
             trainer.save_epoch(epoch, metrics, ema_metrics)
+            _log_epoch(epoch, train_metrics, metrics, ema_metrics, trainer.best, logger, setup.awareness)  # once saved
         if trainer.stop.requested(ctx):
             raise Interrupted(f"interrupted: saved {trainer.saved}; resume with the same command and "
                               f"-r {trainer.run_dir}", trainer.stop.exit_code)
@@ -213,8 +220,8 @@ def _epochs(trainer, train_loader, val_loader, topk):
     return metrics
 
 
-def _report_epoch(epoch, train_metrics, metrics, ema_metrics, best, logger, awareness=None):
-    """The epoch's line (multi-target: the mean over the budgets, after a line per budget) and its logs."""
+def _report_epoch(epoch, train_metrics, metrics, ema_metrics, awareness=None):
+    """The epoch's line (multi-target: the mean over the budgets, after a line per budget)."""
     for target, budget_metrics in metrics.get("targets", {}).items():
         ema = f", EMA Prec@1 {ema_metrics['targets'][target]['prec1']:.3f}" if ema_metrics else ""
         tqdm.write(f"[budget {target:g}] * Epoch {epoch + 1} - Prec@1 {budget_metrics['prec1']:.3f}  (MMac "
@@ -223,6 +230,10 @@ def _report_epoch(epoch, train_metrics, metrics, ema_metrics, best, logger, awar
     mean = " (mean over the budgets)" if "targets" in metrics else ""
     tqdm.write(f"* Epoch {epoch + 1} - Prec@1 {metrics['prec1']:.3f}{mean}  (task loss "
                f"{train_metrics['task_loss']:.4f}, MMac {metrics['mmac']:.3f}, lr {train_metrics['lr']:g}{ema})")
+
+
+def _log_epoch(epoch, train_metrics, metrics, ema_metrics, best, logger, awareness=None):
+    """The epoch's logs, written after its checkpoint: a resumed run never logs an epoch twice."""
     weights = {f"loss_weight@{t:g}": w for t, w in awareness.weights.items()} if awareness is not None else {}
     logger.log(epoch + 1, {**train_metrics, **weights}, "train")
     for kind, values in (("val", {**metrics, "best_prec1": best}), ("val_ema", ema_metrics)):

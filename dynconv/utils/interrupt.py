@@ -1,6 +1,12 @@
 """Stopping a training run cleanly: SIGINT (Ctrl-C) and SIGTERM (what clusters send before preempting a job)
-ask the training loop to save a resumable checkpoint at the next optimizer update and stop; a second Ctrl-C
-stops at once. The message names what was saved, never a checkpoint that does not exist."""
+ask the training loop to save a resumable checkpoint at the next optimizer update and stop; a second signal
+stops at once. The message names what was saved, never a checkpoint that does not exist.
+
+Schedulers, `timeout` and a terminal's Ctrl-C signal the whole process group, DataLoader workers included: the
+workers ignore both signals (`ignore_stop_signals`, their worker_init_fn) and are shut down by the main process
+once it has saved. torchrun forwards the SIGTERM it gets to its workers, which then get it twice (from the group
+and from torchrun): under torchrun a repeat within a few seconds is the same request."""
+import os
 import signal
 import threading
 import time
@@ -18,12 +24,33 @@ class Interrupted(Exception):
         self.code = code
 
 
+class StopNow(KeyboardInterrupt):
+    """A second signal: stop at once (exit status `code`)."""
+
+    def __init__(self, code):
+        super().__init__()
+        self.code = code
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: the main process alone handles SIGINT/SIGTERM (it saves, then ends the workers);
+    a worker killed by the group's signal would make the loader raise instead."""
+    for sig in EXIT_CODES:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+REPEAT_SECONDS = 5.0  # torchrun's forwarded copy of the group's signal arrives within this
+
+
 class StopRequest:
     """Context manager that turns SIGINT / SIGTERM into a request the training loop polls (`requested(ctx)`)."""
 
     def __init__(self):
         self.signal = None
         self._previous = {}
+        self._when = None
+        self._torchrun = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self._speaks = os.environ.get("RANK", "0") == "0"  # one line from a torchrun job, not one per process
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
@@ -36,11 +63,14 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, sig, frame):
-        if self.signal is not None and sig == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signal = sig
-        print(f"\n{signal.Signals(sig).name} received: saving a resumable checkpoint after this step "
-              "(Ctrl-C again to stop at once)", flush=True)
+        if self.signal is not None:
+            if self._torchrun and sig == self.signal and time.monotonic() - self._when < REPEAT_SECONDS:
+                return  # torchrun's forwarded copy of the signal the group already got
+            raise StopNow(EXIT_CODES[sig])  # a second signal: stop now
+        self.signal, self._when = sig, time.monotonic()
+        if self._speaks:
+            print(f"\n{signal.Signals(sig).name} received: saving a resumable checkpoint after this step "
+                  "(a second signal stops at once)", flush=True)
 
     def requested(self, ctx):
         """Whether to stop now; under torchrun every process agrees (one small all-reduce)."""

@@ -13,11 +13,13 @@ from dynconv.models import CheckpointMismatch, WeightsUnavailable, create_model,
 from dynconv.models.base import tiles_problem
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
-from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state
-from .cli import RECIPE_DEFAULTS, apply_recipe, device_problem, model_options
-from .data import build_loaders, class_names, first_images
+from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state, non_finite_keys
+from .cli import (RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems,
+                  say_inert_settings)
+from .data import build_loaders, class_names, first_images, limited
 from .distributed import init_distributed, shutdown
 from .errors import UserError
+from .rundir import check_run_dir, run_directory
 from .fit import PARAMETER_GROUPS, fit
 from .training import mean_over_targets, print_eval, validate
 
@@ -41,7 +43,7 @@ def check_args(args):
         (len(args.gumbel_temp) != len(args.gumbel_temp_epochs) + 1,
          "--gumbel_temp needs one value more than --gumbel_temp_epochs (a value per part of the schedule)"),
         (any(t <= 0 for t in args.gumbel_temp), "--gumbel_temp values must be positive"),
-    ] + budget_problems(args) + _tiles_problems(args)
+    ] + budget_problems(args) + _tiles_problems(args) + range_problems(args)
     if args.budget_targets and not args.evaluate:
         try:
             awareness_setup(args, args.model)  # the targets CSV and its row for the model, before any data
@@ -116,22 +118,18 @@ def default_run_dir(family, model, budget, targets=()):
     return os.path.join("runs", family, model, "base" if budget < 0 else f"sparse{budget:g}".replace(".", ""))
 
 
-def _check_writable(directory):
-    """The run directory can be created (it is created when the first checkpoint is written, so that a run
-    that fails before it leaves no empty folder behind)."""
-    parent = os.path.abspath(directory)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-        raise UserError(f"cannot write to save directory {directory} ({parent} is not a writable folder)")
+ENTRY = {"cifar": "main_cifar.py", "imagenet": "main_imagenet.py"}
 
 
-def _check_new_run_dir(run_dir, overwrite):
-    """A new run refuses a directory that holds checkpoints it did not write (e.g. shipped ones)."""
-    existing = sorted(f for f in os.listdir(run_dir) if f.endswith(".pth")) if os.path.isdir(run_dir) else []
-    if existing and not overwrite:
-        raise UserError(f"{run_dir} already holds {', '.join(existing)} from another run; resume it with "
-                        f"-r {run_dir} (needs {LATEST}), choose another -s, or pass --overwrite to replace them")
+def _same_dir(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _saved_args(path):
+    try:
+        return load_checkpoint(path).get("args") or {}
+    except UserError:
+        return {}
 
 
 def find_checkpoint(args):
@@ -179,7 +177,7 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
     args.tied_norms = saved.get("tied_norms", bool(args.budget_targets) and bool(args.pretrained))
     if checkpoint is None or args.evaluate:
         return
-    for name in RECIPE_DEFAULTS:
+    for name in (*RECIPE_DEFAULTS, "limit_train_batches", "limit_val_batches"):  # a quick trial resumes as one
         if name not in explicit and name in saved:
             setattr(args, name, saved[name])
         elif name in explicit and name in saved and getattr(args, name) != saved[name]:
@@ -243,6 +241,14 @@ def _describe(args):
     return f"DynConv, budget {args.budget:g}{tiles}" if args.budget >= 0 else "dense"
 
 
+def _trial(train_set, val_set, full, args):
+    """The quick trial's share of the data, for the run's first line ('' for a full run)."""
+    parts = [f"{name} {len(s)} of {n} images (--limit_{name}_batches {getattr(args, f'limit_{name}_batches'):g})"
+             for name, s, n in (("train", train_set, full[0]), ("val", val_set, full[1]))
+             if vars(args).get(f"limit_{name}_batches") is not None and (name == "val" or not args.evaluate)]
+    return "; quick trial: " + ", ".join(parts) if parts else ""
+
+
 def _is_complete(checkpoint, args):
     return int(checkpoint.get("epoch", 0)) >= args.epochs and not checkpoint.get("step")
 
@@ -259,6 +265,8 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
         raise UserError(f"{args.model} is a {model_family(args.model)} model; this script runs {family} models")
     config = model_config(args.model)
     apply_recipe(args, config.recipe)
+    fit_warmup(args, config.recipe, explicit)
+    say_inert_settings(args)
     check_args(args)
     resolution = vars(args).get("resolution")  # the entry scripts' flag
     if resolution is not None and resolution < 1:
@@ -268,21 +276,20 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
                         f"of {args.model}")
     run_dir = args.save_dir or (os.path.dirname(checkpoint_path) if checkpoint_path else
                                 default_run_dir(family, args.model, args.budget, run_targets(args)))
-    if not args.evaluate:
-        _check_writable(run_dir)
-        if checkpoint is None:
-            _check_new_run_dir(run_dir, args.overwrite)
+    if not args.evaluate and (checkpoint is None or not _same_dir(run_dir, os.path.dirname(checkpoint_path))):
+        check_run_dir(run_dir, args.overwrite, args, explicit, ENTRY[family], _saved_args)
     if checkpoint_path and args.evaluate:
         print(f"=> evaluating {checkpoint_path}")
     if checkpoint is not None and not args.evaluate and _is_complete(checkpoint, args):
         print(f"=> the run in {run_dir} is complete ({checkpoint['epoch']} of {args.epochs} epochs): nothing to "
               "train; evaluate it with -e, or raise --epochs to train on")
         return {"epoch": int(checkpoint["epoch"]), "best_prec1": float(checkpoint.get("best_prec1", 0.0))}
-    ctx = init_distributed(args.device)
-    try:
-        return _run(args, family, config, make_datasets, topk, (checkpoint_path, checkpoint), run_dir, ctx)
-    finally:
-        shutdown(ctx)
+    with run_directory(run_dir, active=not args.evaluate and os.environ.get("RANK", "0") == "0"):
+        ctx = init_distributed(args.device)
+        try:
+            return _run(args, family, config, make_datasets, topk, (checkpoint_path, checkpoint), run_dir, ctx)
+        finally:
+            shutdown(ctx)
 
 
 def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
@@ -292,6 +299,11 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     random.seed(args.seed + ctx.rank)
     np.random.seed(args.seed + ctx.rank)  # timm's mixup draws from numpy
     train_set, val_set, num_classes = make_datasets(args, config)
+    if num_classes < 2:  # one class trains to "Prec@1 100.000", a number that means nothing
+        raise UserError(f"{args.data} has {num_classes} class: training and evaluation need at least two")
+    full = len(train_set), len(val_set)
+    train_set = limited(train_set, vars(args).get("limit_train_batches"), args.batchsize, args.seed)
+    val_set = limited(val_set, vars(args).get("limit_val_batches"), args.batchsize)
     # channels-last: about 1.3x faster training on CPU (oneDNN) and the layout tensor cores want on GPUs
     model = build_model(args, family, num_classes).to(ctx.device, memory_format=torch.channels_last)
     if args.pretrained:
@@ -300,7 +312,7 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
         load_weights(model, config, checkpoint, checkpoint_path)
     if ctx.is_main:
         print(f"=> {args.model} ({_describe(args)}), {count_parameters(model):,} parameters" +
-              (f", from {checkpoint_path}" if checkpoint else ""))
+              (f", from {checkpoint_path}" if checkpoint else "") + _trial(train_set, val_set, full, args))
     train_loader, val_loader = build_loaders(train_set, val_set, args.batchsize, args.workers, ctx, args.seed)
     if args.evaluate:
         return evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx)
@@ -310,7 +322,12 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
 
 
 def load_weights(model, config, checkpoint, path):
-    """The checkpoint's weights, through the model config's filter (foreign layouts -> ours)."""
+    """The checkpoint's weights, through the model config's filter (foreign layouts -> ours); weights holding NaN
+    or infinity are refused (they would evaluate to chance, silently)."""
+    bad = non_finite_keys(checkpoint["state_dict"])
+    if bad:
+        raise UserError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+                        ": refused (the run that wrote it diverged)")
     load_model_state(model, filtered(config, checkpoint["state_dict"], model, path), path)
 
 

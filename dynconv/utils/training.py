@@ -12,7 +12,23 @@ from tqdm import tqdm
 from dynconv import MacCounter
 from dynconv.objectives import Loss, StepOutput
 from .distributed import all_reduce_sum
+from .errors import UserError
 from .recipe import clip_gradients, count_updates, set_lr, update_ema
+
+
+class NonFinite(UserError):
+    """The loss or the weights became NaN or infinite: training stops before anything of that state is saved."""
+
+
+def _check_finite(nonfinite, values, epoch, step, lr):
+    """Stops at the first optimizer update whose loss (of the minibatches it sums) was not finite, before the
+    update: the weights and the checkpoints stay those of a finite state. One host sync per update."""
+    if not nonfinite.item():
+        return
+    terms = [k for k, v in values.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+    raise NonFinite(f"the loss is not finite at epoch {epoch + 1}, batch {step} ({', '.join(terms) or 'total'}): "
+                    f"stopped before the update, nothing of this state is saved; the learning rate (lr {lr:g}) is "
+                    "likely too high, or a temperature or loss weight is extreme")
 
 
 def autocast(device, enabled):
@@ -128,6 +144,7 @@ def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_
     set_lr(setup.scheduler, epoch, start_step // setup.update_freq, per_epoch, setup.freeze)
     lr = max(group["lr"] for group in setup.optimizer.param_groups)
     progress = _Progress(loader, epoch, start_step, show_progress)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     for i, (images, labels) in enumerate(loader, start=start_step):
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
@@ -139,6 +156,7 @@ def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_
             logits, decisions = model(images, target=target)
             total, values = setup.loss(StepOutput(images, logits, decisions, labels, epoch + i / batches, target))
         updating = (i + 1) % setup.update_freq == 0 or i + 1 == batches
+        nonfinite |= ~torch.isfinite(total.detach())
         with _gradient_sync(model, updating):
             setup.scaler.scale(total / setup.update_freq).backward()
         values["train_prec1"] = 100.0 * (logits.detach().argmax(1) == hard_labels).float().mean()
@@ -147,6 +165,7 @@ def train_one_epoch(model, loader, setup, epoch, ctx, show_progress=True, start_
         sums.add(values, images.shape[0])
         progress.step(i, values)
         if updating:
+            _check_finite(nonfinite, values, epoch, i + 1, max(g["lr"] for g in setup.optimizer.param_groups))
             set_lr(setup.scheduler, epoch, i // setup.update_freq, per_epoch, setup.freeze)
             _optimizer_update(model, setup)
             if i + 1 < batches:
