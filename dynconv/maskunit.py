@@ -63,6 +63,7 @@ class MaskLogits(nn.Module):
         self.conv = nn.Conv2d(channels, 1, kernel_size=3, stride=stride, padding=1, bias=True)
         self.fc = nn.Linear(channels, 1)
         self._tap_cache = None
+        self._mean_cache = None
 
     def forward(self, x):
         stride = self.conv.stride[0]
@@ -74,6 +75,32 @@ class MaskLogits(nn.Module):
         # Sum, then scale the small result: mean()'s backward divides a full-size tensor.
         global_term = self.fc(x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3]))[:, :, None, None]
         return self.conv(x) + global_term
+
+    def mean_logit(self, x):
+        """The mean over output positions of forward(x), per image: (N, 1, 1, 1), with no gradient. The mean of
+        a linear map is a linear functional of x, so it is one dot product per image with a (H, W, C) map built
+        once per input size (`mean_functional`): the decision of a tile covering the whole map, at the cost of
+        a pass over x where the logits map takes a product, a window sum and a pool."""
+        n, c, h, w = x.shape
+        functional, constant = self.mean_functional(h, w, x.dtype, x.device)
+        flat = x.permute(0, 2, 3, 1).reshape(n, h * w * c)  # a view when x is channels-last
+        return torch.addmv(constant, flat, functional).view(n, 1, 1, 1)
+
+    def mean_functional(self, h, w, dtype, device):
+        """(H * W * C,) weights and the constant of `mean_logit` for (h, w) inputs; cached with the parameters'
+        storage and versions, like tap_matrix (read from the modules' dicts: a module attribute costs a
+        microsecond, and this runs in every block at batch 1)."""
+        conv, fc = self._modules["conv"]._parameters, self._modules["fc"]._parameters
+        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
+        version = tuple((p.data_ptr(), p._version) for p in params)
+        if self._mean_cache is None or self._mean_cache[0] != version:
+            self._mean_cache = (version, {})
+        functionals = self._mean_cache[1]
+        key = (h, w, dtype, device)
+        if key not in functionals:
+            with torch.no_grad():
+                functionals[key] = mean_functional(*params, h, w, self.conv.stride[0], dtype, device)
+        return functionals[key]
 
     def tap_matrix(self):
         """The (10, C) projection of `tap_logits` and its constant term; see `tap_matrix`. Kept while the
@@ -93,6 +120,27 @@ def tap_matrix(conv_weight, conv_bias, fc_weight, fc_bias):
     c = conv_weight.shape[1]
     taps = conv_weight.permute(0, 2, 3, 1).reshape(9, c).flip(0)
     return torch.cat([taps, fc_weight]), conv_bias + fc_bias
+
+
+def mean_functional(conv_weight, conv_bias, fc_weight, fc_bias, h, w, stride, dtype, device):
+    """MaskLogits' mean logit over its output positions as a linear functional of a (h, w) input: the conv's
+    output at p sums tap (dy, dx) of input pixel stride * p + (dy - 1, dx - 1), so the mean over the P output
+    pixels weighs input pixel (y, x) by (1 / P) * sum over the taps that read it of the tap's weights; the fc on
+    the global average adds fc / (h * w) everywhere. -> ((h * w * C,) weights in (y, x, c) order, constant)."""
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+
+    def reads(size, out_size):  # (3, size): 1 where tap offset d - 1 reads this input coordinate for some output
+        hits = torch.zeros(3, size, dtype=torch.float64)
+        for d in range(3):
+            coords = torch.arange(out_size) * stride + d - 1
+            hits[d, coords[(coords >= 0) & (coords < size)]] = 1.0
+        return hits
+
+    weight = conv_weight[0].double()  # (C, 3, 3)
+    per_pixel = torch.einsum("cab,ay,bx->yxc", weight, reads(h, out_h), reads(w, out_w)) / (out_h * out_w)
+    per_pixel = per_pixel + fc_weight[0].double() / (h * w)
+    constant = (conv_bias + fc_bias).double()
+    return per_pixel.reshape(-1).to(dtype=dtype, device=device), constant.to(dtype=dtype, device=device)
 
 
 def tap_logits(x, matrix, constant, stride):
@@ -205,6 +253,9 @@ class GumbelStraightThrough(torch.autograd.Function):
         return (grad / ctx.temperature if ctx.temperature != 1.0 else grad), None, None
 
 
+_ONE = torch.ones(())
+
+
 class MaskUnit(Gate):
     """Gumbel-softmax mask unit (DynConv, Verelst & Tuytelaars 2020): a spatial gate.
 
@@ -234,6 +285,7 @@ class MaskUnit(Gate):
         self.cost, self.dilated_cost = cost, dilated_cost
         self.gumbel_noise = True
         self.temperature = 1.0
+        self._shapes, self._covers = {}, {}
 
     def set_schedule(self, noise=None, temperature=None, **_):
         if noise is not None:
@@ -246,7 +298,35 @@ class MaskUnit(Gate):
 
     def forward(self, x, target=None):
         """The SpatialDecision for x; a dilated mask at x's resolution when dilate_stride > 1."""
+        if not self.training and self.covers(x.shape[-2:]):
+            return self.whole_map_decision(self.maskconv.mean_logit(x), x.shape)
         return self.decide(self.maskconv(x), x.shape[-2:])
+
+    def output_size(self, input_size):
+        stride = self.maskconv.conv.stride[0]
+        return tuple((s - 1) // stride + 1 for s in input_size)
+
+    def covers(self, input_size):
+        """Whether one tile covers the whole mask: one decision per block and image."""
+        covered = self._covers.get(input_size)
+        if covered is None:  # per input size (a fixed cost of every block at batch 1, hence cached)
+            covered = self._covers[input_size] = self.tile >= max(self.output_size(input_size))
+        return covered
+
+    def whole_map_decision(self, logit, input_shape):
+        """Evaluation with one tile per map: the mean logit (N, 1, 1, 1) decides (>= 0, as the tile's average
+        logit would), the masks are that value broadcast over the map (expanded views, no copies)."""
+        if input_shape not in self._shapes:  # per input shape: the masks' shapes and the overhead
+            n, _, *input_size = input_shape
+            hard_shape = (n, 1, *self.output_size(input_size))
+            dilated_shape = (n, 1, *(input_size if self.dilate_stride > 1 else hard_shape[2:]))
+            self._shapes[input_shape] = hard_shape, dilated_shape, self.overhead(hard_shape)
+        hard_shape, dilated_shape, overhead = self._shapes[input_shape]
+        on = torch.heaviside(logit, _ONE.to(logit.dtype))  # logit >= 0 as 0/1 in one op (1 at exactly 0)
+        # a constant mask dilates to itself, at either resolution
+        dilated = on.expand(dilated_shape) if self.dilated_cost is not None else None
+        return SpatialDecision(on.expand(hard_shape), dilated, None, self.cost, self.dilated_cost or ZERO, overhead,
+                               self.tile)
 
     def decide(self, logits, input_size):
         """The SpatialDecision from the logits; `input_size` is the block input's (H, W)."""

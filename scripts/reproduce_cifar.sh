@@ -11,11 +11,13 @@
 # ResNets (resnet8 and resnet32 dense and at budgets 0.25 / 0.5 / 0.75, resnet14 and resnet20 dense) under
 # runs/cifar30/. It takes longer than one session: commit the unfinished runs' checkpoint.pth (git add -f) and
 # start the script again in the next session to resume them. Finished runs are shipped under exp/cifar30/ (README).
-# Usage: bash scripts/reproduce_cifar.sh [DATA_ROOT] [short|long]   (defaults data/cifar10-jpeg, short)
+# The third, `tiles` (issue 29): the long schedule for ResNet-32 at budgets 0.25 and 0.5 with one decision per
+# block and image (--tiles 32 16 8, chosen on 10-epoch pilots), under runs/cifar30/resnet32/tiles{025,05}.
+# Usage: bash scripts/reproduce_cifar.sh [DATA_ROOT] [short|long|tiles]   (defaults data/cifar10-jpeg, short)
 set -u
 DATA=${1:-data/cifar10-jpeg}
 SCHEDULE=${2:-short}
-if [ "$SCHEDULE" = long ]; then
+if [ "$SCHEDULE" = long ] || [ "$SCHEDULE" = tiles ]; then
     COMMON="--epochs 30 --lr_decay 15 22 --batchsize 256 --lr 0.1 --workers 0 --data $DATA"
     OUT=runs/cifar30
 else
@@ -23,10 +25,10 @@ else
     OUT=runs/cifar
 fi
 
-run() {  # model budget dir (under $OUT)
+run() {  # model budget dir (under $OUT) [extra flags]
     local dir=$OUT/$3
     mkdir -p "$dir"
-    OMP_NUM_THREADS=1 python main_cifar.py --model "$1" --budget "$2" $COMMON -s "$dir" -r "$dir" \
+    OMP_NUM_THREADS=1 python main_cifar.py --model "$1" --budget "$2" $COMMON "${@:4}" -s "$dir" -r "$dir" \
         >> "$dir/train.log" 2>&1
 }
 
@@ -55,4 +57,6 @@ long_b() {
     run resnet32 0.25 resnet32/sparse025
     run resnet32 0.75 resnet32/sparse075
 }
+tiles_a() { run resnet32 0.25 resnet32/tiles025 --tiles 32 16 8; }
+tiles_b() { run resnet32 0.5 resnet32/tiles05 --tiles 32 16 8; }
 ${SCHEDULE}_a & ${SCHEDULE}_b & wait

@@ -75,7 +75,7 @@ def in_git_checkout():
 def test_the_compact_table_fits_120_columns(speedtest):
     row = {"model": "resnet101", "batch": 256, "density": 0.125, "masks": "clustered", "active_fraction": 0.1234,
            "dense_ms": 123456.789, "masked_ms": 1.234, "engine_ms": 99999.9, "dense_mmac": 7799.357,
-           "sparse_mmac": 1495.097, "ideal_speedup": 15.034, "speedup": 12.345, "efficiency": 1.234}
+           "sparse_mmac": 1495.097, "engine_mmac": 1601.5, "ideal_speedup": 15.034, "speedup": 12.345, "efficiency": 1.234}
     lines = [speedtest.table_header(), speedtest.table_row(row)]
     assert all(len(line) <= 120 for line in lines) and "123456.8" in lines[1] and "1.23" in lines[1]
 
@@ -145,7 +145,9 @@ def test_speedtest_dense_checkpoint_asks_for_gates(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--models", "resnet8", "resnet32", "--checkpoint", "x.pth"],
                                   ["--models", "resnet8", "--checkpoint", "x.pth", "--data", "no_such_dir"],
-                                  ["--threads", "0"], ["--densities", "0"], ["--models", "resnet9"]])
+                                  ["--threads", "0"], ["--densities", "-0.1"], ["--densities", "1.5"],
+                                  ["--tiles", "4", "2"], ["--tiles", "0", "1", "1"],
+                                  ["--models", "dydensenet86", "--tiles", "1"], ["--models", "resnet9"]])
 def test_speedtest_bad_flags_are_one_line(argv):
     done = script(SPEEDTEST, *argv)
     one_line_error(done.returncode, done.stderr)

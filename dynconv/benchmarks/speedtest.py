@@ -31,14 +31,15 @@ from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
 from dynconv.models import create_model, list_models, model_config  # noqa: E402
+from dynconv.models.base import tiles_problem  # noqa: E402
 from dynconv.utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from dynconv.utils.errors import UserError, run_cli  # noqa: E402
 from dynconv.utils.run import classifier_keys  # noqa: E402
 from dynconv.utils.timing import median_ms  # noqa: E402
 
-COLUMNS = ["model", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
-           "dense_mmac", "sparse_mmac", "ideal_speedup", "speedup", "efficiency"]
+COLUMNS = ["model", "tiles", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
+           "dense_mmac", "sparse_mmac", "engine_mmac", "ideal_speedup", "speedup", "efficiency"]
 
 EXAMPLES = """examples:
   # synthetic masks: table, CSV and plot of achieved against ideal speedup
@@ -67,7 +68,8 @@ def fixed(digits):
 TABLE = [("model", "model", 13, str), ("batch", "batch", 5, str), ("masks", "masks", 9, str),
          ("density", "density", 12, str), ("active", "active_fraction", 6, fixed(3)),
          ("dense ms", "dense_ms", 9, fmt_ms), ("masked ms", "masked_ms", 9, fmt_ms),
-         ("engine ms", "engine_ms", 9, fmt_ms), ("ideal", "ideal_speedup", 5, fixed(2)),
+         ("engine ms", "engine_ms", 9, fmt_ms), ("MMac", "sparse_mmac", 8, fixed(1)),
+         ("exec MMac", "engine_mmac", 9, fixed(1)), ("ideal", "ideal_speedup", 5, fixed(2)),
          ("speedup", "speedup", 7, fixed(2)), ("eff.", "efficiency", 5, fixed(2))]
 
 
@@ -87,11 +89,14 @@ def family_of(name):
     return "cifar" if name in list_models("cifar") else "imagenet"
 
 
-def build_models(name, num_classes, device, trained=None, target=None):
+def build_models(name, num_classes, device, trained=None, target=None, tiles=None):
     """(dense, sparse) models with the same weights, eval mode, channels-last. `trained`: (path, state dict in
-    our layout, budgets) of --checkpoint; a multi-target one's dense model has the norms of budget `target`."""
+    our layout, budgets, model options) of --checkpoint; a multi-target one's dense model has the norms of budget
+    `target`. `tiles`: the sparse model's tile sides per stage (synthetic masks; a checkpoint brings its own)."""
     targets = trained[2] if trained else ()
-    sparse = create_model(name, family_of(name), gate_layer=MaskUnit, num_classes=num_classes, targets=targets)
+    options = trained[3] if trained else ({"tiles": tuple(tiles)} if tiles else {})
+    sparse = create_model(name, family_of(name), gate_layer=MaskUnit, num_classes=num_classes, targets=targets,
+                          **options)
     if trained is not None:
         load_model_state(sparse, trained[1], trained[0])
     dense = create_model(name, family_of(name), num_classes=num_classes)
@@ -112,14 +117,26 @@ def measure(dense, sparse, images, runs, warmup, backend, target=None):
                         "engine": lambda: engine(images, target=target)}, runs, warmup, images.device)
         dense_mmac, sparse_mmac = count_mmac(dense, images), count_mmac(sparse, images, target=target)
         masks = sparse(images, target=target)[1]
+        engine(images, target=target)  # the plans' executed MACs of this batch
     active = sum(m.hard.sum().item() for m in masks) / sum(m.hard.numel() for m in masks)  # spatial decisions
     ideal = dense_mmac / sparse_mmac
+    engine_mmac = sparse_mmac + executed_difference(engine, masks) / 1e6
     speedup = ms["dense"] / ms["engine"]
     return {"active_fraction": round(active, 4), "dense_ms": round(ms["dense"], 3),
             "masked_ms": round(ms["masked"], 3), "engine_ms": round(ms["engine"], 3),
             "dense_mmac": round(dense_mmac, 3), "sparse_mmac": round(sparse_mmac, 3),
+            "engine_mmac": round(engine_mmac, 3),
             "ideal_speedup": round(ideal, 3), "speedup": round(speedup, 3), "efficiency": round(speedup / ideal, 3)}
 
+
+def executed_difference(engine, decisions):
+    """MACs the engine's plans executed in their last call minus our definition's count of the same layers (the
+    block convs at the (dilated) mask positions): tile halos and dense fallbacks make it positive. Plans that do
+    not report theirs count as defined."""
+    reported = [p.executed_macs for p in engine.plans.values() if p.executed_macs is not None]
+    if len(reported) != len(decisions):
+        return 0.0
+    return sum(reported) - sum(float(d.conditional()[0]) for d in decisions)
 
 
 def load_trained(name, path):
@@ -132,7 +149,8 @@ def load_trained(name, path):
         raise UserError(f"{path} holds a {trained_as}, not a {name}: pass --models {trained_as}")
     saved = checkpoint.get("args") or {}
     targets = tuple(saved.get("budget_targets") or sorted(k for k in checkpoint if isinstance(k, float)))
-    model = create_model(name, family_of(name), gate_layer=MaskUnit, targets=targets)
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in (saved.get("model_kwargs") or {}).items()}
+    model = create_model(name, family_of(name), gate_layer=MaskUnit, targets=targets, **options)
     state = model_config(name).filter(checkpoint["state_dict"], model)
     if not gate_state_keys(model) & set(state):
         raise UserError(f"{path} is a static model (no gates): the sparse engine needs a checkpoint with gates "
@@ -140,7 +158,7 @@ def load_trained(name, path):
     weight = next(k for k in classifier_keys(model) if k.endswith("weight"))
     if weight not in state:
         raise UserError(f"{path} does not fit {name}: it has no classifier weight '{weight}'")
-    return (path, state, targets), state[weight].shape[0]
+    return (path, state, targets, options), state[weight].shape[0]
 
 
 def checkpoint_images(args, name, batch, resolution):
@@ -167,14 +185,16 @@ def model_rows(name, args, device, trained=None):
         else [(k, d, None) for k in args.masks for d in args.densities]
     for batch in args.batch_sizes:
         for kind, density, target in configs:
-            dense, sparse = build_models(name, num_classes, device, trained, target)
+            dense, sparse = build_models(name, num_classes, device, trained, target, args.tiles)
             if trained is None:
                 install_synthetic_masks(sparse, density, kind)
                 images = torch.randn(batch, 3, resolution, resolution)
             else:
                 images = checkpoint_images(args, name, batch, resolution)
             images = images.to(device).contiguous(memory_format=torch.channels_last)
-            row = {"model": name, "batch": len(images), "density": density, "masks": kind,
+            tiles = trained[3].get("tiles") if trained else args.tiles
+            row = {"model": name, "tiles": " ".join(map(str, tiles or ())) or "-", "batch": len(images),
+                   "density": density, "masks": kind,
                    **measure(dense, sparse, images, args.runs, args.warmup, args.backend, target)}
             print(table_row(row), flush=True)
             yield row
@@ -191,7 +211,11 @@ def parse_args(argv=None):
                         f"{' '.join(DEFAULT_MODELS)}, with --checkpoint the checkpoint's network)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batch sizes to measure")
     p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-                   help="fractions of active positions of the synthetic masks, in (0, 1]")
+                   help="fractions of active positions (of tiles, with --tiles) of the synthetic masks, in [0, 1]; "
+                        "0: every gate off, the engine's fixed cost (its engine ms against dense ms)")
+    p.add_argument("--tiles", nargs="+", type=int, metavar="G",
+                   help="synthetic masks decided per tile: the tile side per stage (as main_*.py --tiles; "
+                        "e.g. 8 4 2 1 for ResNet-50); a --checkpoint brings its own")
     p.add_argument("--masks", nargs="+", default=["clustered"], choices=KINDS,
                    help="synthetic mask kinds: clustered blobs (like trained masks) or i.i.d. random pixels")
     p.add_argument("--checkpoint", help="use a trained DynConv model's own masks (one --models name)")
@@ -238,8 +262,17 @@ def check_args(p, args):
                               ("--resolution", [args.resolution], 8)):
         if None not in values and min(values) < low:  # None: the flag's default choice
             p.error(f"{flag} must be at least {low}, got {min(values)}")
-    if not all(0 < d <= 1 for d in args.densities):
-        p.error(f"--densities must lie in (0, 1], got {' '.join(f'{d:g}' for d in args.densities)}")
+    if not all(0 <= d <= 1 for d in args.densities):
+        p.error(f"--densities must lie in [0, 1], got {' '.join(f'{d:g}' for d in args.densities)}")
+    if args.tiles and args.checkpoint:
+        p.error("--tiles is for synthetic masks: a --checkpoint's model brings its own tiles")
+    for name in args.models if args.tiles and not args.plot_from else ():
+        stages = (model_config(name).options.get("tiles") or (None,))[0]
+        if stages is None:
+            p.error(f"{name} takes no --tiles (no spatial gates with tiles)")
+        problem = tiles_problem(tuple(args.tiles), len(stages))
+        if problem:
+            p.error(f"--tiles for {name}: {problem}")
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decisions import ZERO, SpatialDecision
-from ..maskunit import MaskUnit
+from ..maskunit import MaskUnit, expand_tiles
 
 KINDS = ("clustered", "random")
 
@@ -29,27 +29,37 @@ def synthetic_mask(n, h, w, density, kind="clustered", seed=0):
 
 
 class SyntheticMaskUnit(MaskUnit):
-    """A mask unit whose logits are computed as usual (so their cost is real) but which decides a synthetic mask."""
+    """A mask unit whose logits are computed as usual (so their cost is real) but which decides a synthetic mask,
+    per tile of the unit's tile side (the density is that of the tile grid)."""
 
     def __init__(self, unit, density, kind, seed):
         super().__init__(unit.maskconv.conv.in_channels, unit.maskconv.conv.stride[0], unit.dilate_stride,
-                         unit.cost, unit.dilated_cost)
+                         unit.cost, unit.dilated_cost, unit.tile)
         self.maskconv = unit.maskconv
         self.density, self.kind, self.seed = density, kind, seed
         self._cache = {}
+        self.train(unit.training)
+
+    def forward(self, x, target=None):
+        covers = not self.training and self.covers(x.shape[-2:])
+        logits = self.maskconv.mean_logit(x) if covers else self.maskconv(x)  # what the real unit computes
+        return self.decide(logits, x.shape[-2:])
 
     def decide(self, logits, input_size):
-        key = (tuple(logits.shape), logits.device)
+        out_h, out_w = self.output_size(input_size)
+        key = (logits.shape[0], out_h, out_w, logits.device)
         if key not in self._cache:
-            n, _, h, w = logits.shape
-            self._cache[key] = synthetic_mask(n, h, w, self.density, self.kind, self.seed).to(logits.device)
-        hard = self._cache[key]
-        dilated = self.dilate(hard, input_size) if self.dilated_cost is not None else None
-        return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO, self.overhead(logits.shape))
+            grid = synthetic_mask(logits.shape[0], -(-out_h // self.tile), -(-out_w // self.tile), self.density,
+                                  self.kind, self.seed)
+            hard = expand_tiles(grid, self.tile, (out_h, out_w)).to(logits.device)
+            self._cache[key] = hard, self.dilate(hard, input_size) if self.dilated_cost is not None else None
+        hard, dilated = self._cache[key]
+        return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO,
+                               self.overhead(hard.shape), self.tile)
 
 
 def install_synthetic_masks(model, density, kind="clustered", seed=0):
-    """Replaces every mask unit of the model by a SyntheticMaskUnit (same weights); returns the model."""
+    """Replaces every mask unit of the model by a SyntheticMaskUnit (same weights and tile side); returns it."""
     parents = [(m, name, child) for m in model.modules() for name, child in m.named_children()
                if isinstance(child, MaskUnit)]
     for i, (parent, name, unit) in enumerate(parents):

@@ -32,6 +32,7 @@ class BlockPlan:
 
     def __init__(self, block, ops, settings):
         self.block, self.ops, self.settings = block, ops, settings
+        self.executed_macs = None  # MACs of the block's conditional layers as executed in the last call, if known
 
     def __call__(self, x, target=None):
         raise NotImplementedError

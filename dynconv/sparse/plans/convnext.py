@@ -36,6 +36,8 @@ class ConvNeXtBlockPlan(BlockPlan):
         active = decision.hard.reshape(-1)
         idx = active.nonzero().squeeze(1)
         out = rows(x)  # the output is x plus the branch at the mask positions, added in place
+        self.executed_macs = (active.numel() if idx.numel() > self.settings.dense_above * active.numel()
+                              else idx.numel()) * decision.cost.macs
         if idx.numel() > self.settings.dense_above * active.numel():
             out.addcmul_(self._mlp(rows(self.conv(x))), active[:, None])
         elif idx.numel() > 0:

@@ -26,6 +26,69 @@ from ...multitarget import variant
 from ..layout import fold_conv_bn, rows, tap_table, with_zero_row
 from . import BlockPlan
 
+SMALL_MAP_ROWS = 4096  # output pixels (batch included) below which oneDNN's strided 1x1 conv beats a matrix product
+TILE_COUNT_MULTIPLE = 4  # active tile counts are padded up to a multiple: fewer distinct conv shapes
+
+
+class TileGeometry:
+    """Where the tiles of a block read and write, for one input shape and tile side (cached by the plan).
+
+    Going back from a tile x tile output tile through the block's convs (kernel k, stride s, padding p), each
+    layer's input window is (size - 1) * s + k wide and starts s * start - p from the tile's origin. `windows`:
+    per tile (N * grid_h * grid_w tiles, image-major, then the null tile), the rows of the block input's window
+    (outside the map: the zero row after the map's rows); `valid[i]`: per tile, 1 where conv i's output window
+    lies on the map (None when conv i + 1 is 1x1 and nothing outside the map can reach the tile);
+    `targets`: per tile, the output rows of its tile x tile positions (outside the map: a dump row, N * H * W).
+    """
+
+    def __init__(self, folded, input_shape, tile):
+        n, _, h, w = input_shape
+        device = folded[0].weight.device
+        sizes = [(h, w)]
+        for f in folded:
+            k, s, p = f.weight.shape[-1], f.stride, f.padding
+            sizes.append(tuple((d + 2 * p - k) // s + 1 for d in sizes[-1]))
+        self.dense_macs = sum(f.weight[0].numel() * f.weight.shape[0] * size[0] * size[1]
+                              for f, size in zip(folded, sizes[1:]))  # per image
+        if tile is None:
+            return
+        out_h, out_w = sizes[-1]
+        grid_h, grid_w = -(-out_h // tile), -(-out_w // tile)
+        self.overhangs = out_h % tile != 0 or out_w % tile != 0
+        # windows (size, start relative to the tile origin, origin step per tile) from the output back
+        size, start, step, windows = tile, 0, tile, [(tile, 0, tile)]
+        for f in reversed(folded):
+            k, s, p = f.weight.shape[-1], f.stride, f.padding
+            size, start, step = (size - 1) * s + k, start * s - p, step * s
+            windows.append((size, start, step))
+        windows.reverse()  # windows[i]: the input window of conv i; windows[-1]: the output tile
+        self.window = windows[0][0]
+        self.tile_macs = sum(f.weight[0].numel() * f.weight.shape[0] * windows[i + 1][0] ** 2
+                             for i, f in enumerate(folded))
+        self.windows = self._table(n, grid_h, grid_w, windows[0], h, w, n * h * w).to(device)
+        self.valid = []
+        for i in range(len(folded) - 1):
+            if folded[i + 1].weight.shape[-1] == 1:
+                self.valid.append(None)
+                continue
+            on_map = (self._table(n, grid_h, grid_w, windows[i + 1], *sizes[i + 1], -1) >= 0).float()
+            self.valid.append(on_map.view(-1, 1, windows[i + 1][0], windows[i + 1][0]).to(device))
+        self.targets = self._table(n, grid_h, grid_w, windows[-1], out_h, out_w, n * out_h * out_w)[:-1].to(device)
+        self.null_tile = n * grid_h * grid_w
+
+    @staticmethod
+    def _table(n, grid_h, grid_w, window, h, w, outside):
+        """(N * grid_h * grid_w + 1, size * size): the rows of each tile's window on N maps of (h, w), image-major;
+        positions outside the map are `outside`; the last row (the null tile) is all `outside`."""
+        size, start, step = window
+        ys = torch.arange(grid_h)[:, None] * step + start + torch.arange(size)  # (grid_h, size)
+        xs = torch.arange(grid_w)[:, None] * step + start + torch.arange(size)  # (grid_w, size)
+        inside = ((ys >= 0) & (ys < h))[:, None, :, None] & ((xs >= 0) & (xs < w))[None, :, None, :]
+        pixel = ys[:, None, :, None] * w + xs[None, :, None, :]  # (grid_h, grid_w, size, size)
+        table = torch.arange(n)[:, None, None, None, None] * (h * w) + pixel
+        table = torch.where(inside, table, outside).reshape(n * grid_h * grid_w, size * size)
+        return torch.cat([table, torch.full((1, size * size), outside)])
+
 
 def _check_layers(block):
     """The plan folds Conv2d + BatchNorm2d pairs and fuses ReLU: other injected layers have no plan here."""
@@ -57,10 +120,15 @@ class ResNetBlockPlan(BlockPlan):
             self.downsample = fold_conv_bn(*block.downsample) if block.downsample is not None else None
         self.bottleneck = hasattr(block, "conv3")
         self._folds = {}  # the norms in use (one set per target in multi-target blocks) -> folded convs
-        self.folds(None)
+        self._default_folds = None
+        self._default_folds = self.folds(None)
+        self._geometries = {}
+        self.executed_macs = 0.0  # MACs of the block's convs in the last call, as executed (halos included)
 
     def folds(self, target):
         """The block's convs with the norms of `target` folded in (built once per set of norms)."""
+        if target is None and self._default_folds is not None:  # the common case, without the lookup
+            return self._default_folds
         norms = tuple(variant(n, target) for n in _norms(self.block))
         if norms not in self._folds:
             convs = [self.block.conv1, self.block.conv2] + ([self.block.conv3] if self.bottleneck else [])
@@ -72,23 +140,97 @@ class ResNetBlockPlan(BlockPlan):
         folded = self.folds(target)
         decision = self.block.masker(x, target)
         identity = x if self.downsample is None else self._downsample(x)
+        out_hw = tuple(decision.hard.shape[-2:])
+        if decision.tile >= max(out_hw):  # one value per image: the mask's first element, as a (N,) view
+            on = decision.hard.as_strided((x.shape[0],), (decision.hard.stride(0),))
+            return self._whole_blocks(x, identity, folded, on), decision
+        if decision.tile > 1:
+            return self._tiles(x, identity, folded, decision), decision
         # the result goes into `identity` in place; outside the mask it is a ReLU output (non-negative, as
         # scatter_add_relu_ requires) or, downsampled, gets its ReLU below
         out = identity
         idx = decision.hard.reshape(-1).nonzero().squeeze(1)
+        self.executed_macs = 0.0
         if idx.numel() > 0:
             limit = self._dense_limit(decision)
             if idx.numel() > limit * decision.hard.numel():
+                self.executed_macs = self.geometry(x.shape).dense_macs * x.shape[0]
                 return torch.addcmul(identity, self._dense_residual(x, folded), decision.hard).relu_(), decision
             idx_dilated = decision.dilated.reshape(-1).nonzero().squeeze(1)
             if idx_dilated.numel() > limit * decision.dilated.numel():
                 idx_dilated = None  # conv1 everywhere: cheaper than gathering almost every position
+            self.executed_macs = float(idx.numel() * decision.cost.macs)
+            if idx_dilated is None:
+                self.executed_macs += decision.dilated.numel() * decision.dilated_cost.macs
+            else:
+                self.executed_macs += idx_dilated.numel() * decision.dilated_cost.macs
             rows_fn = self._bottleneck_rows if self.bottleneck else self._basic_rows
             residual = rows_fn(x, folded, idx, idx_dilated, decision.hard.shape[-2:])
             self.ops["scatter_add_relu_"](rows(out), idx, residual)
         if self.downsample is not None:
             out.relu_()  # the downsampled identity can be negative outside the mask
         return out, decision
+
+    def _whole_blocks(self, x, identity, folded, on):
+        """One decision per image (`on`: (N,) 0/1): the block runs densely on the images it is on for, batched,
+        and its result is added into their identity (ReLU fused); the others keep the identity."""
+        if x.shape[0] == 1:  # batch 1: on or off, no index list (a fixed cost of every block)
+            active, count = None, int(on.item())
+        else:
+            active = on.nonzero().squeeze(1)
+            count = active.numel()
+        self.executed_macs = self.geometry(x.shape).dense_macs * count
+        if count == x.shape[0]:
+            return identity.add_(self._dense_residual(x, folded)).relu_()
+        if count > 0:
+            residual = self._dense_residual(x.index_select(0, active), folded)
+            identity.index_add_(0, active, residual)  # into x itself when there is no downsample: x is not reused
+        return identity.relu_() if self.downsample is not None or count > 0 else identity
+
+    def _tiles(self, x, identity, folded, decision):
+        """Tile-constant masks: each active tile with its halo gathered into a batch of small maps, the block's
+        convs run densely on that batch without padding (the map border's zeros come from the gather and from
+        `valid`), the tiles' results added into the identity, ReLU fused. Runs densely where the tiles and their
+        halos would cost more than the whole map."""
+        geometry = self.geometry(x.shape, decision.tile)
+        grid = decision.hard[:, 0, ::decision.tile, ::decision.tile]
+        active = grid.reshape(-1).nonzero().squeeze(1)
+        count = active.numel()
+        if count == 0:
+            self.executed_macs = 0.0
+            return identity.relu_() if self.downsample is not None else identity
+        padded = -(-count // TILE_COUNT_MULTIPLE) * TILE_COUNT_MULTIPLE  # repeating shapes: oneDNN's cached kernels
+        if padded * geometry.tile_macs > self.settings.dense_above * x.shape[0] * geometry.dense_macs:
+            self.executed_macs = geometry.dense_macs * x.shape[0]
+            return torch.addcmul(identity, self._dense_residual(x, folded), decision.hard).relu_()
+        self.executed_macs = padded * geometry.tile_macs
+        tiles = F.pad(active, (0, padded - count), value=geometry.null_tile)  # null tiles: zeros, not scattered
+        windows = geometry.windows.index_select(0, tiles).reshape(-1)
+        y = self.ops["gather_rows"](with_zero_row(rows(x)), windows)
+        y = y.view(padded, geometry.window, geometry.window, -1).permute(0, 3, 1, 2)
+        for i, f in enumerate(folded):
+            y = F.conv2d(y, f.weight, f.bias, f.stride)
+            if i < len(folded) - 1:
+                y = y.relu_()
+                if geometry.valid[i] is not None:  # positions outside the map: zeros, as the padding would be
+                    y = y.mul_(geometry.valid[i].index_select(0, tiles))
+        residual = y[:count].permute(0, 2, 3, 1).reshape(count * decision.tile ** 2, -1)
+        targets = geometry.targets.index_select(0, active).reshape(-1)
+        if geometry.overhangs:  # tiles over the border: their outside rows go to a dump row, cut off after
+            out = with_zero_row(rows(identity))
+            out.index_add_(0, targets, residual).relu_()
+            n, c, h, w = identity.shape
+            return out[:-1].view(n, h, w, c).permute(0, 3, 1, 2)
+        self.ops["scatter_add_relu_"](rows(identity), targets, residual)
+        return identity.relu_() if self.downsample is not None else identity
+
+    def geometry(self, input_shape, tile=None):
+        """The block's TileGeometry for inputs of `input_shape` and tiles of side `tile` (None: no tile tables;
+        just the dense MACs per image), built once per shape."""
+        key = (tuple(input_shape), tile)
+        if key not in self._geometries:
+            self._geometries[key] = TileGeometry(self.folds(None), tuple(input_shape), tile)
+        return self._geometries[key]
 
     def _dense_limit(self, decision):
         """Active fraction above which the block (or its conv1) runs densely: dense_above, lowered by the gathered
@@ -105,6 +247,8 @@ class ResNetBlockPlan(BlockPlan):
         is several times slower per MAC)."""
         folded = self.downsample
         s = folded.stride
+        if x.shape[0] * x.shape[2] * x.shape[3] <= SMALL_MAP_ROWS * s * s:  # small maps: its conv is faster
+            return F.conv2d(x, folded.weight, folded.bias, s)
         x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
         n, _, h, w = x.shape
         out = self.ops["linear"](rows(x), folded.matrix, folded.bias, False)
