@@ -198,3 +198,19 @@ def test_torchrun_trains_a_multi_target_model(tiny_imagenet, tmp_path, capsys):
     assert code == 0
     lines = [line for line in single.splitlines() if line.startswith("[budget")]
     assert len(lines) == 6 and lines == [line for line in evaluated.stdout.splitlines() if line.startswith("[budget")]
+
+
+def test_evaluation_takes_the_input_settings_from_the_checkpoint(tiny_imagenet, imagenet_run, capsys):
+    """The run was trained at --resolution 32 on tiny_imagenet: -e without those flags evaluates it as trained
+    (same MMac as with the flags), says so in one line; a given flag that differs is an override, printed."""
+    mmac = r"^\* FLOPS \(multiply-accumulates, MACs\) per image:  (\d+\.\d{6}) MMac$"
+    code, given, _ = cli(COMMON + ["--data", tiny_imagenet, "-r", imagenet_run, "-e"], capsys)
+    assert code == 0 and "from the checkpoint" not in given
+    code, taken, _ = cli(["-r", imagenet_run, "-e", "--workers", "0"], capsys)
+    assert code == 0
+    line = next(line for line in taken.splitlines() if line.startswith("=> from the checkpoint:"))
+    assert "--resolution 32" in line and f"--data {tiny_imagenet}" in line
+    assert re.search(mmac, taken, re.M).group(1) == re.search(mmac, given, re.M).group(1)
+    code, larger, _ = cli(["-r", imagenet_run, "-e", "--workers", "0", "--resolution", "64"], capsys)
+    assert code == 0 and "=> --resolution 64 overrides the checkpoint's 32" in larger
+    assert float(re.search(mmac, larger, re.M).group(1)) > 3.5 * float(re.search(mmac, given, re.M).group(1))

@@ -175,6 +175,8 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
     # multi-target from pretrained weights: the per-budget norms share their affine parameters (the budget-aware
     # code's choice); recorded in the checkpoint, since the optimizer state depends on it
     args.tied_norms = saved.get("tied_norms", bool(args.budget_targets) and bool(args.pretrained))
+    if checkpoint is not None:
+        _input_from_checkpoint(args, saved, explicit)
     if checkpoint is None or args.evaluate:
         return
     for name in (*RECIPE_DEFAULTS, "limit_train_batches", "limit_val_batches"):  # a quick trial resumes as one
@@ -182,6 +184,30 @@ def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
             setattr(args, name, saved[name])
         elif name in explicit and name in saved and getattr(args, name) != saved[name]:
             print(f"=> --{name} {_show(getattr(args, name))} overrides the checkpoint's {_show(saved[name])}")
+
+
+INPUT = ("resolution", "dataset", "classes", "data")  # what shapes the images a run reads (the entry's flags)
+
+
+def _input_from_checkpoint(args, saved, explicit):
+    """Evaluating or resuming: the input settings the user left out come from the checkpoint (the data path only
+    where the stored one exists here); one line lists what was taken where it differs from the flags' defaults,
+    and one line per given flag that differs."""
+    taken = []
+    for name in INPUT:
+        if name not in vars(args) or name not in saved:
+            continue
+        value, stored = getattr(args, name), saved[name]
+        if name in explicit:
+            if value != stored:
+                print(f"=> --{name} {_show(value)} overrides the checkpoint's {_show(stored)}")
+        elif name == "data" and not os.path.exists(str(stored)):
+            print(f"=> the checkpoint's data path {stored} does not exist here: using --data {value}")
+        elif value != stored:
+            setattr(args, name, stored)
+            taken.append(f"--{name} {_show(stored)}" if stored is not None else f"no --{name}")
+    if taken:
+        print(f"=> from the checkpoint: {' '.join(taken)}")
 
 
 def _fold_model_options(args, explicit, saved_kwargs):
