@@ -253,7 +253,14 @@ class GumbelStraightThrough(torch.autograd.Function):
         return (grad / ctx.temperature if ctx.temperature != 1.0 else grad), None, None
 
 
-_ONE = torch.ones(())
+@functools.lru_cache(maxsize=None)
+def _ones(dtype, device):
+    return torch.ones((), dtype=dtype, device=device)
+
+
+def _one(like):
+    """A scalar 1 of `like`'s dtype and device, made once."""
+    return _ones(like.dtype, like.device)
 
 
 class MaskUnit(Gate):
@@ -322,11 +329,12 @@ class MaskUnit(Gate):
             dilated_shape = (n, 1, *(input_size if self.dilate_stride > 1 else hard_shape[2:]))
             self._shapes[input_shape] = hard_shape, dilated_shape, self.overhead(hard_shape)
         hard_shape, dilated_shape, overhead = self._shapes[input_shape]
-        on = torch.heaviside(logit, _ONE.to(logit.dtype))  # logit >= 0 as 0/1 in one op (1 at exactly 0)
-        # a constant mask dilates to itself, at either resolution
-        dilated = on.expand(dilated_shape) if self.dilated_cost is not None else None
-        return SpatialDecision(on.expand(hard_shape), dilated, None, self.cost, self.dilated_cost or ZERO, overhead,
-                               self.tile)
+        on = torch.heaviside(logit, _one(logit))  # logit >= 0 as 0/1 in one op (1 at exactly 0)
+        hard = on.expand(hard_shape)
+        dilated = None
+        if self.dilated_cost is not None:  # a constant mask dilates to itself, at either resolution
+            dilated = hard if dilated_shape == hard_shape else on.expand(dilated_shape)
+        return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO, overhead, self.tile)
 
     def decide(self, logits, input_size):
         """The SpatialDecision from the logits; `input_size` is the block input's (H, W)."""

@@ -138,7 +138,7 @@ class ResNetBlockPlan(BlockPlan):
 
     def __call__(self, x, target=None):
         folded = self.folds(target)
-        decision = self.block.masker(x, target)
+        decision = self.block.masker.forward(x, target)  # no hook machinery: a fixed cost of every block
         identity = x if self.downsample is None else self._downsample(x)
         out_hw = tuple(decision.hard.shape[-2:])
         if decision.tile >= max(out_hw):  # one value per image: the mask's first element, as a (N,) view
@@ -182,10 +182,15 @@ class ResNetBlockPlan(BlockPlan):
         self.executed_macs = self.geometry(x.shape).dense_macs * count
         if count == x.shape[0]:
             return identity.add_(self._dense_residual(x, folded)).relu_()
-        if count > 0:
+        out = None
+        if count > 0:  # the active images' outputs, relu(identity + residual)
             residual = self._dense_residual(x.index_select(0, active), folded)
-            identity.index_add_(0, active, residual)  # into x itself when there is no downsample: x is not reused
-        return identity.relu_() if self.downsample is not None or count > 0 else identity
+            out = residual.add_(identity.index_select(0, active)).relu_()
+        if self.downsample is not None:
+            identity = identity.relu_()  # the skipped images keep relu(downsample(x))
+        if out is not None:  # into x itself when there is no downsample (x is not reused); the others untouched
+            identity.index_copy_(0, active, out)
+        return identity
 
     def _tiles(self, x, identity, folded, decision):
         """Tile-constant masks: each active tile with its halo gathered into a batch of small maps, the block's
