@@ -27,7 +27,7 @@ from ..layout import fold_conv_bn, rows, tap_table, with_zero_row
 from . import BlockPlan
 
 SMALL_MAP_ROWS = 4096  # output pixels (batch included) below which oneDNN's strided 1x1 conv beats a matrix product
-TILE_COUNT_MULTIPLE = 4  # active tile counts are padded up to a multiple: fewer distinct conv shapes
+TILE_COUNT_SHARE = 16  # active tile counts are padded up to a multiple of 1/16 of the tiles: fewer conv shapes
 
 
 class TileGeometry:
@@ -204,7 +204,8 @@ class ResNetBlockPlan(BlockPlan):
         if count == 0:
             self.executed_macs = 0.0
             return identity.relu_() if self.downsample is not None else identity
-        padded = -(-count // TILE_COUNT_MULTIPLE) * TILE_COUNT_MULTIPLE  # repeating shapes: oneDNN's cached kernels
+        multiple = max(1, geometry.null_tile // TILE_COUNT_SHARE)  # repeating shapes: oneDNN's cached kernels
+        padded = -(-count // multiple) * multiple
         if padded * geometry.tile_macs > self.settings.dense_above * x.shape[0] * geometry.dense_macs:
             self.executed_macs = geometry.dense_macs * x.shape[0]
             return torch.addcmul(identity, self._dense_residual(x, folded), decision.hard).relu_()
