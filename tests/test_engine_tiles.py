@@ -168,3 +168,21 @@ def test_the_cuda_kernels_run_the_tile_path_as_the_torch_ops_do():
             emulated_out, _ = plan(x.clone())
         torch.testing.assert_close(emulated_out, got, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(emulated_out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [(8, 4, 100, 100), (4, 2, 2, 1), (100, 100, 100, 100)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tiled_convnext_equals_masked_model(tiles, batch):
+    """ConvNeXt-atto at 96 px (maps 24, 12, 6, 3): tiles per stage, whole blocks among them (tile 100)."""
+    torch.manual_seed(0)
+    model = create_model("convnext_atto", gate_layer=MaskUnit, layer_scale=0.5, tiles=tiles).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        if batch == 3:
+            mix_whole_block_decisions(model, x)
+        expected, expected_decisions = model(x)
+        got, decisions = SparseEngine(model, backend="torch")(x)
+    assert all(torch.equal(a.hard, b.hard) for a, b in zip(decisions, expected_decisions))
+    assert [d.tile for d in decisions][0] == tiles[0]
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4

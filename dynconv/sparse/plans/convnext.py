@@ -4,7 +4,8 @@ Per block, position-major: the gate runs as usual; the depthwise conv at the act
 depthwise_rows: a CUDA kernel, or on CPUs a C++ kernel, computes just those rows), then LayerNorm on those rows,
 both Linears as matrix products with weights prepared once (linear.py; LayerNorm's affine folded into the first,
 layer scale gamma into the second), GELU, and an add into x at the mask positions (no activation after the add).
-Above `dense_above` active positions the branch runs on every row and is masked, as the model does.
+Above `dense_above` active positions the branch runs on every row and is masked, as the model does. With one
+decision per block and image (a tile covering the map), the branch runs densely on the images it is on for.
 """
 import torch
 import torch.nn as nn
@@ -32,7 +33,9 @@ class ConvNeXtBlockPlan(BlockPlan):
 
     def __call__(self, x, target=None):
         x = x.contiguous(memory_format=torch.channels_last)
-        decision = self.block.masker(x, target)
+        decision = self.block.masker.forward(x, target)  # no hook machinery: a fixed cost of every block
+        if decision.tile >= max(decision.hard.shape[-2:]):
+            return self._whole_blocks(x, decision), decision
         active = decision.hard.reshape(-1)
         idx = active.nonzero().squeeze(1)
         out = rows(x)  # the output is x plus the branch at the mask positions, added in place
@@ -45,6 +48,19 @@ class ConvNeXtBlockPlan(BlockPlan):
             depthwise = self.ops["depthwise_rows"](out, idx, (n, h, w), self.taps, self.conv_bias)
             self.ops["scatter_add_"](out, idx, self._mlp(depthwise))
         return x, decision
+
+    def _whole_blocks(self, x, decision):
+        """One decision per image: the branch runs densely on the images it is on for, added into their rows."""
+        on = decision.hard.as_strided((x.shape[0],), (decision.hard.stride(0),))
+        active = on.nonzero().squeeze(1)
+        n, c, h, w = x.shape
+        self.executed_macs = active.numel() * h * w * decision.cost.macs
+        if active.numel() == n:
+            rows(x).add_(self._mlp(rows(self.conv(x))))
+        elif active.numel() > 0:
+            branch = self._mlp(rows(self.conv(x.index_select(0, active))))
+            x.index_add_(0, active, branch.view(-1, h, w, c).permute(0, 3, 1, 2))
+        return x
 
     def _mlp(self, y):
         """LayerNorm, Linear, GELU, Linear (affine, gamma folded) of the depthwise conv's output rows."""
