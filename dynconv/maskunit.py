@@ -292,7 +292,7 @@ class MaskUnit(Gate):
         self.cost, self.dilated_cost = cost, dilated_cost
         self.gumbel_noise = True
         self.temperature = 1.0
-        self._shapes, self._covers = {}, {}
+        self._shapes, self._covers, self._constant_masks = {}, {}, {}
 
     def set_schedule(self, noise=None, temperature=None, **_):
         if noise is not None:
@@ -329,12 +329,24 @@ class MaskUnit(Gate):
             dilated_shape = (n, 1, *(input_size if self.dilate_stride > 1 else hard_shape[2:]))
             self._shapes[input_shape] = hard_shape, dilated_shape, self.overhead(hard_shape)
         hard_shape, dilated_shape, overhead = self._shapes[input_shape]
-        on = torch.heaviside(logit, _one(logit))  # logit >= 0 as 0/1 in one op (1 at exactly 0)
+        if logit.shape[0] == 1 and logit.device.type == "cpu":  # one image: the masks are one of two constants
+            key = (input_shape, logit.dtype, logit.item() >= 0)
+            if key not in self._constant_masks:
+                self._constant_masks[key] = self._broadcast(torch.full((1, 1, 1, 1), float(key[2]),
+                                                                       dtype=logit.dtype), hard_shape, dilated_shape)
+            hard, dilated = self._constant_masks[key]
+        else:
+            on = torch.heaviside(logit, _one(logit))  # logit >= 0 as 0/1 in one op (1 at exactly 0)
+            hard, dilated = self._broadcast(on, hard_shape, dilated_shape)
+        return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO, overhead, self.tile)
+
+    def _broadcast(self, on, hard_shape, dilated_shape):
+        """The masks of per-image values `on` (N, 1, 1, 1): expanded views (read-only: no copies, no writes)."""
         hard = on.expand(hard_shape)
         dilated = None
         if self.dilated_cost is not None:  # a constant mask dilates to itself, at either resolution
             dilated = hard if dilated_shape == hard_shape else on.expand(dilated_shape)
-        return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO, overhead, self.tile)
+        return hard, dilated
 
     def decide(self, logits, input_size):
         """The SpatialDecision from the logits; `input_size` is the block input's (H, W)."""
