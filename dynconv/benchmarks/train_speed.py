@@ -1,8 +1,13 @@
-"""Training throughput of dense vs DynConv (budget 0.5) ResNets on random data (CPU or --device).
+"""Training throughput of CIFAR models, dynamic against static, on random data (CPU or --device).
 
-Each step is timed separately; the two variants alternate step by step so that machine noise hits both;
-images/s come from the median step time. DynConv's fused CPU kernels (dynconv.fused) are used when they build;
-DYNCONV_FUSED=0 measures the eager ops instead. The first line printed says which ran.
+Per model, its variants: a network with spatial gates as DynConv at budget 0.5 (sparsity objective on) and dense;
+a network with gates of its own (DGC) as configured, its gates at the end of their training schedule (DGC: fully
+pruned), and its static form (the config's static_options: DGC with gate factor 1, every channel kept); a network
+with dynamic weights (PEDConv) as it is. Each step is timed separately and every variant of every model alternates
+step by step, so that machine noise hits all alike; images/s come from the median step time, and each row's ratio
+is against the reference (--reference: resnet32 dense by default, where measured; else the first row).
+DynConv's fused CPU kernels (dynconv.fused) are used when they build; DYNCONV_FUSED=0 measures the eager ops
+instead. The first line printed says which ran.
 """
 import csv
 import os
@@ -13,12 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from dynconv import MaskUnit, SparsityCriterion, fused, set_gate_schedule  # noqa: E402
-from dynconv.models import create_model, list_models  # noqa: E402
+from dynconv.models import create_model, list_models, model_config  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from dynconv.utils.errors import run_cli  # noqa: E402
 
 EXAMPLES = """examples:
   python -m dynconv.benchmarks.train_speed --models resnet8 resnet32 --batchsize 128 --steps 20 --csv train_speed.csv
+  # DGC against its unpruned form (g = 1) and the dense ResNet-32
+  python -m dynconv.benchmarks.train_speed --models dydensenet86 resnet32 --batchsize 64 --steps 5
   # the eager ops instead of the fused CPU kernels, for comparison
   DYNCONV_FUSED=0 python -m dynconv.benchmarks.train_speed --models resnet32 --steps 10
 """
@@ -26,14 +33,17 @@ EXAMPLES = """examples:
 
 def make_step(model, budget, images, target):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    sparsity = SparsityCriterion(budget, num_epochs=100) if budget >= 0 else None
+    sparsity = SparsityCriterion(budget, num_epochs=100) if budget is not None else None
     model.train()
 
     def step():
-        logits, masks = model(images)
+        logits, decisions = model(images)
         loss = F.cross_entropy(logits, target)
         if sparsity is not None:
-            loss = loss + sparsity(masks, epoch=10)[0]
+            loss = loss + sparsity(decisions, epoch=10)[0]
+        terms = [d.loss for d in decisions if getattr(d, "loss", None) is not None]  # e.g. DGC's lasso term
+        if terms:
+            loss = loss + sum(terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -42,30 +52,54 @@ def make_step(model, budget, images, target):
     return step
 
 
-def measure(name, batchsize, steps, warmup, device, resolution):
+def variants(name):
+    """(variant name, model, budget or None) of `name`: what train_speed compares (see the module docstring)."""
+    config = model_config(name)
+    if config.gates == "spatial":
+        sparse = create_model(name, gate_layer=MaskUnit)
+        set_gate_schedule(sparse, noise=True)
+        return [("dense", create_model(name), None), ("DynConv 0.5", sparse, 0.5)]
+    dynamic = create_model(name)
+    set_gate_schedule(dynamic, progress=1.0)  # the gates as in the last part of training (DGC: fully pruned)
+    rows = [("dynamic", dynamic, None)]
+    if config.static_options:
+        static = create_model(name, **config.static_options)
+        label = " ".join(f"{k} {v:g}" for k, v in config.static_options.items())
+        rows.append((f"static ({label})", static, None))
+    return rows
+
+
+def measure(names, batchsize, steps, warmup, device, resolution):
+    """One row per variant of every model, all alternated step by step."""
     images = torch.randn(batchsize, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (batchsize,), device=device)
-    dense = create_model(name).to(device, memory_format=torch.channels_last)
-    sparse = create_model(name, gate_layer=MaskUnit).to(device, memory_format=torch.channels_last)
-    set_gate_schedule(sparse, noise=True)
-    steps_fn = {"dense": make_step(dense, -1, images, target), "sparse": make_step(sparse, 0.5, images, target)}
-    times = {"dense": [], "sparse": []}
+    runs = [(name, label, make_step(model.to(device, memory_format=torch.channels_last), budget, images, target))
+            for name in names for label, model, budget in variants(name)]
+    times = [[] for _ in runs]
     for i in range(warmup + steps):
-        for variant, step in steps_fn.items():
+        for (_, _, step), measured in zip(runs, times):
             start = time.perf_counter()
             step()
             if i >= warmup:
-                times[variant].append(time.perf_counter() - start)
-    dense_ips = batchsize / statistics.median(times["dense"])
-    sparse_ips = batchsize / statistics.median(times["sparse"])
-    return {"model": name, "batchsize": batchsize, "dense_img_s": round(dense_ips, 1),
-            "sparse_img_s": round(sparse_ips, 1), "ratio": round(sparse_ips / dense_ips, 3)}
+                measured.append(time.perf_counter() - start)
+    return [{"model": name, "variant": label, "batchsize": batchsize,
+             "img_s": round(batchsize / statistics.median(measured), 1)}
+            for (name, label, _), measured in zip(runs, times)]
+
+
+def with_ratios(rows, reference):
+    """Each row's images/s against the reference model's static row (its first), else against the first row."""
+    base = next((r for r in rows if r["model"] == reference), rows[0])
+    label = f"vs {base['model']} {base['variant']}"
+    return [{**r, label: round(r["img_s"] / base["img_s"], 3)} for r in rows]
 
 
 def parse_args(argv=None):
     p = OneLineErrorParser(description=__doc__, epilog=EXAMPLES)
     p.add_argument("--models", nargs="+", default=["resnet8", "resnet32"], choices=list_models("cifar"),
                    metavar="NAME", help=f"CIFAR networks to measure ({', '.join(list_models('cifar'))})")
+    p.add_argument("--reference", default="resnet32", metavar="NAME",
+                   help="the model whose static (dense) row the ratios are against, when measured (else the first row)")
     p.add_argument("--batchsize", type=int, default=128, help="images per training step")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -90,12 +124,13 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     probe = torch.zeros(1, 2, 1, 1, device=args.device).contiguous(memory_format=torch.channels_last)
     print(f"# {torch.get_num_threads()} threads, fused CPU kernels: {'on' if fused.usable(probe) else 'off'}")
-    rows = [measure(m, args.batchsize, args.steps, args.warmup, torch.device(args.device), args.resolution)
-            for m in args.models]
+    rows = with_ratios(measure(args.models, args.batchsize, args.steps, args.warmup, torch.device(args.device),
+                               args.resolution), args.reference)
     header = list(rows[0])
-    print(" ".join(f"{h:>12}" for h in header))
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
+    print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
     for row in rows:
-        print(" ".join(f"{row[h]:>12}" for h in header))
+        print("  ".join(f"{row[h]!s:>{w}}" for h, w in zip(header, widths)))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)

@@ -78,6 +78,9 @@ class ModelConfig:
     # model options the command line sets as flags (--name VALUE): name -> (default, help); recorded in model_kwargs
     options: dict = field(default_factory=dict)
     free_options: tuple = ()  # options that leave the weights alone (e.g. an evaluation path): may differ on -r
+    # the model options that make the same network decide nothing (e.g. DGC's gate factor 1: every channel kept),
+    # for models whose gates are their own; spatial gates have theirs: no gate_layer (the dense network)
+    static_options: Optional[dict] = None
     # "spatial": DynConv mask units from --budget / --budget_targets; "own": gates of the model's own that the
     # sparse engine runs (e.g. DGC's channel saliency); None: nothing for a gate to decide (dynamic weights)
     gates: Optional[str] = "spatial"
