@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
 
 from .loss import SparsityCriterion
 
@@ -47,6 +46,8 @@ class TaskLoss(Objective):
 
     def __call__(self, step):
         if step.labels.dim() == 2:  # soft targets: mixup/cutmix already applied the smoothing
+            from timm.loss import SoftTargetCrossEntropy  # on use: timm takes seconds to import
+
             return SoftTargetCrossEntropy()(step.logits, step.labels)
         return F.cross_entropy(step.logits, step.labels, label_smoothing=self.smoothing)
 

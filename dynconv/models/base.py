@@ -56,6 +56,16 @@ def check_tiles(tiles, stages):
     return tuple(tiles)
 
 
+def drop_path_layer(rate):
+    """timm's DropPath at `rate`, or an Identity at 0 (timm imported here: it takes seconds, and a model module
+    is imported before the command line's flags are checked)."""
+    if rate <= 0:
+        return nn.Identity()
+    from timm.layers import DropPath
+
+    return DropPath(rate)
+
+
 def tiled(gate_layer, tile):
     """A gate factory whose gates decide per `tile` x `tile` tile (the factory itself at tile 1, or without one)."""
     if gate_layer is None or tile == 1:

@@ -17,14 +17,13 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
 
 from dynconv.decisions import Dynamic
 from dynconv.flops import position_cost
 from dynconv.multitarget import per_target
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.convnext import ConvNeXtBlockPlan
-from .base import TILES_HELP, DynamicNetwork, ModelConfig, check_tiles, strip_module_prefix, tiled
+from .base import TILES_HELP, DynamicNetwork, ModelConfig, check_tiles, drop_path_layer, strip_module_prefix, tiled
 from .registry import register_model
 
 
@@ -52,7 +51,7 @@ class ConvNeXtBlock(Dynamic, nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, 4 * dim)
         self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_layer(drop_path)
         self.masker = None  # the budget-aware code's name for the gate (keys stages.i.j.masker.*)
         if gate_layer is not None:
             self.masker = gate_layer(dim, stride=1, dilate_stride=1, cost=position_cost(self.conditional_layers()),
@@ -141,6 +140,8 @@ class ConvNeXt(DynamicNetwork):
 
 
 def _init_weights(module):
+    from timm.layers import trunc_normal_  # imported on use, see drop_path_layer
+
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -12,7 +12,6 @@ import functools
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
 from dynconv import fused
 from dynconv.decisions import Dynamic
@@ -20,7 +19,7 @@ from dynconv.flops import position_cost
 from dynconv.multitarget import per_target
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.resnet import ResNetBlockPlan
-from .base import DynamicNetwork, tiled
+from .base import DynamicNetwork, drop_path_layer, tiled
 
 
 def default_conv(in_planes, out_planes, kernel_size, stride=1):
@@ -39,7 +38,7 @@ class DynBlock(Dynamic, nn.Module):
     """What BasicBlock and Bottleneck share: the gate, the drop path and the masked residual add."""
 
     def _init_gate(self, gate_layer, inplanes, stride, dilate_stride, drop_path):
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_layer(drop_path)
         self.masker = None  # the reference's name for the gate (its checkpoint keys: layerX.Y.masker.*)
         if gate_layer is not None:
             layers = self.conditional_layers()

@@ -5,7 +5,9 @@ import os
 import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
-from torchvision import datasets, transforms
+
+# torchvision is imported in the functions that use it: it takes seconds, and the entry scripts import this module
+# before they check the command line's flags (a bad flag fails at once)
 
 from .errors import UserError
 from .interrupt import ignore_stop_signals
@@ -20,6 +22,8 @@ def checked_loader(path):
     """PIL loader that names the file it cannot read. We stop rather than skip: silently dropping images
     would change the data set and the accuracy reported on it. (PIL's own message names an open file object,
     not the path: ours is the path and the kind of error.)"""
+    from torchvision import datasets
+
     try:
         return datasets.folder.default_loader(path)
     except (OSError, ValueError) as e:
@@ -35,6 +39,8 @@ def cifar_transforms(config, resolution=CIFAR_SIZE):
     normalisation (ModelConfig.mean/std: the reference's for the DynConv ResNets, which its checkpoints expect).
     Another `resolution` resizes every image to it (bilinear) first, padding and cropping at the new size: the
     networks' MACs follow the input size (the DynConv course reproduction's way of varying them)."""
+    from torchvision import transforms
+
     normalize = transforms.Normalize(config.mean, config.std)
     resize = [] if resolution == CIFAR_SIZE else [transforms.Resize((resolution, resolution))]
     padding = round(4 * resolution / CIFAR_SIZE)
@@ -46,6 +52,8 @@ def cifar_transforms(config, resolution=CIFAR_SIZE):
 
 def image_folder(root, split, transform):
     """`root/split/<class>/*.<image>` with clear errors for a missing split or an empty class folder."""
+    from torchvision import datasets
+
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(f"{path} does not exist: expected an image-folder layout {root}/{split}/<class>/<image files>")
@@ -75,6 +83,8 @@ def _removed_on_failure(root):
 def cifar10_datasets(root, config, resolution=CIFAR_SIZE):
     """(train, test, num_classes): an image-folder copy (root/train, root/test) or torchvision's CIFAR-10,
     downloaded into `root` when absent; images at `resolution` (see cifar_transforms)."""
+    from torchvision import datasets
+
     train_tf, eval_tf = cifar_transforms(config, resolution)
     if os.path.isdir(os.path.join(root, "train")):
         train, test = image_folder(root, "train", train_tf), image_folder(root, "test", eval_tf)
@@ -95,6 +105,8 @@ def cifar10_datasets(root, config, resolution=CIFAR_SIZE):
 def imagenet_transforms(config, resolution=224, auto_augment="none"):
     """Train: RandomResizedCrop + flip (+ torchvision's AutoAugment with its ImageNet policy); evaluation: Resize(resolution / crop fraction, the model's interpolation)
     + CenterCrop (ResNets: 256/224 x, bilinear); the model's normalisation."""
+    from torchvision import transforms
+
     normalize = transforms.Normalize(config.mean, config.std)
     interpolation = transforms.InterpolationMode(config.interpolation)
     augment = [transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET)] if auto_augment == "imagenet" else []
@@ -141,6 +153,8 @@ def select_classes(train, val, classes, labels_of, class_names):
 def imagenet_style_datasets(root, config, dataset="imagefolder", resolution=224, classes=None, auto_augment="none"):
     """(train, val, num_classes) for main_imagenet.py: an image folder with train/ and val/ or test/ (ImageNet or any
     other), or torchvision's Food-101 (downloaded into root when absent). `classes` selects a subset."""
+    from torchvision import datasets
+
     train_tf, eval_tf = imagenet_transforms(config, resolution, auto_augment)
     if dataset == "food101":
         try:

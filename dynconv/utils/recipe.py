@@ -21,10 +21,8 @@ update happens every k batches):
 
 Every lr is a function of the absolute update index alone, so a resumed run needs no scheduler state.
 """
-from timm.data import Mixup
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+# timm is imported in the functions that use it: importing it (and torchvision with it) takes seconds, and the
+# command line's flags are checked before that (a bad flag fails at once)
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("step", "cosine")
@@ -69,6 +67,8 @@ def create_optimizer(param_groups, opt, lr, weight_decay, momentum=0.9):
     for groups without one. filter_bias_and_bn is off: the no-weight-decay split is param_groups'."""
     if opt not in _TIMM_OPTIMIZER:
         raise ValueError(f"unknown optimizer '{opt}'; choose one of: {', '.join(OPTIMIZERS)}")
+    from timm.optim import create_optimizer_v2
+
     return create_optimizer_v2(param_groups, opt=_TIMM_OPTIMIZER[opt], lr=lr, weight_decay=weight_decay,
                                momentum=momentum, filter_bias_and_bn=False)
 
@@ -91,6 +91,8 @@ def create_scheduler(optimizer, sched, epochs, updates_per_epoch, lr_decay=(), d
     warmup_epochs) * updates_per_epoch, and min_lr from t = W + T on (timm's warmup_prefix=True
     over epochs - warmup_epochs, so the whole schedule still fits in `epochs`).
     Each group's lr is the schedule's value times its "lr_scale" (timm's Scheduler.update_groups)."""
+    from timm.scheduler import create_scheduler_v2
+
     common = dict(warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, step_on_epochs=False,
                   updates_per_epoch=updates_per_epoch)
     if sched == "step":
@@ -147,6 +149,8 @@ def create_ema(model, decay, device=None):
     first update on. `device` (e.g. "cpu") keeps the average elsewhere to save accelerator memory."""
     if not decay:
         return None
+    from timm.utils import ModelEmaV3
+
     return ModelEmaV3(model, decay=decay, use_warmup=False, update_after_step=0, device=device)
 
 
@@ -184,6 +188,8 @@ def create_mixup(mixup, cutmix, smoothing, num_classes):
     Called as `images, soft_targets = mixup(images, labels)`; it needs an even batch size."""
     if not mixup and not cutmix:
         return None
+    from timm.data import Mixup
+
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes)
 
 
@@ -192,6 +198,8 @@ def clip_gradients(parameters, clip_grad, mode="norm"):
     "value" (each entry in [-clip_grad, clip_grad]) or "agc" (adaptive, clip_grad the ratio).
     Nothing when clip_grad is None or 0. With AMP, unscale the gradients (scaler.unscale_) first."""
     if clip_grad:
+        from timm.utils import dispatch_clip_grad
+
         dispatch_clip_grad(parameters, clip_grad, mode=mode)
 
 

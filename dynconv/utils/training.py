@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from timm.data.mixup import mixup_target
 from tqdm import tqdm
 
 from dynconv import MacCounter
@@ -65,6 +64,8 @@ def _mix(setup, images, labels):
     if setup.mixup is None:
         return images, labels
     if images.shape[0] % 2:
+        from timm.data.mixup import mixup_target  # on use: timm takes seconds to import
+
         return images, mixup_target(labels, setup.mixup.num_classes, 1.0, setup.mixup.label_smoothing)
     return setup.mixup(images, labels)
 
