@@ -305,3 +305,52 @@ def test_compare_defaults_to_every_core_whatever_torch_was_told(tmp_path, monkey
     finally:
         torch.set_num_threads(threads)
     assert args.threads == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_stored_in_half_precision_evaluates_as_its_float32_source(tiny_cifar, tmp_path, capsys):
+    """stripped() stores float16 weights over the size limit (here forced with limit 0); every reader gets float32
+    back: -e gives the same Prec@1 and the identical MAC count, --teacher_weights and speedtest --checkpoint take
+    it; and cifar_results --strip evaluates the file as stored."""
+    import main_cifar
+    from conftest import run_entry
+    from dynconv.utils.checkpoint import STORED_AS, load_checkpoint, stripped
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", gate_layer=MaskUnit, num_classes=3)
+    source = {"state_dict": model.state_dict(), "epoch": 1, "optimizer": {"state": {}},
+              "args": {"model": "resnet8", "budget": 0.5, "model_kwargs": {}}}
+    torch.save(source, tmp_path / "float32.pth")
+    half = stripped(source, ("state_dict", "epoch", "args"), limit=0)
+    assert half[STORED_AS] == "float16" and "optimizer" not in half
+    assert all(v.dtype == torch.float16 for v in half["state_dict"].values() if v.is_floating_point())
+    torch.save(half, tmp_path / "float16.pth")
+    assert os.path.getsize(tmp_path / "float16.pth") < 0.6 * os.path.getsize(tmp_path / "float32.pth")
+    loaded = load_checkpoint(str(tmp_path / "float16.pth"))["state_dict"]
+    for key, value in model.state_dict().items():
+        assert loaded[key].dtype == value.dtype
+        torch.testing.assert_close(loaded[key], value, rtol=1e-3, atol=1e-4)
+    assert stripped(source, ("state_dict",))["state_dict"] is source["state_dict"]  # small: kept as it is
+
+    def evaluate(name):
+        code, out, err = run_entry(main_cifar.main, ["-r", str(tmp_path / name), "-e", "--data", tiny_cifar,
+                                                     "--workers", "0"], capsys)
+        assert code == 0, err
+        return [line for line in out.splitlines() if line.startswith("* ")]
+
+    (prec_half, macs_half), (prec_full, macs_full) = evaluate("float16.pth"), evaluate("float32.pth")
+    assert prec_half == prec_full
+    # the mask units decide from float16-rounded weights: a position whose logit is within rounding of 0 may flip
+    # (this untrained model's logits crowd around 0; a trained one's less so)
+    mmac = [float(line.split()[-2]) for line in (macs_half, macs_full)]
+    assert mmac[0] == pytest.approx(mmac[1], rel=1e-3)
+    teacher = {"state_dict": create_model("resnet8", num_classes=3).state_dict(), "args": {"model": "resnet8"}}
+    torch.save(stripped(teacher, ("state_dict", "args"), limit=0), tmp_path / "teacher16.pth")
+    code, _, err = run_entry(main_cifar.main, ["--model", "resnet8", "--budget", "0.5", "--epochs", "1",
+                                               "--limit_train_batches", "1", "--data", tiny_cifar, "--workers", "0",
+                                               "--teacher_model", "resnet8", "--teacher_weights",
+                                               str(tmp_path / "teacher16.pth"), "-s", str(tmp_path / "student")],
+                             capsys)
+    assert code == 0, err
+    done = script(SPEEDTEST, *TINY_RUN, "--checkpoint", str(tmp_path / "float16.pth"))
+    assert done.returncode == 0, done.stderr[-2000:]

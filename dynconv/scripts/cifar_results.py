@@ -22,7 +22,7 @@ from dynconv.apps import imagenet as main_imagenet  # noqa: E402
 from dynconv import MaskUnit, count_parameters  # noqa: E402
 from dynconv.models import create_model, list_models, model_config, model_family  # noqa: E402
 from dynconv.utils.budgets import is_dynamic  # noqa: E402
-from dynconv.utils.checkpoint import BEST, load_checkpoint, save_checkpoint  # noqa: E402
+from dynconv.utils.checkpoint import BEST, load_checkpoint, save_checkpoint, stripped  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser  # noqa: E402
 from dynconv.utils.data import CIFAR_SIZE  # noqa: E402
 from dynconv.utils.errors import UserError, run_cli  # noqa: E402
@@ -188,7 +188,9 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="run directories holding checkpoint_best.pth")
     p.add_argument("--data", default="data/cifar10-jpeg", help="CIFAR-10 root (image folders or torchvision's)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--strip", action="store_true", help="rewrite checkpoint_best.pth without optimizer state")
+    p.add_argument("--strip", action="store_true",
+                   help="rewrite checkpoint_best.pth without optimizer state (float16 weights when float32 would "
+                        "be over 10 MB), then evaluate that file")
     p.add_argument("--fast", action="store_true",
                    help="evaluate with -e --fast: also images/s of the masked model and of the sparse engine")
     p.add_argument("--results", help=f"JSON lines written here (default: {DEFAULT_RESULTS}, its folder created)")
@@ -236,13 +238,12 @@ def main(argv=None):
     runs = {run_dir: training_args(run_dir) for run_dir in sorted(set(args.runs))}
     rows = []
     for run_dir, train_args in runs.items():
+        if args.strip:  # first: the rows are evaluated from the file as shipped (float16 where it is stored so)
+            path = os.path.join(run_dir, BEST)
+            save_checkpoint(stripped(load_checkpoint(path), KEEP), path)
         for row in evaluate(run_dir, train_args, args.data, args.workers, args.fast):
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-        if args.strip:
-            path = os.path.join(run_dir, BEST)
-            checkpoint = load_checkpoint(path)
-            save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, path)
     rows.sort(key=row_order)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:

@@ -68,6 +68,33 @@ def _numpy_scalars():
     return [np.dtype, *dtypes, scalar, (scalar, "numpy.core.multiarray.scalar")]
 
 
+SHIPPED_LIMIT = 10 * 2 ** 20  # bytes: a shipped (stripped) checkpoint over this is stored in half precision
+STORED_AS = "stored_as"  # the key that marks a checkpoint whose floating-point weights are stored as float16
+
+
+def stripped(checkpoint, keep, limit=SHIPPED_LIMIT):
+    """What a shipped checkpoint keeps (the keys `keep`: weights and the metadata -e needs, no optimizer state);
+    its floating-point weights in float16 when float32 would take more than `limit` bytes, marked by STORED_AS.
+    load_checkpoint turns them back into float32, so every reader (-e, --pretrained, --teacher_weights, the
+    benchmarks) sees float32 weights; the numbers shipped with such a file are evaluated from the file itself."""
+    kept = {k: checkpoint[k] for k in keep if k in checkpoint}
+    size = sum(v.numel() * v.element_size() for v in kept["state_dict"].values() if isinstance(v, torch.Tensor))
+    if size <= limit:
+        return kept
+    half = {k: v.half() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else v
+            for k, v in kept["state_dict"].items()}
+    return {**kept, "state_dict": half, STORED_AS: "float16"}
+
+
+def _as_float32(checkpoint):
+    """A checkpoint stored in half precision (see stripped) with its weights back in float32."""
+    if checkpoint.get(STORED_AS) != "float16":
+        return checkpoint
+    state = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
+             for k, v in checkpoint["state_dict"].items()}
+    return {**checkpoint, "state_dict": state}
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
@@ -93,7 +120,7 @@ def load_checkpoint(path):
         checkpoint = {"state_dict": checkpoint}  # a bare state dict
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UserError(f"{path} is not a checkpoint (expected a dict with a 'state_dict')")
-    return checkpoint
+    return _as_float32(checkpoint)
 
 
 def load_published(url):
