@@ -199,8 +199,12 @@ def test_speedtest_prints_a_compact_table_and_keeps_the_full_csv(tmp_path):
     with open(tmp_path / "speed.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and list(rows[0]) == [
-        "model", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms", "dense_mmac",
-        "sparse_mmac", "ideal_speedup", "speedup", "efficiency"]
+        "model", "tiles", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
+        "dense_mmac", "sparse_mmac", "engine_mmac", "ideal_speedup", "speedup", "efficiency"]
+    # ResNet-8's narrow blocks run densely (min_gather_width): the engine executes the dense network's MACs plus
+    # the mask units' 3x3 convs, (9 C + 1) per output position: 1024 * 145 + 256 * 145 + 64 * 289 = 204,096 MACs
+    assert rows[0]["tiles"] == "-"
+    assert float(rows[0]["engine_mmac"]) == pytest.approx(float(rows[0]["dense_mmac"]) + 0.204096, abs=2e-3)
 
 
 @pytest.mark.slow

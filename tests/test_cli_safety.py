@@ -352,11 +352,14 @@ def test_a_data_set_with_one_class_is_refused(tmp_path, capsys):
     assert code == 2 and "has 1 class" in err
 
 
-def test_an_unreadable_image_is_named_by_its_path(tiny_cifar, tmp_path, capsys):
+def test_an_unreadable_image_is_named_by_its_path_before_training(tiny_cifar, tmp_path, capsys):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(tiny_cifar, data)
     (data / "test" / "class0" / "0000.jpg").write_bytes(b"")  # an empty file
-    code, _, err = cli(TRAIN + ["--data", str(data), "--epochs", "1", "-s", str(tmp_path / "run")], capsys)
-    assert code == 2 and os.path.join("class0", "0000.jpg") in err and "BufferedReader" not in err
+    (data / "train" / "class1" / "0001.jpg").write_bytes(b"not an image")
+    code, out, err = cli(TRAIN + ["--data", str(data), "--epochs", "1", "-s", str(tmp_path / "run")], capsys)
+    assert code == 2 and "BufferedReader" not in err and len(err.strip().splitlines()) == 1
+    assert "2 of" in err and os.path.join("class0", "0000.jpg") in err and os.path.join("class1", "0001.jpg") in err
+    assert "epoch 1:" not in out  # refused before any training step

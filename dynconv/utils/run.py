@@ -16,7 +16,7 @@ from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dyn
 from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state, non_finite_keys
 from .cli import (RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems,
                   say_inert_settings)
-from .data import build_loaders, class_names, first_images, limited
+from .data import build_loaders, check_images, class_names, first_images, limited
 from .distributed import init_distributed, shutdown
 from .errors import UserError
 from .rundir import check_run_dir, run_directory
@@ -330,6 +330,7 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     full = len(train_set), len(val_set)
     train_set = limited(train_set, vars(args).get("limit_train_batches"), args.batchsize, args.seed)
     val_set = limited(val_set, vars(args).get("limit_val_batches"), args.batchsize)
+    check_images([val_set] if args.evaluate else [train_set, val_set], args.workers)
     # channels-last: about 1.3x faster training on CPU (oneDNN) and the layout tensor cores want on GPUs
     model = build_model(args, family, num_classes).to(ctx.device, memory_format=torch.channels_last)
     if args.pretrained:

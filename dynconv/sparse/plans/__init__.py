@@ -25,6 +25,7 @@ class EngineSettings:
     dense_above: float = 0.9
     gather_overhead_macs: float = 20e6
     min_gather_width: int = 64
+    tile_path: bool = True
 
 
 class BlockPlan:

@@ -144,7 +144,7 @@ class ResNetBlockPlan(BlockPlan):
         if decision.tile >= max(out_hw):  # one value per image: the mask's first element, as a (N,) view
             on = decision.hard.as_strided((x.shape[0],), (decision.hard.stride(0),))
             return self._whole_blocks(x, identity, folded, on), decision
-        if decision.tile > 1:
+        if decision.tile > 1 and self.settings.tile_path:
             return self._tiles(x, identity, folded, decision), decision
         # the result goes into `identity` in place; outside the mask it is a ReLU output (non-negative, as
         # scatter_add_relu_ requires) or, downsampled, gets its ReLU below
