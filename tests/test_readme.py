@@ -45,9 +45,16 @@ def python_api_block():
     return blocks[0]
 
 
+def documentation():
+    """README.md and every page under docs/: the commands they show are held to the same rules."""
+    pages = ["README.md"] + sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
+                                   if n.endswith(".md"))
+    return "\n".join(read(page) for page in pages)
+
+
 def readme_commands():
-    """[(script, [tokens after the script name])] for every command line of the README."""
-    text = read("README.md").replace("\\\n", " ")
+    """[(script, [tokens after the script name])] for every command line of the README and docs/*.md."""
+    text = documentation().replace("\\\n", " ")
     commands = []
     for script, rest in COMMAND.findall(text):
         tokens = []
