@@ -2,12 +2,14 @@
 
 A layer that differs per target (a mask unit per budget, a BatchNorm per budget with its own running statistics)
 is a `PerTarget`: one variant per target, of which the selected one runs. `DynamicNetwork.forward(x, target)`
-selects the target in every PerTarget of the model before it runs (`select_target`), so blocks call their layers
-as usual; what is shared (convolutions, stem, classifier) is simply not wrapped.
+selects the target in every PerTarget of the model for the duration of its call (`selected_target`), so blocks
+call their layers as usual; what is shared (convolutions, stem, classifier) is simply not wrapped.
 
 Variants are keyed as the budget-aware paper's code writes a budget in its checkpoint keys: `str(b)` without the
 dot (0.3 -> "03", 0.25 -> "025"), so a PerTarget `bn1` holds `bn1.03.*` where that code has `bn1_03.*`.
 """
+import contextlib
+
 import torch.nn as nn
 
 from .gates import Gate
@@ -80,13 +82,23 @@ def per_target(layer, targets):
     return make
 
 
-def select_target(model, target):
-    """Selects `target` in every PerTarget of `model` (target None: leaves the selection as it is)."""
+@contextlib.contextmanager
+def selected_target(model, target):
+    """`target` selected in every PerTarget of `model` for the duration of the block, the previous selection
+    restored after it, so that no call leaves its target behind for the next (target None: the selection as it
+    is, i.e. each layer's first target unless a caller selected another)."""
     if target is None:
+        yield
         return
-    for module in model.modules():
-        if isinstance(module, PerTarget):
+    layers = [m for m in model.modules() if isinstance(m, PerTarget)]
+    previous = [m.selected for m in layers]
+    try:
+        for module in layers:
             module.select(target)
+        yield
+    finally:
+        for module, selected in zip(layers, previous):
+            module.selected = selected
 
 
 def model_targets(model):

@@ -117,6 +117,27 @@ def test_per_target_layers():
         create_model("resnet8", targets=(0.5,))
 
 
+def test_a_call_leaves_no_target_selected_behind():
+    """model(x, target=b) runs budget b and restores the selection: a later call without a target runs the first
+    budget, as it did before (the selection is scoped to the call, also when the call fails)."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", gate_layer=MaskUnit, targets=(0.25, 0.75)).eval()
+    for m in model.modules():  # budgets that differ: per-budget norms with other statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first, _ = model(x)
+        other, _ = model(x, target=0.75)
+        again, _ = model(x)
+        assert not torch.equal(first, other) and torch.equal(first, again)
+        assert torch.equal(model(x, target=0.25)[0], first)
+        with pytest.raises(ValueError, match="no operating point 0.5"):
+            model(x, target=0.5)
+        assert torch.equal(model(x)[0], first)
+    assert {m.selected for m in model.modules() if isinstance(m, PerTarget)} == {0.25}
+
+
 @pytest.mark.parametrize("metric,accuracies,expected", [
     ("l2", {0.3: 67.0, 0.5: 71.0}, {0.3: 1.8, 0.5: 0.2}),  # r = 9, 1: w = 2 * 9 / 10, 2 * 1 / 10
     ("l1", {0.3: 63.0, 0.5: 73.0}, {0.3: 2.0, 0.5: 0.0}),  # r = 0.1, max(0, 1 - 73 / 72) = 0

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 from dynconv.decisions import Dynamic, take_recorded
-from dynconv.multitarget import per_target_layout, select_target
+from dynconv.multitarget import per_target_layout, selected_target
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -123,7 +123,7 @@ class DynamicNetwork(Dynamic, nn.Module):
         raise NotImplementedError
 
     def forward(self, x, target=None):
-        select_target(self, target)  # the norms etc. of this operating point, in multi-target models
-        x, decisions = self.forward_features(x, target)
-        # layers inside blocks that could only return a tensor (e.g. injected conv layers) recorded theirs
-        return self.forward_head(x), decisions + take_recorded(self)
+        with selected_target(self, target):  # the norms etc. of this operating point, in multi-target models
+            x, decisions = self.forward_features(x, target)
+            # layers inside blocks that could only return a tensor (e.g. injected conv layers) recorded theirs
+            return self.forward_head(x), decisions + take_recorded(self)
