@@ -14,7 +14,7 @@ from dynconv.sparse.engine import SparseEngine
 from dynconv.sparse.masks import SyntheticMaskUnit
 from test_engine import make_block, randomise_batchnorm
 
-FORCE_TILES = dict(dense_above=100.0)  # never the dense fallback: the tile path runs whatever the density
+FORCE_TILES = dict(dense_above=100.0, tile_path=True)  # the tile path (the default on CUDA), never the dense fallback
 
 
 @pytest.mark.parametrize("stride,size", [(1, (8, 8)), (1, (9, 7)), (2, (16, 16)), (2, (9, 11))])

@@ -52,12 +52,16 @@ class SparseEngine:
     min_gather_width: blocks whose conv2 has fewer output channels always run densely: their gathered products
     (N < 64) and patch rows cost more than oneDNN's direct convolution. The trained CIFAR ResNet-32 at batch 256:
     400 ms with its blocks gathered, 190 ms with this default, 178 ms all dense, 194 ms for the masked model.
-    tile_path: tile-constant masks (tiles smaller than the map) run as batches of tiles with their halos; False
-    runs them through the per-position path (see docs/tiles.md for which is faster where).
+    tile_path: whether tile-constant masks (tiles smaller than the map) run as batches of tiles with their halos
+    through the dense convs (True) or through the per-position path (False); None: True on CUDA devices (cuDNN on
+    stacked tiles, the way SegBlocks and BlockCopy run blocks), False on CPUs, where the gathered matrix products
+    measured faster on the same tiled masks (ResNet-50, 224 px, tiles 8 4 2 1, density 0.3: 40.9 against 46.6 ms
+    at batch 1, 283 against 301 ms at batch 8; docs/tiles.md). Whole blocks (a tile covering the map) always run
+    as whole blocks.
     """
 
     def __init__(self, model, backend="auto", dense_above=0.9, gather_overhead_macs=20e6, min_gather_width=64,
-                 tile_path=True):
+                 tile_path=None):
         if model.training:
             raise ValueError("the sparse engine runs trained models in eval mode: call model.eval() first")
         if not _has_gate(model):
@@ -66,6 +70,7 @@ class SparseEngine:
         device = next(model.parameters()).device
         self.backend = resolve_backend(backend, device)
         self.ops = get_ops(self.backend)
+        tile_path = device.type == "cuda" if tile_path is None else tile_path
         self.settings = EngineSettings(dense_above, gather_overhead_macs, min_gather_width, tile_path)
         self.plans = {}
         with torch.no_grad():  # the model's own conv + BN pairs outside the blocks (e.g. a ResNet stem), folded
