@@ -267,8 +267,8 @@ def check_images(splits, workers=0):
         bad = [p for p in pool.map(_unreadable, paths, chunksize=256) if p is not None]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise UnreadableImageError(f"{len(bad)} of {len(paths)} images cannot be read (not decodable): {shown}; "
-                                   "remove or replace them")
+        raise UnreadableImageError(f"cannot read image{'s' if len(bad) > 1 else ''} {shown} (not decodable: "
+                                   f"{len(bad)} of {len(paths)} files); remove or replace them")
     return len(paths)
 
 
