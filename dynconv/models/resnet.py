@@ -49,6 +49,12 @@ class DynBlock(Dynamic, nn.Module):
         """Layers run at the dilated-mask positions and at the mask positions."""
         raise NotImplementedError
 
+    def conv_norm_pairs(self):
+        """The residual branch as declared structure, for whoever runs it another way (the engine's plan): its
+        (conv, norm) pairs in order, an activation (act1, act2) after each but the last; then the residual add
+        (identity or `downsample`) and `act_out`."""
+        raise NotImplementedError
+
     def uncounted_modules(self, full=False):
         if self.masker is None:
             return ()
@@ -91,6 +97,9 @@ class BasicBlock(DynBlock):
     def conditional_layers(self):
         return {"dilated": (self.conv1, self.bn1, self.act1), "mask": (self.conv2, self.bn2)}
 
+    def conv_norm_pairs(self):
+        return (self.conv1, self.bn1), (self.conv2, self.bn2)
+
     def residual(self, x):
         return self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
 
@@ -119,6 +128,9 @@ class Bottleneck(DynBlock):
     def conditional_layers(self):
         return {"dilated": (self.conv1, self.bn1, self.act1),
                 "mask": (self.conv2, self.bn2, self.act2, self.conv3, self.bn3)}
+
+    def conv_norm_pairs(self):
+        return (self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)
 
     def residual(self, x):
         out = self.act1(self.bn1(self.conv1(x)))

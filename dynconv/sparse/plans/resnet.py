@@ -1,4 +1,5 @@
-"""The engine plan of ResNet blocks (BasicBlock, Bottleneck in dynconv/models/resnet.py), read by their layer names.
+"""The engine plan of ResNet blocks (BasicBlock, Bottleneck in dynconv/models/resnet.py), read from the structure
+they declare (`conv_norm_pairs`, `act_out`, `downsample`, `masker`).
 
 Per block, position-major (rows = pixels, columns = channels):
 - the gate runs as usual; the active positions of the mask and of the dilated mask become index lists;
@@ -92,11 +93,15 @@ class TileGeometry:
 
 def _check_layers(block):
     """The plan folds Conv2d + BatchNorm2d pairs and fuses ReLU: other injected layers have no plan here."""
-    convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
-    norms = [variant(n) for n in _norms(block)]
+    convs, norms = zip(*block.conv_norm_pairs())
+    norms = [variant(n) for n in norms]
     if not all(type(c) is nn.Conv2d for c in convs) or not all(type(n) is nn.BatchNorm2d for n in norms):
         raise ValueError(f"the engine's ResNet plan runs Conv2d + BatchNorm2d blocks; {type(block).__name__} has "
                          f"{type(convs[0]).__name__} / {type(norms[0]).__name__}")
+    kernels = [c.kernel_size[0] for c in convs]
+    if kernels not in ([3, 3], [1, 3, 1]):
+        raise ValueError(f"the engine's ResNet plan runs 3x3-3x3 and 1x1-3x3-1x1 residual branches; "
+                         f"{type(block).__name__} has kernels {kernels}")
     if not isinstance(block.act_out, nn.ReLU):
         raise ValueError(f"the engine's ResNet plan fuses a ReLU after the residual add; this block has "
                          f"{type(block.act_out).__name__}")
@@ -104,10 +109,6 @@ def _check_layers(block):
         conv, bn = block.downsample
         if not (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and conv.kernel_size == (1, 1)):
             raise ValueError("unsupported downsample (the engine folds a 1x1 conv + BatchNorm)")
-
-
-def _norms(block):
-    return [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
 
 
 class ResNetBlockPlan(BlockPlan):
@@ -118,7 +119,8 @@ class ResNetBlockPlan(BlockPlan):
         _check_layers(block)
         with torch.no_grad():
             self.downsample = fold_conv_bn(*block.downsample) if block.downsample is not None else None
-        self.bottleneck = hasattr(block, "conv3")
+        self.convs, self.norms = zip(*block.conv_norm_pairs())  # the block's declared structure
+        self.bottleneck = len(self.convs) == 3  # 1x1, 3x3, 1x1 (checked)
         self._folds = {}  # the norms in use (one set per target in multi-target blocks) -> folded convs
         self._default_folds = None
         self._default_folds = self.folds(None)
@@ -129,11 +131,10 @@ class ResNetBlockPlan(BlockPlan):
         """The block's convs with the norms of `target` folded in (built once per set of norms)."""
         if target is None and self._default_folds is not None:  # the common case, without the lookup
             return self._default_folds
-        norms = tuple(variant(n, target) for n in _norms(self.block))
+        norms = tuple(variant(n, target) for n in self.norms)
         if norms not in self._folds:
-            convs = [self.block.conv1, self.block.conv2] + ([self.block.conv3] if self.bottleneck else [])
             with torch.no_grad():
-                self._folds[norms] = [fold_conv_bn(c, bn) for c, bn in zip(convs, norms)]
+                self._folds[norms] = [fold_conv_bn(c, bn) for c, bn in zip(self.convs, norms)]
         return self._folds[norms]
 
     def __call__(self, x, target=None):
@@ -243,7 +244,7 @@ class ResNetBlockPlan(BlockPlan):
         path's fixed cost relative to the block's dense work (below zero: always dense, as for small maps);
         -1 (always dense) for blocks narrower than min_gather_width."""
         s = self.settings
-        if self.block.conv2.out_channels < s.min_gather_width:
+        if self.convs[1].out_channels < s.min_gather_width:  # the 3x3 conv
             return -1.0
         dense_macs = decision.hard.numel() * decision.cost.macs + decision.dilated.numel() * decision.dilated_cost.macs
         return s.dense_above - s.gather_overhead_macs / dense_macs
