@@ -101,7 +101,7 @@ def test_gather_rows(emulated, k, channels):
     g = torch.Generator().manual_seed(k * 100 + channels)
     src = random_rows(50, channels, g)
     idx = torch.randint(50, (k,), generator=g)  # repeats are fine in a gather
-    out = emulated["gather_rows"](src, idx)
+    out = emulated.gather_rows(src, idx)
     assert torch.equal(out, ops.gather_rows(src, idx))
 
 
@@ -116,7 +116,7 @@ def test_gather_patches(emulated, k, channels, taps_per_window):
     # the spec itself, against advanced indexing: (K, T, C) windows, flattened tap-major
     assert expected.shape == (k, taps_per_window * channels)
     assert torch.equal(expected.reshape(k, taps_per_window, channels), src[taps])
-    out = emulated["gather_patches"](src, taps)
+    out = emulated.gather_patches(src, taps)
     assert torch.equal(out, expected)
     if k:  # the zero row convention: a tap outside the map reads zeros
         assert torch.equal(out[0, -channels:], torch.zeros(channels))
@@ -144,7 +144,7 @@ def test_depthwise_rows(emulated, k, channels, kernel, cpu_kernel, monkeypatch):
     taps = tap_table(n, h, w, 1, h, w, kernel, kernel // 2).index_select(0, idx)
     patches = ops.gather_patches(with_zero_row(src), taps).view(k, kernel * kernel, channels)
     torch.testing.assert_close(expected, (patches * weight).sum(1) + bias)
-    torch.testing.assert_close(emulated["depthwise_rows"](src, idx, size, weight, bias), expected)
+    torch.testing.assert_close(emulated.depthwise_rows(src, idx, size, weight, bias), expected)
 
 
 def channel_case(images, groups, kept, positions, channels, g):
@@ -159,7 +159,7 @@ def channel_case(images, groups, kept, positions, channels, g):
 def test_gather_channels(emulated, images, groups, kept, positions, channels):
     g = torch.Generator().manual_seed(images * 1000 + kept * 10 + channels)
     case = channel_case(images, groups, kept, positions, channels, g)
-    out = emulated["gather_channels"](*case)
+    out = emulated.gather_channels(*case)
     assert torch.equal(out, ops.gather_channels(*case))
     src, idx, _ = case
     if images:  # the spec itself, one element by hand
@@ -169,19 +169,19 @@ def test_gather_channels(emulated, images, groups, kept, positions, channels):
 
 def test_gather_channels_checks(emulated):
     with pytest.raises(ValueError, match="expected 2 images x 3 positions"):
-        emulated["gather_channels"](torch.randn(5, 4), torch.zeros(2, 1, 1, dtype=torch.long), 3)
+        emulated.gather_channels(torch.randn(5, 4), torch.zeros(2, 1, 1, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="idx must be 3-D"):
-        emulated["gather_channels"](torch.randn(6, 4), torch.zeros(2, 1, dtype=torch.long), 3)
+        emulated.gather_channels(torch.randn(6, 4), torch.zeros(2, 1, dtype=torch.long), 3)
 
 
 def test_depthwise_rows_checks(emulated):
     src, idx, size, weight, bias = depthwise_case(3, 4, 5, 0)
     with pytest.raises(ValueError, match="k \\* k rows"):
-        emulated["depthwise_rows"](src, idx, size, weight[:8].contiguous(), bias)
+        emulated.depthwise_rows(src, idx, size, weight[:8].contiguous(), bias)
     with pytest.raises(ValueError, match="N \\* H \\* W = 60 rows"):
-        emulated["depthwise_rows"](src[:59].contiguous(), idx, size, weight, bias)
+        emulated.depthwise_rows(src[:59].contiguous(), idx, size, weight, bias)
     with pytest.raises(ValueError, match="equal src's 4 channels"):
-        emulated["depthwise_rows"](src, idx, size, weight, bias[:3])
+        emulated.depthwise_rows(src, idx, size, weight, bias[:3])
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -216,7 +216,7 @@ def test_bias_relu(emulated, k, channels):
     bias = torch.randn(channels, generator=g)
     expected = ops.bias_relu_(rows[1:-1].clone(), bias)
     before = rows.clone()
-    out = emulated["bias_relu_"](rows[1:-1], bias)  # a view inside a larger buffer: nothing outside it changes
+    out = emulated.bias_relu_(rows[1:-1], bias)  # a view inside a larger buffer: nothing outside it changes
     assert out.data_ptr() == rows[1:-1].data_ptr()
     torch.testing.assert_close(out, expected, equal_nan=True)
     assert torch.equal(rows[[0, -1]], before[[0, -1]])
@@ -235,7 +235,7 @@ def test_scatters(emulated, op, k, channels):
     rows = random_rows(k, channels, g)
     expected = getattr(ops, op)(buffer[1:-1].clone(), idx, rows)
     before = buffer.clone()
-    out = emulated[op](buffer[1:-1], idx, rows)  # dst inside a larger buffer: catches writes past its ends
+    out = getattr(emulated, op)(buffer[1:-1], idx, rows)  # dst inside a larger buffer: catches writes past its ends
     assert out.data_ptr() == buffer[1:-1].data_ptr()
     if op == "scatter_add_relu_":
         torch.testing.assert_close(out, expected)
@@ -251,27 +251,27 @@ def test_scatters(emulated, op, k, channels):
 def test_linear(emulated, k, relu):
     g = torch.Generator().manual_seed(k)
     rows, weight, bias = random_rows(k, 27, g), torch.randn(27, 17, generator=g), torch.randn(17, generator=g)
-    torch.testing.assert_close(emulated["linear"](rows, weight, bias, relu), ops.linear(rows, weight, bias, relu))
+    torch.testing.assert_close(emulated.linear(rows, weight, bias, relu), ops.linear(rows, weight, bias, relu))
 
 
 def test_input_checks(emulated):
     src, idx = torch.randn(10, 4), torch.arange(3)
     with pytest.raises(ValueError, match="src must be torch.float32"):
-        emulated["gather_rows"](src.double(), idx)
+        emulated.gather_rows(src.double(), idx)
     with pytest.raises(ValueError, match="idx must be torch.int64"):
-        emulated["gather_rows"](src, idx.int())
+        emulated.gather_rows(src, idx.int())
     with pytest.raises(ValueError, match="src must be contiguous"):
-        emulated["gather_rows"](src.t(), idx)
+        emulated.gather_rows(src.t(), idx)
     with pytest.raises(ValueError, match="taps must be 2-D"):
-        emulated["gather_patches"](src, idx)
+        emulated.gather_patches(src, idx)
     with pytest.raises(ValueError, match="taps must be torch.int64"):
-        emulated["gather_patches"](src, idx[None].int())
+        emulated.gather_patches(src, idx[None].int())
     with pytest.raises(ValueError, match="taps must be contiguous"):
-        emulated["gather_patches"](src, torch.zeros(9, 3, dtype=torch.int64).t())
+        emulated.gather_patches(src, torch.zeros(9, 3, dtype=torch.int64).t())
     with pytest.raises(ValueError, match="different devices"):
-        emulated["gather_rows"](src, idx.to("meta"))
+        emulated.gather_rows(src, idx.to("meta"))
     with pytest.raises(ValueError, match="bias must have 4 entries"):
-        emulated["bias_relu_"](src, torch.zeros(3))
+        emulated.bias_relu_(src, torch.zeros(3))
 
 
 def bad_scatter_inputs():
@@ -297,15 +297,15 @@ def test_scatter_input_checks(emulated, op, case):
     dst, idx, rows, message = bad_scatter_inputs()[case]
     before = dst.clone()
     with pytest.raises(ValueError, match=message):
-        emulated[op](dst, idx, rows)
+        getattr(emulated, op)(dst, idx, rows)
     assert torch.equal(dst, before)
 
 
 def test_op_tables_match():
     """The cupy table has the spec's ops, with the same parameters."""
-    assert sorted(cuda_kernels.OPS) == sorted(ops.TORCH_OPS)
+    assert isinstance(cuda_kernels.OPS, ops.Ops) and isinstance(ops.TORCH_OPS, ops.Ops)
     for name, op in ops.TORCH_OPS.items():
-        assert list(inspect.signature(cuda_kernels.OPS[name]).parameters) == list(inspect.signature(op).parameters)
+        assert list(inspect.signature(getattr(cuda_kernels.OPS, name)).parameters) == list(inspect.signature(op).parameters)
 
 
 def test_ops_launch_every_compiled_kernel():
@@ -313,13 +313,13 @@ def test_ops_launch_every_compiled_kernel():
     launched = []
     table = cuda_kernels.make_ops(lambda name, total, *args: launched.append(name))
     src, idx, rows = torch.randn(5, 2), torch.arange(2), torch.randn(2, 2)
-    table["gather_rows"](src, idx)
-    table["gather_patches"](src, idx[:, None])
-    table["depthwise_rows"](src[:4].contiguous(), idx, (1, 2, 2), torch.randn(9, 2), torch.zeros(2))
-    table["gather_channels"](src[:4].contiguous(), idx.reshape(2, 1, 1), 2)
-    table["bias_relu_"](rows, torch.zeros(2))
+    table.gather_rows(src, idx)
+    table.gather_patches(src, idx[:, None])
+    table.depthwise_rows(src[:4].contiguous(), idx, (1, 2, 2), torch.randn(9, 2), torch.zeros(2))
+    table.gather_channels(src[:4].contiguous(), idx.reshape(2, 1, 1), 2)
+    table.bias_relu_(rows, torch.zeros(2))
     for op in SCATTERS:
-        table[op](src, idx, rows)
+        getattr(table, op)(src, idx, rows)
     assert launched == ["gather_rows", "gather_rows", "depthwise_rows", "gather_channels", "bias_relu", "scatter_rows",
                         "scatter_add", "scatter_add_relu"]
     assert sorted(set(launched)) == KERNELS
@@ -327,7 +327,7 @@ def test_ops_launch_every_compiled_kernel():
 
 def test_cupy_backend_rejects_cpu_tensors():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        cuda_kernels.OPS["gather_rows"](torch.randn(4, 2), torch.arange(2))
+        cuda_kernels.OPS.gather_rows(torch.randn(4, 2), torch.arange(2))
 
 
 # ---- c. the real CuPy launches, on a GPU ----
@@ -344,37 +344,37 @@ def test_cupy_matches_torch(k, channels):
     cuda, torch_ops = cuda_kernels.OPS, ops.TORCH_OPS
     src = random_rows(50, channels, g).cuda()
     idx = torch.randint(50, (k,), generator=g).cuda()
-    assert torch.equal(cuda["gather_rows"](src, idx), torch_ops["gather_rows"](src, idx))
+    assert torch.equal(cuda.gather_rows(src, idx), torch_ops.gather_rows(src, idx))
 
     patch_src = random_rows(41, channels, g).cuda()
     for taps_per_window in TAPS:
         taps = tap_tables(k, taps_per_window, 40, g).cuda()
-        assert torch.equal(cuda["gather_patches"](patch_src, taps), torch_ops["gather_patches"](patch_src, taps))
+        assert torch.equal(cuda.gather_patches(patch_src, taps), torch_ops.gather_patches(patch_src, taps))
 
     rows, bias = random_rows(k, channels, g).cuda(), torch.randn(channels, generator=g).cuda()
-    torch.testing.assert_close(cuda["bias_relu_"](rows.clone(), bias), torch_ops["bias_relu_"](rows.clone(), bias))
+    torch.testing.assert_close(cuda.bias_relu_(rows.clone(), bias), torch_ops.bias_relu_(rows.clone(), bias))
 
     dst, scatter_idx = random_rows(140, channels, g).cuda(), torch.randperm(140, generator=g)[:k].cuda()
     for op in ("scatter_rows_", "scatter_add_"):  # dst with negative entries: neither may apply a ReLU
-        assert torch.equal(cuda[op](dst.clone(), scatter_idx, rows), torch_ops[op](dst.clone(), scatter_idx, rows))
+        assert torch.equal(getattr(cuda, op)(dst.clone(), scatter_idx, rows), getattr(torch_ops, op)(dst.clone(), scatter_idx, rows))
     dst = dst.abs()  # scatter_add_relu_'s precondition: a non-negative map
-    torch.testing.assert_close(cuda["scatter_add_relu_"](dst.clone(), scatter_idx, rows),
-                               torch_ops["scatter_add_relu_"](dst.clone(), scatter_idx, rows))
+    torch.testing.assert_close(cuda.scatter_add_relu_(dst.clone(), scatter_idx, rows),
+                               torch_ops.scatter_add_relu_(dst.clone(), scatter_idx, rows))
 
     for kernel in (3, 7):
         case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in depthwise_case(kernel, channels, k, k)]
-        torch.testing.assert_close(cuda["depthwise_rows"](*case), torch_ops["depthwise_rows"](*case))
+        torch.testing.assert_close(cuda.depthwise_rows(*case), torch_ops.depthwise_rows(*case))
 
     case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in channel_case(3, 4, min(k, channels), 5,
                                                                                   channels, g)]
-    assert torch.equal(cuda["gather_channels"](*case), torch_ops["gather_channels"](*case))
+    assert torch.equal(cuda.gather_channels(*case), torch_ops.gather_channels(*case))
 
     weight = torch.randn(channels, 5, generator=g).cuda()
     linear_bias = torch.nn.Parameter(torch.randn(5, generator=g).cuda())  # requires grad, as a model's would
     for relu in (False, True):
         with torch.no_grad():
-            torch.testing.assert_close(cuda["linear"](rows, weight, linear_bias, relu),
-                                       torch_ops["linear"](rows, weight, linear_bias, relu))
+            torch.testing.assert_close(cuda.linear(rows, weight, linear_bias, relu),
+                                       torch_ops.linear(rows, weight, linear_bias, relu))
 
 
 @needs_gpu
@@ -385,7 +385,7 @@ def test_cupy_runs_on_torch_current_stream():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = cuda_kernels.OPS["gather_rows"](src, idx)
+        out = cuda_kernels.OPS.gather_rows(src, idx)
         doubled = out * 2
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(doubled, src[idx] * 2)

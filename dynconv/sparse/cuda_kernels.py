@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .ops import Ops
+
 THREADS_PER_BLOCK = 256
 
 # CuPy 14 defaults to -std=c++17; the kernels are plain C, so the oldest standard NVRTC still accepts is enough.
@@ -209,7 +211,7 @@ def _gather_channels_op(run):
 
 
 def make_ops(launch):
-    """The op table (same keys and signatures as ops.TORCH_OPS) on top of `launch(name, total, *args)`, which runs
+    """The op table (an ops.Ops: the names and signatures of ops.TORCH_OPS) on top of `launch(name, total, *args)`, which runs
     kernel `name` with launch_config(total) on `args` (tensors and ints) followed by `total`."""
 
     def run(name, total, *args):
@@ -252,10 +254,10 @@ def make_ops(launch):
             return bias_relu_(torch.mm(rows, weight), bias)
         return torch.addmm(bias, rows, weight)
 
-    return dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
-                gather_channels=_gather_channels_op(run), bias_relu_=bias_relu_, scatter_rows_=_scatter_op(run, "scatter_rows"),
-                scatter_add_=_scatter_op(run, "scatter_add"), scatter_add_relu_=_scatter_op(run, "scatter_add_relu"),
-                linear=linear)
+    return Ops(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
+               gather_channels=_gather_channels_op(run), bias_relu_=bias_relu_,
+               scatter_rows_=_scatter_op(run, "scatter_rows"), scatter_add_=_scatter_op(run, "scatter_add"),
+               scatter_add_relu_=_scatter_op(run, "scatter_add_relu"), linear=linear)
 
 
 # ---- the CuPy launcher ----

@@ -16,6 +16,8 @@ Backends:
 Matrix products go through torch (MKL/oneDNN on CPU, cuBLAS on GPUs) in both.
 """
 import math
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,10 +123,29 @@ def linear(rows, weight, bias, relu):
     return out.relu_() if relu else out
 
 
-TORCH_OPS = dict(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
-                 gather_channels=gather_channels,
-                 bias_relu_=bias_relu_, scatter_rows_=scatter_rows_, scatter_add_=scatter_add_,
-                 scatter_add_relu_=scatter_add_relu_, linear=linear)
+@dataclass(frozen=True)
+class Ops:
+    """A backend's op table: the same functions, by name and signature, in every backend (the torch functions
+    above are the specification); plans call them as attributes (`ops.gather_rows(src, idx)`)."""
+
+    gather_rows: Callable
+    gather_patches: Callable
+    depthwise_rows: Callable
+    gather_channels: Callable
+    bias_relu_: Callable
+    scatter_rows_: Callable
+    scatter_add_: Callable
+    scatter_add_relu_: Callable
+    linear: Callable
+
+    def items(self):
+        """(name, function) pairs, in declaration order."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+TORCH_OPS = Ops(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
+                gather_channels=gather_channels, bias_relu_=bias_relu_, scatter_rows_=scatter_rows_,
+                scatter_add_=scatter_add_, scatter_add_relu_=scatter_add_relu_, linear=linear)
 
 
 def get_ops(backend):

@@ -45,8 +45,8 @@ class ConvNeXtBlockPlan(BlockPlan):
             out.addcmul_(self._mlp(rows(self.conv(x))), active[:, None])
         elif idx.numel() > 0:
             n, c, h, w = x.shape
-            depthwise = self.ops["depthwise_rows"](out, idx, (n, h, w), self.taps, self.conv_bias)
-            self.ops["scatter_add_"](out, idx, self._mlp(depthwise))
+            depthwise = self.ops.depthwise_rows(out, idx, (n, h, w), self.taps, self.conv_bias)
+            self.ops.scatter_add_(out, idx, self._mlp(depthwise))
         return x, decision
 
     def _whole_blocks(self, x, decision):

@@ -51,7 +51,7 @@ class DGCConvPlan(BlockPlan):
     def _rows(self, x, idx):
         """(N, H, positions, K): every image's and head's kept channels, position-major (channels-last map)."""
         n, c, height, width = x.shape
-        return self.ops["gather_channels"](x.permute(0, 2, 3, 1).reshape(n * height * width, c), idx,
+        return self.ops.gather_channels(x.permute(0, 2, 3, 1).reshape(n * height * width, c), idx,
                                            height * width)
 
     def _pointwise(self, x, idx, weight):

@@ -167,7 +167,7 @@ class ResNetBlockPlan(BlockPlan):
                 self.executed_macs += idx_dilated.numel() * decision.dilated_cost.macs
             rows_fn = self._bottleneck_rows if self.bottleneck else self._basic_rows
             residual = rows_fn(x, folded, idx, idx_dilated, decision.hard.shape[-2:])
-            self.ops["scatter_add_relu_"](rows(out), idx, residual)
+            self.ops.scatter_add_relu_(rows(out), idx, residual)
         if self.downsample is not None:
             out.relu_()  # the downsampled identity can be negative outside the mask
         return out, decision
@@ -213,7 +213,7 @@ class ResNetBlockPlan(BlockPlan):
         self.executed_macs = padded * geometry.tile_macs
         tiles = F.pad(active, (0, padded - count), value=geometry.null_tile)  # null tiles: zeros, not scattered
         windows = geometry.windows.index_select(0, tiles).reshape(-1)
-        y = self.ops["gather_rows"](with_zero_row(rows(x)), windows)
+        y = self.ops.gather_rows(with_zero_row(rows(x)), windows)
         y = y.view(padded, geometry.window, geometry.window, -1).permute(0, 3, 1, 2)
         for i, f in enumerate(folded):
             y = F.conv2d(y, f.weight, f.bias, f.stride)
@@ -228,7 +228,7 @@ class ResNetBlockPlan(BlockPlan):
             out.index_add_(0, targets, residual).relu_()
             n, c, h, w = identity.shape
             return out[:-1].view(n, h, w, c).permute(0, 3, 1, 2)
-        self.ops["scatter_add_relu_"](rows(identity), targets, residual)
+        self.ops.scatter_add_relu_(rows(identity), targets, residual)
         return identity.relu_() if self.downsample is not None else identity
 
     def geometry(self, input_shape, tile=None):
@@ -258,7 +258,7 @@ class ResNetBlockPlan(BlockPlan):
             return F.conv2d(x, folded.weight, folded.bias, s)
         x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
         n, _, h, w = x.shape
-        out = self.ops["linear"](rows(x), folded.matrix, folded.bias, False)
+        out = self.ops.linear(rows(x), folded.matrix, folded.bias, False)
         return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
     def _dense_residual(self, x, folded):
@@ -272,12 +272,12 @@ class ResNetBlockPlan(BlockPlan):
     def _gathered_conv3x3(self, src, idx, n, out_hw, stride, in_hw, folded, relu):
         """A 3x3 conv (padding 1, BN folded) at the output positions `idx`; src: the input's rows + a zero row."""
         taps = tap_table(n, *out_hw, stride, *in_hw, 3, 1, idx.device).index_select(0, idx)
-        return self.ops["linear"](self.ops["gather_patches"](src, taps), folded.matrix, folded.bias, relu)
+        return self.ops.linear(self.ops.gather_patches(src, taps), folded.matrix, folded.bias, relu)
 
     def _buffer(self, map_rows, idx, num_rows):
         """A zero map of `num_rows` rows + the zero row, holding `map_rows` at the positions `idx`."""
         buffer = map_rows.new_zeros(num_rows + 1, map_rows.shape[1])
-        return self.ops["scatter_rows_"](buffer, idx, map_rows)
+        return self.ops.scatter_rows_(buffer, idx, map_rows)
 
     def _basic_rows(self, x, folded, idx, idx_dilated, out_hw):
         """conv1 at the dilated positions (or everywhere when idx_dilated is None), conv2 at the mask."""
@@ -297,9 +297,9 @@ class ResNetBlockPlan(BlockPlan):
         n, _, h, w = x.shape
         conv1, conv2, conv3 = folded
         if idx_dilated is None:
-            buffer = with_zero_row(self.ops["linear"](rows(x), conv1.matrix, conv1.bias, True))
+            buffer = with_zero_row(self.ops.linear(rows(x), conv1.matrix, conv1.bias, True))
         else:
-            y1 = self.ops["linear"](self.ops["gather_rows"](rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
+            y1 = self.ops.linear(self.ops.gather_rows(rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
             buffer = self._buffer(y1, idx_dilated, n * h * w)
         y2 = self._gathered_conv3x3(buffer, idx, n, out_hw, conv2.stride, (h, w), conv2, relu=True)
-        return self.ops["linear"](y2, conv3.matrix, conv3.bias, False)
+        return self.ops.linear(y2, conv3.matrix, conv3.bias, False)
