@@ -66,6 +66,15 @@ class SpatialDecision(Decision):
     # hard[:, :, ::tile, ::tile]; 1: decided per position
     tile: int = 1
 
+    @property
+    def whole_map(self):
+        """Whether one tile covers the whole mask: one decision per image."""
+        return self.tile >= max(self.hard.shape[-2:])
+
+    def per_image(self):
+        """(N,) the decision of each image, for a whole-map decision: the mask's first element, as a view."""
+        return self.hard.as_strided((self.hard.shape[0],), (self.hard.stride(0),))
+
     def conditional(self):
         executed = self.hard.sum() * self.cost.macs
         total = self.hard.numel() * self.cost.macs

@@ -358,3 +358,16 @@ def test_a_checkpoint_stored_in_half_precision_evaluates_as_its_float32_source(t
     assert code == 0, err
     done = script(SPEEDTEST, *TINY_RUN, "--checkpoint", str(tmp_path / "float16.pth"))
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_train_speed_ratios_are_against_the_references_static_row():
+    from dynconv.benchmarks.train_speed import with_ratios
+
+    rows = [{"model": "dydensenet86", "variant": "dynamic", "img_s": 30.0},
+            {"model": "dydensenet86", "variant": "static (gate_factor 1)", "img_s": 20.0},
+            {"model": "resnet32", "variant": "dense", "img_s": 300.0},
+            {"model": "resnet32", "variant": "DynConv 0.5", "img_s": 240.0}]
+    assert [r["vs resnet32 dense"] for r in with_ratios(rows, "resnet32")] == [0.1, 0.067, 1.0, 0.8]
+    assert [r["vs dydensenet86 static (gate_factor 1)"] for r in with_ratios(rows, "dydensenet86")] == [
+        1.5, 1.0, 15.0, 12.0]
+    assert [r["vs dydensenet86 dynamic"] for r in with_ratios(rows, "resnet8")] == [1.0, 0.667, 10.0, 8.0]

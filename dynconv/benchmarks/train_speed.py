@@ -88,8 +88,10 @@ def measure(names, batchsize, steps, warmup, device, resolution):
 
 
 def with_ratios(rows, reference):
-    """Each row's images/s against the reference model's static row (its first), else against the first row."""
-    base = next((r for r in rows if r["model"] == reference), rows[0])
+    """Each row's images/s against the reference model's static row (dense, or its static form; else its first),
+    or against the first row when the reference was not measured."""
+    own = [r for r in rows if r["model"] == reference]
+    base = next((r for r in own if r["variant"] == "dense" or r["variant"].startswith("static")), (own or rows)[0])
     label = f"vs {base['model']} {base['variant']}"
     return [{**r, label: round(r["img_s"] / base["img_s"], 3)} for r in rows]
 

@@ -469,8 +469,8 @@ def _dgc_config(**config):
     recipe = dict(opt="nesterov", lr=0.1, momentum=0.9, sched="cosine", weight_decay=1e-4, warmup_epochs=0)
     recipe.update(config.pop("recipe"))
     return ModelConfig(recipe=recipe, checkpoint_filter=dgc_checkpoint_filter, gates="own",
-                       static_options={"gate_factor": 1.0}, paper_count=("the DGC paper counts them", paper_mmac), speed_benchmark="dynconv.benchmarks.dgc_speed",
-                       method="DGC", **config)
+                       static_options={"gate_factor": 1.0}, paper_count=("the DGC paper counts them", paper_mmac),
+                       speed_benchmark="dynconv.benchmarks.dgc_speed", method="DGC", **config)
 
 
 DENSENET_OPTIONS = dict(bottleneck=4, group_3x3=4, heads=4, gate_factor=0.25, squeeze_rate=16)

@@ -34,7 +34,7 @@ class ConvNeXtBlockPlan(BlockPlan):
     def __call__(self, x, target=None):
         x = x.contiguous(memory_format=torch.channels_last)
         decision = self.block.masker.forward(x, target)  # no hook machinery: a fixed cost of every block
-        if decision.tile >= max(decision.hard.shape[-2:]):
+        if decision.whole_map:
             return self._whole_blocks(x, decision), decision
         active = decision.hard.reshape(-1)
         idx = active.nonzero().squeeze(1)
@@ -51,8 +51,7 @@ class ConvNeXtBlockPlan(BlockPlan):
 
     def _whole_blocks(self, x, decision):
         """One decision per image: the branch runs densely on the images it is on for, added into their rows."""
-        on = decision.hard.as_strided((x.shape[0],), (decision.hard.stride(0),))
-        active = on.nonzero().squeeze(1)
+        active = decision.per_image().nonzero().squeeze(1)
         n, c, h, w = x.shape
         self.executed_macs = active.numel() * h * w * decision.cost.macs
         if active.numel() == n:

@@ -141,10 +141,8 @@ class ResNetBlockPlan(BlockPlan):
         folded = self.folds(target)
         decision = self.block.masker.forward(x, target)  # no hook machinery: a fixed cost of every block
         identity = x if self.downsample is None else self._downsample(x)
-        out_hw = tuple(decision.hard.shape[-2:])
-        if decision.tile >= max(out_hw):  # one value per image: the mask's first element, as a (N,) view
-            on = decision.hard.as_strided((x.shape[0],), (decision.hard.stride(0),))
-            return self._whole_blocks(x, identity, folded, on), decision
+        if decision.whole_map:
+            return self._whole_blocks(x, identity, folded, decision.per_image()), decision
         if decision.tile > 1 and self.settings.tile_path:
             return self._tiles(x, identity, folded, decision), decision
         # the result goes into `identity` in place; outside the mask it is a ReLU output (non-negative, as
