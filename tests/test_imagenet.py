@@ -160,8 +160,15 @@ def test_bad_input(make_root, extra, message, tiny_imagenet, imagenet_run, tmp_p
 
 
 def _torchrun(args, cwd):
+    """Two CPU processes of one thread each (two cores); a crash prints each thread's Python stack."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_imagenet.py"]
-    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _failure(result):
+    """The workers' own first lines and torchrun's summary: a failed worker's cause is at the start."""
+    return result.stderr[:4000] + "\n[...]\n" + result.stderr[-1500:]
 
 
 def test_torchrun_two_processes_match_one_process(tiny_imagenet, tmp_path, capsys):
@@ -169,11 +176,11 @@ def test_torchrun_two_processes_match_one_process(tiny_imagenet, tmp_path, capsy
     the same Prec@1 and MMac as a single process on the same checkpoint."""
     run_dir = str(tmp_path / "ddp")
     result = _torchrun(COMMON + ["--budget", "0.5", "--data", tiny_imagenet, "--epochs", "1", "-s", run_dir], ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, _failure(result)
     assert result.stdout.count("* Epoch 1 - Prec@1") == 1  # only rank 0 prints
     assert sorted(f for f in os.listdir(run_dir) if f.endswith(".pth")) == ["checkpoint.pth", "checkpoint_best.pth"]
     evaluated = _torchrun(COMMON + ["--budget", "0.5", "--data", tiny_imagenet, "-r", run_dir, "-e"], ROOT)
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert evaluated.returncode == 0, _failure(evaluated)
     code, single, _ = cli(COMMON + ["--budget", "0.5", "--data", tiny_imagenet, "-r", run_dir, "-e"], capsys)
     assert code == 0
     lines = [line for line in single.splitlines() if line.startswith("*")]
@@ -190,10 +197,10 @@ def test_torchrun_trains_a_multi_target_model(tiny_imagenet, tmp_path, capsys):
     run_dir = str(tmp_path / "ddp_multi")
     multi = ["--budget_targets", "0.3", "0.6", "--data", tiny_imagenet]
     result = _torchrun(COMMON + multi + ["--epochs", "1", "-s", run_dir], ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, _failure(result)
     assert result.stdout.count("[budget 0.6] * Epoch 1 - Prec@1") == 1
     evaluated = _torchrun(COMMON + multi[3:] + ["-r", run_dir, "-e"], ROOT)
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert evaluated.returncode == 0, _failure(evaluated)
     code, single, _ = cli(COMMON + multi[3:] + ["-r", run_dir, "-e"], capsys)
     assert code == 0
     lines = [line for line in single.splitlines() if line.startswith("[budget")]

@@ -34,7 +34,7 @@ def _command(data, run_dir, workers, torchrun=False):
 def _signal_group(command, signals, delay=0.3):
     """Starts `command` in its own session (its own process group), waits until it trains, then sends each of
     `signals` to the whole group; returns (exit status, stdout, stderr)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash prints its Python stacks
     p = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, env=env)
     out = []

@@ -41,6 +41,13 @@ def all_reduce_sum(tensor, ctx):
     return tensor
 
 
+def finish(ctx):
+    """Waits for every process before a run that succeeded ends, so that no process tears the group down while
+    another still talks to it (not after an error: the others would wait for one that is gone)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
 def shutdown(ctx):
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

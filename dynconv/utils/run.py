@@ -17,7 +17,7 @@ from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_mod
 from .cli import (RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems,
                   say_inert_settings)
 from .data import build_loaders, check_images, class_names, first_images, limited
-from .distributed import init_distributed, shutdown
+from .distributed import finish, init_distributed, shutdown
 from .errors import UserError
 from .rundir import check_run_dir, run_directory
 from .fit import PARAMETER_GROUPS, fit
@@ -313,7 +313,9 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
     with run_directory(run_dir, active=not args.evaluate and os.environ.get("RANK", "0") == "0"):
         ctx = init_distributed(args.device)
         try:
-            return _run(args, family, config, make_datasets, topk, (checkpoint_path, checkpoint), run_dir, ctx)
+            result = _run(args, family, config, make_datasets, topk, (checkpoint_path, checkpoint), run_dir, ctx)
+            finish(ctx)
+            return result
         finally:
             shutdown(ctx)
 
