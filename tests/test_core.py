@@ -225,3 +225,22 @@ def test_drop_path_rates_rise_linearly_and_act_only_in_training():
     assert not torch.equal(first, model(x)[0])  # different residual branches dropped
     model.eval()
     assert torch.equal(model(x)[0], model(x)[0])
+
+
+def test_build_model_adds_spatial_gates_only_to_families_that_decide_where():
+    """One construction path: spatial gates per block (one per budget with targets) for spatial families,
+    never for a model with gates of its own; options reach the factory; a wrong option is one ModelOptionError."""
+    from dynconv.models import ModelOptionError, build_model
+
+    def mask_units(model):
+        return sum(isinstance(m, MaskUnit) for m in model.modules())
+
+    assert mask_units(build_model("resnet8", 10)) == 0
+    assert mask_units(build_model("resnet8", 10, spatial_gates=True)) == 3  # ResNet-8: 3 residual blocks
+    multi = build_model("resnet8", 10, targets=(0.25, 0.5))
+    assert mask_units(multi) == 6 and multi.fc.out_features == 10
+    assert mask_units(build_model("dydensenet86", 10, spatial_gates=True)) == 0  # DGC: its own gates
+    tiled = build_model("resnet8", 10, spatial_gates=True, options={"tiles": (4, 2, 1)})
+    assert [m.tile for m in tiled.modules() if isinstance(m, MaskUnit)] == [4, 2, 1]
+    with pytest.raises(ModelOptionError, match="resnet8 does not take 'heads'"):
+        build_model("resnet8", 10, options={"heads": 4})

@@ -3,7 +3,7 @@ import torch
 
 from conftest import set_mask_logits
 from dynconv import MaskUnit, count_mmac, count_parameters
-from dynconv.models import create_model, list_models, model_config
+from dynconv.models import Decides, create_model, list_models, model_config
 
 DENSE_MMAC = {"resnet8": 12.500992, "resnet14": 26.656768, "resnet20": 40.812544, "resnet26": 54.968320,
               "resnet32": 69.124096}
@@ -12,7 +12,7 @@ ALL_OFF = {"resnet8": 0.908608, "resnet32": 1.946176}
 
 
 def test_registry_lists_cifar_models():
-    spatial = [name for name in list_models("cifar") if model_config(name).gates == "spatial"]
+    spatial = [name for name in list_models("cifar") if model_config(name).gates is Decides.SPATIAL]
     assert spatial == sorted(DENSE_MMAC)
     assert {"dydensenet86", "pedconv_resnet8", "pedconv_resnet20", "pedconv_resnet32"} <= set(list_models("cifar"))
     with pytest.raises(KeyError, match="choices"):
@@ -77,7 +77,7 @@ def test_all_on_masks_equal_dense_computation():
 def test_every_parameter_gets_a_gradient(name):
     from dynconv import SparsityCriterion
 
-    spatial = model_config(name).gates == "spatial"
+    spatial = model_config(name).gates is Decides.SPATIAL
     model = create_model(name, gate_layer=MaskUnit if spatial else None).train()
     logits, decisions = model(torch.randn(2, 3, 32, 32))
     loss = logits.logsumexp(1).mean()

@@ -23,7 +23,7 @@ from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.ops import get_ops  # noqa: E402
 from dynconv.sparse.plans import EngineSettings  # noqa: E402
 from dynconv.sparse.plans.dgc import DGCConvPlan  # noqa: E402
-from dynconv.models import create_model  # noqa: E402
+from dynconv.models import build_model  # noqa: E402
 from dynconv.models.dgc import DGCConv  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser  # noqa: E402
 from dynconv.utils.errors import run_cli  # noqa: E402
@@ -45,7 +45,7 @@ def speedtest_argv(name, resolution, batch_sizes, runs, warmup):
 def pruned_model(name, resolution):
     """The model in eval mode with trained-like BN statistics and every DGC layer at its final width."""
     torch.manual_seed(0)
-    model = create_model(name)
+    model = build_model(name)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # a cumulative average over the batches below

@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as dynconv/benchmarks/spee
 import torch  # noqa: E402
 
 from dynconv import count_mmac  # noqa: E402
-from dynconv.models import create_model, list_models  # noqa: E402
+from dynconv.models import build_model, list_models  # noqa: E402
 from dynconv.models.pedconv import INFERENCE_PATHS  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser  # noqa: E402
 from dynconv.utils.errors import run_cli  # noqa: E402
@@ -36,9 +36,9 @@ def variants(name):
     """{name: model in eval mode}: the static ResNet and the PEDConv ResNet on each evaluation path."""
     torch.manual_seed(0)
     static = name.removeprefix("pedconv_")
-    out = {f"{static} (static)": create_model(static)}
+    out = {f"{static} (static)": build_model(static)}
     for path in INFERENCE_PATHS:
-        out[f"{name}, {path} path"] = create_model(name, inference=path)
+        out[f"{name}, {path} path"] = build_model(name, options={"inference": path})
     return {label: m.eval().to(memory_format=torch.channels_last) for label, m in out.items()}
 
 

@@ -24,13 +24,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
 import torch  # noqa: E402
 
-from dynconv import MaskUnit, count_mmac  # noqa: E402
+from dynconv import count_mmac  # noqa: E402
 from dynconv.gates import gate_state_keys  # noqa: E402
 from dynconv.multitarget import target_state  # noqa: E402
 from dynconv.sparse.engine import SparseEngine  # noqa: E402
 from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
-from dynconv.models import create_model, list_models, model_config  # noqa: E402
+from dynconv.models import Decides, build_model, list_models, model_config  # noqa: E402
 from dynconv.models.base import tiles_problem  # noqa: E402
 from dynconv.utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
@@ -95,11 +95,10 @@ def build_models(name, num_classes, device, trained=None, target=None, tiles=Non
     `target`. `tiles`: the sparse model's tile sides per stage (synthetic masks; a checkpoint brings its own)."""
     targets = trained[2] if trained else ()
     options = trained[3] if trained else ({"tiles": tuple(tiles)} if tiles else {})
-    sparse = create_model(name, family_of(name), gate_layer=MaskUnit, num_classes=num_classes, targets=targets,
-                          **options)
+    sparse = build_model(name, num_classes, spatial_gates=True, targets=targets, options=options)
     if trained is not None:
         load_model_state(sparse, trained[1], trained[0])
-    dense = create_model(name, family_of(name), num_classes=num_classes)
+    dense = build_model(name, num_classes)
     gates = gate_state_keys(sparse)
     state = {k: v for k, v in sparse.state_dict().items() if k not in gates}
     dense.load_state_dict(target_state(state, sparse, target) if targets else state)
@@ -150,7 +149,7 @@ def load_trained(name, path):
     saved = checkpoint.get("args") or {}
     targets = tuple(saved.get("budget_targets") or sorted(k for k in checkpoint if isinstance(k, float)))
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in (saved.get("model_kwargs") or {}).items()}
-    model = create_model(name, family_of(name), gate_layer=MaskUnit, targets=targets, **options)
+    model = build_model(name, spatial_gates=True, targets=targets, options=options)
     state = model_config(name).filter(checkpoint["state_dict"], model)
     if not gate_state_keys(model) & set(state):
         raise UserError(f"{path} is a static model (no gates): the sparse engine needs a checkpoint with gates "
@@ -284,7 +283,7 @@ def check_args(p, args):
 
 
 def spatial(name):
-    return model_config(name).gates == "spatial"
+    return model_config(name).gates is Decides.SPATIAL
 
 
 def run_own_benchmark(name, args):

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dynconv import MaskUnit, SparsityCriterion, fused, set_gate_schedule  # noqa: E402
-from dynconv.models import create_model, list_models, model_config  # noqa: E402
+from dynconv import SparsityCriterion, fused, set_gate_schedule  # noqa: E402
+from dynconv.models import Decides, build_model, list_models, model_config  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from dynconv.utils.errors import run_cli  # noqa: E402
 
@@ -55,15 +55,15 @@ def make_step(model, budget, images, target):
 def variants(name):
     """(variant name, model, budget or None) of `name`: what train_speed compares (see the module docstring)."""
     config = model_config(name)
-    if config.gates == "spatial":
-        sparse = create_model(name, gate_layer=MaskUnit)
+    if config.gates is Decides.SPATIAL:
+        sparse = build_model(name, spatial_gates=True)
         set_gate_schedule(sparse, noise=True)
-        return [("dense", create_model(name), None), ("DynConv 0.5", sparse, 0.5)]
-    dynamic = create_model(name)
+        return [("dense", build_model(name), None), ("DynConv 0.5", sparse, 0.5)]
+    dynamic = build_model(name)
     set_gate_schedule(dynamic, progress=1.0)  # the gates as in the last part of training (DGC: fully pruned)
     rows = [("dynamic", dynamic, None)]
     if config.static_options:
-        static = create_model(name, **config.static_options)
+        static = build_model(name, options=config.static_options)
         label = " ".join(f"{k} {v:g}" for k, v in config.static_options.items())
         rows.append((f"static ({label})", static, None))
     return rows

@@ -6,6 +6,7 @@ ignore it. The per-model `ModelConfig` holds what a user should not have to know
 evaluation resize and crop, the default training recipe, where pretrained weights come from and how foreign
 checkpoint formats map to ours.
 """
+import enum
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -16,6 +17,13 @@ from dynconv.decisions import Dynamic, take_recorded
 from dynconv.multitarget import per_target_layout, selected_target
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Decides(enum.Enum):
+    """What a family of models decides per image, and so what makes one of its networks dynamic."""
+    SPATIAL = "spatial"  # where to compute: DynConv mask units, added when the run has a budget (or several)
+    OWN = "own"  # which channels: gates of the model's own (e.g. DGC), always there; the sparse engine runs them
+    WEIGHTS = "weights"  # with which weights (e.g. PEDConv): nothing for a gate to decide
 
 
 class WeightsUnavailable(Exception):
@@ -91,9 +99,7 @@ class ModelConfig:
     # the model options that make the same network decide nothing (e.g. DGC's gate factor 1: every channel kept),
     # for models whose gates are their own; spatial gates have theirs: no gate_layer (the dense network)
     static_options: Optional[dict] = None
-    # "spatial": DynConv mask units from --budget / --budget_targets; "own": gates of the model's own that the
-    # sparse engine runs (e.g. DGC's channel saliency); None: nothing for a gate to decide (dynamic weights)
-    gates: Optional[str] = "spatial"
+    gates: Decides = Decides.SPATIAL
     # (label, fn(model, images) -> MMac per image): a second MAC count, e.g. as the model's paper counts them
     paper_count: Optional[tuple] = None
     # a module of benchmarks/ that times this model's own evaluation paths (speedtest.py hands it the models that

@@ -27,7 +27,7 @@ from dynconv.decisions import ChannelDecision, Dynamic, UnitCost
 from dynconv.gates import Gate
 from dynconv.sparse.plans import register_plan
 from dynconv.sparse.plans.dgc import DGCConvPlan
-from .base import CheckpointMismatch, DynamicNetwork, ModelConfig, strip_module_prefix
+from .base import CheckpointMismatch, Decides, DynamicNetwork, ModelConfig, strip_module_prefix
 from .registry import register_model
 
 LASSO_WEIGHT = 1e-5  # the paper's weight of the mean-saliency (lasso) term
@@ -468,7 +468,7 @@ def _options(**defaults):
 def _dgc_config(**config):
     recipe = dict(opt="nesterov", lr=0.1, momentum=0.9, sched="cosine", weight_decay=1e-4, warmup_epochs=0)
     recipe.update(config.pop("recipe"))
-    return ModelConfig(recipe=recipe, checkpoint_filter=dgc_checkpoint_filter, gates="own",
+    return ModelConfig(recipe=recipe, checkpoint_filter=dgc_checkpoint_filter, gates=Decides.OWN,
                        static_options={"gate_factor": 1.0}, paper_count=("the DGC paper counts them", paper_mmac),
                        speed_benchmark="dynconv.benchmarks.dgc_speed", method="DGC", **config)
 

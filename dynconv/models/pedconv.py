@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynconv.decisions import RecordsDecision, StaticDecision, UnitCost
-from .base import ModelConfig, strip_module_prefix
+from .base import Decides, ModelConfig, strip_module_prefix
 from .registry import register_model
 from .resnet import BasicBlock
 from .resnet_cifar import CIFAR_RESNET, CifarResNet
@@ -191,7 +191,7 @@ OPTIONS = {"rank": (1, "PEDConv: rank of the attention (a sum of this many rank-
 # the paper's ImageNet recipe (NVIDIA DeepLearningExamples): lr 0.256 per 256 images; no weight decay on norm
 # parameters (here all 1-D parameters: norm weights and biases, and the biases of the Linears)
 IMAGENET_PEDCONV = ModelConfig(
-    checkpoint_filter=strip_module_prefix, gates=None, options=OPTIONS, free_options=("inference",), input_multiple=32,
+    checkpoint_filter=strip_module_prefix, gates=Decides.WEIGHTS, options=OPTIONS, free_options=("inference",), input_multiple=32,
     speed_benchmark="dynconv.benchmarks.pedconv_speed", method="PEDConv",
     recipe=dict(opt="sgd", lr=0.256, momentum=0.875, weight_decay=2 ** -15, no_wd_norm_bias=True, sched="cosine",
                 warmup_epochs=8, epochs=250, batchsize=256, smoothing=0.1, mixup=0.2, auto_augment="imagenet"))
@@ -213,7 +213,7 @@ def pedconv_resnet18(**kwargs):
 
 
 # CIFAR ResNets with PEDConv 3x3 convs: the CIFAR ResNets' normalisation and recipe
-CIFAR_PEDCONV = dataclasses.replace(CIFAR_RESNET, gates=None, options=OPTIONS, free_options=("inference",),
+CIFAR_PEDCONV = dataclasses.replace(CIFAR_RESNET, gates=Decides.WEIGHTS, options=OPTIONS, free_options=("inference",),
                                     speed_benchmark="dynconv.benchmarks.pedconv_speed", method="PEDConv")
 
 

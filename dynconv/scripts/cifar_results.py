@@ -13,15 +13,13 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import torch
 
 from dynconv.apps import cifar as main_cifar  # noqa: E402
 from dynconv.apps import imagenet as main_imagenet  # noqa: E402
-from dynconv import MaskUnit, count_parameters  # noqa: E402
-from dynconv.models import create_model, list_models, model_config, model_family  # noqa: E402
-from dynconv.utils.budgets import is_dynamic  # noqa: E402
+from dynconv import count_parameters  # noqa: E402
+from dynconv.models import build_model, list_models, model_config, model_family  # noqa: E402
 from dynconv.utils.checkpoint import BEST, load_checkpoint, save_checkpoint, stripped  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser  # noqa: E402
 from dynconv.utils.data import CIFAR_SIZE  # noqa: E402
@@ -109,7 +107,7 @@ def result_rows(run, args, data, metrics, resolution=None):
     type, one dense curve each in the plot; `epochs`: the length of its training schedule (runs of two schedules
     are two curves)."""
     family, targets = model_family(args["model"]), list(args.get("budget_targets") or [])
-    model = trained_model(args, family, targets)
+    model = trained_model(args, targets)
     resolution = resolution or args.get("resolution") or CIFAR_SIZE
     arch = type(model).__name__.replace("Cifar", "") + (f" {resolution}x{resolution}" if family == "imagenet"
                                                          else "")
@@ -127,13 +125,10 @@ def result_rows(run, args, data, metrics, resolution=None):
             for budget, m in per_budget]
 
 
-def trained_model(args, family, targets):
+def trained_model(args, targets):
     """A fresh model of the run's architecture (for its parameter count and type)."""
-    dynamic = is_dynamic(SimpleNamespace(budget=args.get("budget", -1), budget_targets=targets))
-    kwargs = dict(args.get("model_kwargs") or {}, **({"targets": targets} if targets else {}))
-    if dynamic:
-        kwargs["gate_layer"] = MaskUnit
-    return create_model(args["model"], family, num_classes=10, **kwargs)
+    return build_model(args["model"], 10, spatial_gates=args.get("budget", -1) >= 0, targets=targets,
+                       options=args.get("model_kwargs"))
 
 
 def _speeds(metrics):

@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 from dynconv.gates import gate_state_keys
+from dynconv.models.base import CheckpointMismatch
 from .errors import UserError
 
 CHECKPOINT_VERSION = 2
@@ -150,6 +151,28 @@ def _sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_weights(model, config, state_dict, source, fresh_gates=False, new_classifier=False):
+    """`state_dict` in any layout the model's config filters (ours, the reference's, upstream, torchvision) into
+    `model`, strictly, each problem one line naming `source`. `fresh_gates`: gates may be absent and keep their
+    initialisation (dense weights starting a gated model); `new_classifier`: a classifier of another class count
+    is left at its initialisation. Weights holding NaN or infinity are refused: they evaluate to chance, silently."""
+    bad = non_finite_keys(state_dict)
+    if bad:
+        raise UserError(f"{source} holds NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+                        ": refused (the run that wrote it diverged)")
+    try:
+        state_dict = config.filter(state_dict, model)
+    except CheckpointMismatch as e:
+        raise UserError(f"{source} was trained with other options: {e}")
+    allow_missing = gate_state_keys(model) if fresh_gates else set()
+    if new_classifier:
+        classifier, own = set(classifier_keys(model)), model.state_dict()
+        if any(k in state_dict and state_dict[k].shape != own[k].shape for k in classifier):
+            state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
+            allow_missing |= classifier
+    load_model_state(model, state_dict, source, allow_missing=allow_missing)
 
 
 def non_finite_keys(state_dict):

@@ -6,14 +6,13 @@ import random
 import numpy as np
 import torch
 
-from dynconv import ChannelDecision, MaskUnit, SpatialDecision, count_parameters
-from dynconv.gates import gate_state_keys
-from dynconv.multitarget import tie_norms
-from dynconv.models import CheckpointMismatch, WeightsUnavailable, create_model, list_models, model_config, model_family
+from dynconv import ChannelDecision, SpatialDecision, count_parameters
+from dynconv.models import Decides, ModelOptionError, WeightsUnavailable, list_models, model_config, model_family
+from dynconv.models import build_model as build_model_named
 from dynconv.models.base import tiles_problem
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
-from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_model_state, non_finite_keys
+from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_weights
 from .cli import (RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems,
                   say_inert_settings)
 from .data import build_loaders, check_images, class_names, first_images, limited
@@ -79,36 +78,15 @@ def _tiles_problems(args):
              "--tiles sets the tiles of spatial gates: add --budget or --budget_targets (this model is static)")]
 
 
-def filtered(config, state_dict, model, source):
-    """The model config's filter of a checkpoint (foreign layouts -> ours); a checkpoint of another configuration
-    of the model is one line."""
+def build_model(args, num_classes):
+    """The model the flags describe (dynconv.models.build_model): spatial gates when --budget >= 0 (one per
+    budget and block with --budget_targets), --model_kwargs with the model-option flags folded in."""
     try:
-        return config.filter(state_dict, model)
-    except CheckpointMismatch as e:
-        raise UserError(f"{source} was trained with other options: {e}")
-
-
-def build_model(args, family, num_classes):
-    """The model the flags describe: a MaskUnit gate per block when --budget >= 0 (one per budget and block with
-    --budget_targets), --model_kwargs (with the model-option flags folded in) for its factory."""
-    kwargs = dict(args.model_kwargs)
-    if args.drop_path:
-        kwargs["drop_path_rate"] = args.drop_path
-    if args.budget_targets:
-        kwargs["targets"] = run_targets(args)
-    if is_dynamic(args):
-        kwargs["gate_layer"] = MaskUnit
-    try:
-        model = create_model(args.model, family, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" in str(e):
-            raise UserError(f"--model_kwargs: {args.model} does not take {str(e).split('argument')[-1].strip()}")
-        raise
-    except ValueError as e:  # options the architecture cannot take (e.g. DGC heads that do not divide a width)
-        raise UserError(f"{args.model}: {e}")
-    if args.tied_norms:  # the budget-aware code's choice from pretrained weights: one affine per norm
-        tie_norms(model)
-    return model
+        return build_model_named(args.model, num_classes, spatial_gates=is_dynamic(args), targets=run_targets(args),
+                                 options=args.model_kwargs, drop_path_rate=args.drop_path,
+                                 tied_norms=args.tied_norms)
+    except ModelOptionError as e:
+        raise UserError(f"--model_kwargs: {e}" if " does not take " in str(e) else str(e))
 
 
 def default_run_dir(family, model, budget, targets=()):
@@ -227,19 +205,19 @@ def _fold_model_options(args, explicit, saved_kwargs):
                             f"{_show(saved_kwargs[name])}); leave the flag out to use the checkpoint's")
         args.model_kwargs = {**args.model_kwargs, name: value}
     args.model_kwargs = {**{name: default for name, (default, _) in options.items()}, **args.model_kwargs}
-    if model_config(args.model).gates != "spatial" and (args.budget >= 0 or args.budget_targets):
+    if model_config(args.model).gates is not Decides.SPATIAL and (args.budget >= 0 or args.budget_targets):
         raise UserError(f"--budget and --budget_targets do not apply to {args.model}: it has no spatial gates "
                         f"(its options: {', '.join('--' + o for o in options)})")
 
 
 def has_gates(args):
     """Whether the run's model decides anything per image: spatial gates (a budget) or gates of its own (DGC)."""
-    return is_dynamic(args) or model_config(args.model).gates == "own"
+    return is_dynamic(args) or model_config(args.model).gates is Decides.OWN
 
 
 def has_decisions(args):
     """Whether the run's model decides anything per image (gates of any kind, or per-image weights)."""
-    return is_dynamic(args) or model_config(args.model).gates != "spatial"
+    return is_dynamic(args) or model_config(args.model).gates is not Decides.SPATIAL
 
 
 def _checkpoint_budgets(checkpoint):
@@ -257,8 +235,8 @@ def _show(value):
 
 def _describe(args):
     gates = model_config(args.model).gates
-    if gates != "spatial":
-        return ("its own gates" if gates == "own" else "no gates") + (f"; {_show(args.model_kwargs)}"
+    if gates is not Decides.SPATIAL:
+        return ("its own gates" if gates is Decides.OWN else "no gates") + (f"; {_show(args.model_kwargs)}"
                                                                        if args.model_kwargs else "")
     tiles = args.model_kwargs.get("tiles", ())
     tiles = f", tiles {_show(tiles)}" if any(t != 1 for t in tiles) else ""
@@ -334,11 +312,11 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     val_set = limited(val_set, vars(args).get("limit_val_batches"), args.batchsize)
     check_images([val_set] if args.evaluate else [train_set, val_set], args.workers)
     # channels-last: about 1.3x faster training on CPU (oneDNN) and the layout tensor cores want on GPUs
-    model = build_model(args, family, num_classes).to(ctx.device, memory_format=torch.channels_last)
+    model = build_model(args, num_classes).to(ctx.device, memory_format=torch.channels_last)
     if args.pretrained:
         load_pretrained(model, args, config)
     if checkpoint is not None:
-        load_weights(model, config, checkpoint, checkpoint_path)
+        load_weights(model, config, checkpoint["state_dict"], checkpoint_path)
     if ctx.is_main:
         print(f"=> {args.model} ({_describe(args)}), {count_parameters(model):,} parameters" +
               (f", from {checkpoint_path}" if checkpoint else "") + _trial(train_set, val_set, full, args))
@@ -348,16 +326,6 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     teacher = load_teacher(args, num_classes, ctx)
     return fit(model, (train_loader, val_loader, val_set, num_classes), checkpoint, args, topk, run_dir, ctx,
                teacher)
-
-
-def load_weights(model, config, checkpoint, path):
-    """The checkpoint's weights, through the model config's filter (foreign layouts -> ours); weights holding NaN
-    or infinity are refused (they would evaluate to chance, silently)."""
-    bad = non_finite_keys(checkpoint["state_dict"])
-    if bad:
-        raise UserError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
-                        ": refused (the run that wrote it diverged)")
-    load_model_state(model, filtered(config, checkpoint["state_dict"], model, path), path)
 
 
 def restore_model(args, family, make_datasets, explicit):
@@ -370,8 +338,8 @@ def restore_model(args, family, make_datasets, explicit):
     config = model_config(args.model)
     apply_recipe(args, config.recipe)
     _, val_set, num_classes = make_datasets(args, config)
-    model = build_model(args, family, num_classes)
-    load_weights(model, config, checkpoint, path)
+    model = build_model(args, num_classes)
+    load_weights(model, config, checkpoint["state_dict"], path)
     return model.eval().to(memory_format=torch.channels_last), val_set
 
 
@@ -394,13 +362,12 @@ def load_teacher(args, num_classes, ctx):
             raise UserError(str(e))
     else:
         state_dict, source = load_checkpoint(args.teacher_weights)["state_dict"], args.teacher_weights
-    teacher = create_model(name, model_family(name), num_classes=num_classes)
-    state_dict = filtered(config, state_dict, teacher, source)
+    teacher = build_model_named(name, num_classes)
     weight = next(k for k in classifier_keys(teacher) if k.endswith("weight"))
-    if weight in state_dict and state_dict[weight].shape[0] != num_classes:
-        raise UserError(f"the teacher ({source}) classifies {state_dict[weight].shape[0]} classes, the data set has "
-                        f"{num_classes}")
-    load_model_state(teacher, state_dict, source)
+    classes = config.filter(state_dict, teacher).get(weight, torch.empty(num_classes)).shape[0]
+    if classes != num_classes:
+        raise UserError(f"the teacher ({source}) classifies {classes} classes, the data set has {num_classes}")
+    load_weights(teacher, config, state_dict, source)
     if ctx.is_main:
         print(f"=> distilling from {name} ({source}), T {args.T_kd:g}, weight {args.kd_weight:g}")
     return teacher.to(ctx.device, memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -418,14 +385,7 @@ def load_pretrained(model, args, config):
             raise UserError(str(e))
     else:
         state_dict, source = load_checkpoint(args.pretrained)["state_dict"], args.pretrained
-    state_dict = filtered(config, state_dict, model, source)
-    allow_missing = gate_state_keys(model)
-    classifier = set(classifier_keys(model))
-    own = model.state_dict()
-    if any(k in state_dict and state_dict[k].shape != own[k].shape for k in classifier):
-        state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
-        allow_missing |= classifier
-    load_model_state(model, state_dict, source, allow_missing=allow_missing)
+    load_weights(model, config, state_dict, source, fresh_gates=True, new_classifier=True)
 
 
 def evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx):
