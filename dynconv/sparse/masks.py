@@ -45,6 +45,9 @@ class SyntheticMaskUnit(MaskUnit):
         logits = self.maskconv.mean_logit(x) if covers else self.maskconv(x)  # what the real unit computes
         return self.decide(logits, x.shape[-2:])
 
+    def whole_map_decision(self, logit, input_shape):  # the engine's whole-map gate: the synthetic mask too
+        return self.decide(logit, input_shape[-2:])
+
     def decide(self, logits, input_size):
         out_h, out_w = self.output_size(input_size)
         key = (logits.shape[0], out_h, out_w, logits.device)

@@ -125,6 +125,7 @@ class ResNetBlockPlan(BlockPlan):
         self._default_folds = None
         self._default_folds = self.folds(None)
         self._geometries = {}
+        self._whole_gates = {}  # (input shape, dtype, device, target) -> the whole-map gate's pieces, or None
         self.executed_macs = 0.0  # MACs of the block's convs in the last call, as executed (halos included)
 
     def folds(self, target):
@@ -139,6 +140,14 @@ class ResNetBlockPlan(BlockPlan):
 
     def __call__(self, x, target=None):
         folded = self.folds(target)
+        gate = self._whole_map_gate(x, target)
+        if gate is not None:  # one decision per image, from one product (a fixed cost of every block)
+            unit, functional, constant = gate
+            n = x.shape[0]
+            logit = torch.addmv(constant, x.permute(0, 2, 3, 1).reshape(n, -1), functional)
+            decision = unit.whole_map_decision(logit.view(n, 1, 1, 1), x.shape)
+            identity = x if self.downsample is None else self._downsample(x)
+            return self._whole_blocks(x, identity, folded, decision.per_image()), decision
         decision = self.block.masker.forward(x, target)  # no hook machinery: a fixed cost of every block
         identity = x if self.downsample is None else self._downsample(x)
         if decision.whole_map:
@@ -169,6 +178,23 @@ class ResNetBlockPlan(BlockPlan):
         if self.downsample is not None:
             out.relu_()  # the downsampled identity can be negative outside the mask
         return out, decision
+
+    def _whole_map_gate(self, x, target):
+        """(unit, functional, constant) when the block's gate decides once per image for inputs shaped like x: its
+        mean logit as one product (MaskLogits.mean_functional), taken once per shape and target from the weights
+        the plan was built with, as the folded convs are (the engine runs frozen weights); else None."""
+        masker = self.block.masker
+        shape = x.shape
+        key = (shape, x.dtype, x.device, target if target is not None else getattr(masker, "selected", None))
+        if key not in self._whole_gates:
+            unit = variant(masker, target)
+            gate = None
+            if hasattr(unit, "covers") and unit.covers(shape[-2:]):
+                with torch.no_grad():
+                    functional, constant = unit.maskconv.mean_functional(shape[-2], shape[-1], x.dtype, x.device)
+                gate = unit, functional, constant
+            self._whole_gates[key] = gate
+        return self._whole_gates[key]
 
     def _whole_blocks(self, x, identity, folded, on):
         """One decision per image (`on`: (N,) 0/1): the block runs densely on the images it is on for, batched,
