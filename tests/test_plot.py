@@ -124,6 +124,16 @@ def test_a_multi_target_model_is_one_curve_beside_the_single_budget_points():
                       "DynConv resnet32, one multi-target network": [21.0, 36.0, 52.0]}
 
 
+def test_a_variant_of_a_model_is_a_curve_of_its_own():
+    """Tiled ResNet-32s are another network than the per-position ones: never joined into one curve."""
+    rows = [dict(model="resnet32", budget=b, mmac=m, prec1=p) for b, m, p in [(0.25, 21.6, 84.9), (0.5, 38.8, 84.9)]]
+    rows += [dict(model="resnet32", budget=b, mmac=m, prec1=p, variant="tiles=(32, 16, 8)")
+             for b, m, p in [(0.5, 37.0, 85.3), (0.25, 21.4, 84.0)]]
+    ax = accuracy_vs_macs_figure(rows).axes[0]
+    curves = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert curves == {"DynConv resnet32": [21.6, 38.8], "DynConv resnet32 (tiles=(32, 16, 8))": [21.4, 37.0]}
+
+
 def test_another_methods_models_are_their_own_curve_not_dense_points():
     rows = [dict(model="resnet32", budget=-1, mmac=69.1, prec1=82.0, arch="ResNet"),
             dict(model="resnet20", budget=-1, mmac=40.8, prec1=80.9, arch="ResNet"),

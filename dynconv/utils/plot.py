@@ -195,7 +195,7 @@ def schedules(rows):
 def curves(rows):
     """The curves of result rows: {label: (rows, line style, what each point is annotated with)}.
     Dense models: one curve per network type (`arch`) through its models; DynConv: one per model through its
-    budgets, a multi-target model as its own curve; another method (`method`): one per method and network type
+    budgets, a multi-target model and a variant (`variant`, e.g. tiles) as curves of their own; another method (`method`): one per method and network type
     through its models. Rows varied in input size (`varied` == "resolution") join their run's own row in a curve
     of their own, annotated with the resolution: a different axis of variation than budgets. Runs trained on
     schedules of different lengths (`epochs`) are never joined: one curve per schedule, its length in the label."""
@@ -215,9 +215,10 @@ def curves(rows):
         elif r["budget"] < 0:
             add(("dense", arch), r, f"{arch} (dense)", "-", "model")
         else:
-            targets = tuple(r.get("targets", ()))
-            add(("budgets", r["model"], targets), r, f"DynConv {r['model']}"
-                + (", one multi-target network" if targets else ""), "-." if targets else "--", "budget")
+            targets = tuple(r.get("targets", ()))  # a variant (e.g. tiles) is a network of its own: its own curve
+            style = "-." if targets else ":" if r.get("variant") else "--"
+            add(("budgets", model_name(r), targets), r, f"DynConv {model_name(r)}"
+                + (", one multi-target network" if targets else ""), style, "budget")
     for r in rows:
         if r.get("varied") == "resolution":
             name = r["model"] + ("" if r["budget"] < 0 else f" b={r['budget']:g}")
