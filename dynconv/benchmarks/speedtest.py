@@ -32,7 +32,7 @@ from dynconv.sparse.masks import KINDS, install_synthetic_masks  # noqa: E402
 from dynconv.sparse.ops import BACKENDS  # noqa: E402
 from dynconv.models import Decides, build_model, list_models, model_config  # noqa: E402
 from dynconv.models.base import tiles_problem  # noqa: E402
-from dynconv.utils.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from dynconv.utils.checkpoint import filtered_weights, load_checkpoint, load_model_state  # noqa: E402
 from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from dynconv.utils.errors import UserError, run_cli  # noqa: E402
 from dynconv.utils.run import classifier_keys  # noqa: E402
@@ -150,7 +150,7 @@ def load_trained(name, path):
     targets = tuple(saved.get("budget_targets") or sorted(k for k in checkpoint if isinstance(k, float)))
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in (saved.get("model_kwargs") or {}).items()}
     model = build_model(name, spatial_gates=True, targets=targets, options=options)
-    state = model_config(name).filter(checkpoint["state_dict"], model)
+    state = filtered_weights(model, model_config(name), checkpoint["state_dict"], path)
     if not gate_state_keys(model) & set(state):
         raise UserError(f"{path} is a static model (no gates): the sparse engine needs a checkpoint with gates "
                         "(mask units), e.g. one trained with --budget 0.5")

@@ -9,7 +9,11 @@ from .registry import create_model, model_config
 
 
 class ModelOptionError(ValueError):
-    """Options the model does not take, or values its architecture cannot have; the message names them."""
+    """Values the model's architecture cannot have (e.g. DGC heads that do not divide a width)."""
+
+
+class UnknownModelOption(ModelOptionError):
+    """An option the model's factory does not take; the message names it."""
 
 
 def build_model(name, num_classes=None, *, spatial_gates=False, targets=(), options=None, drop_path_rate=0.0,
@@ -31,9 +35,9 @@ def build_model(name, num_classes=None, *, spatial_gates=False, targets=(), opti
         model = create_model(name, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
-            raise ModelOptionError(f"{name} does not take {str(e).split('argument')[-1].strip()}")
+            raise UnknownModelOption(f"{name} does not take {str(e).split('argument')[-1].strip()}")
         raise
-    except ValueError as e:  # e.g. DGC heads that do not divide a width
+    except ValueError as e:
         raise ModelOptionError(f"{name}: {e}")
     if tied_norms:
         tie_norms(model)

@@ -153,19 +153,25 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def load_weights(model, config, state_dict, source, fresh_gates=False, new_classifier=False):
-    """`state_dict` in any layout the model's config filters (ours, the reference's, upstream, torchvision) into
-    `model`, strictly, each problem one line naming `source`. `fresh_gates`: gates may be absent and keep their
-    initialisation (dense weights starting a gated model); `new_classifier`: a classifier of another class count
-    is left at its initialisation. Weights holding NaN or infinity are refused: they evaluate to chance, silently."""
+def filtered_weights(model, config, state_dict, source):
+    """`state_dict` in any layout the model's config filters (ours, the reference's, upstream, torchvision), in
+    ours; weights holding NaN or infinity are refused (they evaluate to chance, silently), and a checkpoint of
+    another configuration is one line naming `source`."""
     bad = non_finite_keys(state_dict)
     if bad:
         raise UserError(f"{source} holds NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
                         ": refused (the run that wrote it diverged)")
     try:
-        state_dict = config.filter(state_dict, model)
+        return config.filter(state_dict, model)
     except CheckpointMismatch as e:
         raise UserError(f"{source} was trained with other options: {e}")
+
+
+def load_weights(model, config, state_dict, source, fresh_gates=False, new_classifier=False):
+    """filtered_weights() into `model`, strictly, each problem one line naming `source`. `fresh_gates`: gates may
+    be absent and keep their initialisation (dense weights starting a gated model); `new_classifier`: a
+    classifier of another class count is left at its initialisation."""
+    state_dict = filtered_weights(model, config, state_dict, source)
     allow_missing = gate_state_keys(model) if fresh_gates else set()
     if new_classifier:
         classifier, own = set(classifier_keys(model)), model.state_dict()

@@ -7,12 +7,14 @@ import numpy as np
 import torch
 
 from dynconv import ChannelDecision, SpatialDecision, count_parameters
-from dynconv.models import Decides, ModelOptionError, WeightsUnavailable, list_models, model_config, model_family
+from dynconv.models import (Decides, ModelOptionError, UnknownModelOption, WeightsUnavailable, list_models,
+                            model_config, model_family)
 from dynconv.models import build_model as build_model_named
 from dynconv.models.base import tiles_problem
 from . import recipe
 from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
-from .checkpoint import BEST, LATEST, classifier_keys, load_checkpoint, load_weights
+from .checkpoint import (BEST, LATEST, classifier_keys, filtered_weights, load_checkpoint, load_model_state,
+                         load_weights)
 from .cli import (RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems,
                   say_inert_settings)
 from .data import build_loaders, check_images, class_names, first_images, limited
@@ -85,8 +87,10 @@ def build_model(args, num_classes):
         return build_model_named(args.model, num_classes, spatial_gates=is_dynamic(args), targets=run_targets(args),
                                  options=args.model_kwargs, drop_path_rate=args.drop_path,
                                  tied_norms=args.tied_norms)
+    except UnknownModelOption as e:
+        raise UserError(f"--model_kwargs: {e}")
     except ModelOptionError as e:
-        raise UserError(f"--model_kwargs: {e}" if " does not take " in str(e) else str(e))
+        raise UserError(str(e))
 
 
 def default_run_dir(family, model, budget, targets=()):
@@ -363,11 +367,12 @@ def load_teacher(args, num_classes, ctx):
     else:
         state_dict, source = load_checkpoint(args.teacher_weights)["state_dict"], args.teacher_weights
     teacher = build_model_named(name, num_classes)
+    state_dict = filtered_weights(teacher, config, state_dict, source)
     weight = next(k for k in classifier_keys(teacher) if k.endswith("weight"))
-    classes = config.filter(state_dict, teacher).get(weight, torch.empty(num_classes)).shape[0]
-    if classes != num_classes:
-        raise UserError(f"the teacher ({source}) classifies {classes} classes, the data set has {num_classes}")
-    load_weights(teacher, config, state_dict, source)
+    if weight in state_dict and state_dict[weight].shape[0] != num_classes:
+        raise UserError(f"the teacher ({source}) classifies {state_dict[weight].shape[0]} classes, the data set has "
+                        f"{num_classes}")
+    load_model_state(teacher, state_dict, source)
     if ctx.is_main:
         print(f"=> distilling from {name} ({source}), T {args.T_kd:g}, weight {args.kd_weight:g}")
     return teacher.to(ctx.device, memory_format=torch.channels_last).eval().requires_grad_(False)

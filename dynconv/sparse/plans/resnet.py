@@ -146,9 +146,8 @@ class ResNetBlockPlan(BlockPlan):
             n = x.shape[0]
             logit = torch.addmv(constant, x.permute(0, 2, 3, 1).reshape(n, -1), functional)
             decision = unit.whole_map_decision(logit.view(n, 1, 1, 1), x.shape)
-            identity = x if self.downsample is None else self._downsample(x)
-            return self._whole_blocks(x, identity, folded, decision.per_image()), decision
-        decision = self.block.masker.forward(x, target)  # no hook machinery: a fixed cost of every block
+        else:
+            decision = self.block.masker.forward(x, target)  # no hook machinery: a fixed cost of every block
         identity = x if self.downsample is None else self._downsample(x)
         if decision.whole_map:
             return self._whole_blocks(x, identity, folded, decision.per_image()), decision
