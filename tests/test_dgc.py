@@ -56,15 +56,16 @@ def per_head_reference(layer, x):
     heads, c_out = layer.heads, layer.out_channels
     x = F.relu(layer.norm(x))
     pooled = x.mean((2, 3))
-    out = torch.empty(x.shape[0], c_out, *layer(x)[0].shape[-2:])
+    out = torch.empty(x.shape[0], c_out, *layer(x)[0].shape[-2:], dtype=x.dtype)
     for h in range(heads):
         hidden = F.relu(pooled @ layer.gate.fc1_weight[h].t())
         s = F.relu(hidden @ layer.gate.fc2_weight[h].t() + layer.gate.fc2_bias[h])
         inactive = int(layer.gate.inactive)
+        keep = torch.ones_like(s)
         for n in range(x.shape[0]):
             if inactive:
-                dropped = s[n].argsort()[:inactive]
-                s[n, dropped] = 0
+                keep[n, s[n].argsort()[:inactive]] = 0
+        s = s * keep
         w = layer.weight[h * c_out // heads:(h + 1) * c_out // heads]
         y = F.conv2d(x * s[:, :, None, None], w, stride=layer.stride, padding=layer.padding)
         out[:, h::heads] = y
@@ -81,6 +82,25 @@ def test_grouped_heads_equal_a_per_head_loop(kernel, stride, layout):
         assert torch.allclose(out, per_head_reference(layer, x), atol=1e-5)
     # a channels-last network stays channels-last through the layer (no silent conversions)
     assert out.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (1, 2), (3, 1)])
+def test_gradients_equal_the_per_head_loops(kernel, stride, layout):
+    # the 1x1 path and the pooling have backward passes of their own: they must give autograd's gradients of the
+    # operator written out head by head, for the input, the conv weight and the saliency generators
+    layer = randomised(DGCConv(16, 12, kernel, stride, heads=4), inactive=5).double().to(memory_format=layout)
+    x = torch.randn(3, 16, 7, 9, dtype=torch.double).contiguous(memory_format=layout)
+    upstream = torch.randn_like(layer(x)[0])
+    grads = []
+    for forward in (lambda v: layer(v)[0], lambda v: per_head_reference(layer, v)):
+        v = x.clone().requires_grad_()
+        layer.zero_grad()
+        (forward(v) * upstream).sum().backward()
+        grads.append([v.grad] + [p.grad.clone() for p in (layer.weight, layer.gate.fc1_weight,
+                                                             layer.gate.fc2_weight, layer.gate.fc2_bias)])
+    for ours, reference in zip(*grads):
+        assert torch.allclose(ours, reference, atol=1e-10)
 
 
 def test_channel_shuffle_order():
