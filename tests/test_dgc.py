@@ -103,6 +103,20 @@ def test_gradients_equal_the_per_head_loops(kernel, stride, layout):
         assert torch.allclose(ours, reference, atol=1e-10)
 
 
+def test_backward_under_autocast():
+    # --amp runs the forward in half precision; the 1x1 path's own backward must take those gradients
+    layer = DGCConv(16, 12, 1, heads=4)
+    x = torch.randn(3, 16, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)[0]
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    half_grad = x.grad.clone()
+    x.grad = None
+    layer(x)[0].sum().backward()
+    assert torch.allclose(half_grad, x.grad, rtol=0.05, atol=0.05)
+
+
 def test_channel_shuffle_order():
     # grouped-conv output: head 0's channels a0 a1 a2, head 1's b0 b1 b2 -> a0 b0 a1 b1 a2 b2
     grouped = torch.tensor([10., 11., 12., 20., 21., 22.]).reshape(1, 6, 1, 1)

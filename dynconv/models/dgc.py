@@ -169,6 +169,9 @@ class _PointwiseHeads(torch.autograd.Function):
     def backward(ctx, grad):
         rows, saliency, weight, per_image = ctx.saved_tensors
         n, j, h, c = per_image.shape
+        # under autocast the forward's product ran in half precision while the per-image weights are float32;
+        # the backward (outside autocast) works in float32, and autograd casts each gradient to its input's dtype
+        grad, rows = grad.to(per_image.dtype), rows.to(per_image.dtype)
         grad_rows = torch.bmm(grad, per_image.reshape(n, j * h, c)) if ctx.needs_input_grad[0] else None
         grad_m = torch.bmm(grad.transpose(1, 2), rows).view(n, j, h, c)
         # multiply-and-sum over contiguous memory: ~10x faster here than einsum, which permutes to a batched product
