@@ -371,3 +371,23 @@ def test_train_speed_ratios_are_against_the_references_static_row():
     assert [r["vs dydensenet86 static (gate_factor 1)"] for r in with_ratios(rows, "dydensenet86")] == [
         1.5, 1.0, 15.0, 12.0]
     assert [r["vs dydensenet86 dynamic"] for r in with_ratios(rows, "resnet8")] == [1.0, 0.667, 10.0, 8.0]
+
+
+@pytest.mark.slow
+def test_flag_errors_benchmark_times_refusals():
+    # every command it times must refuse its flag in one line (else it would time something else)
+    from dynconv.benchmarks.flag_errors import COMMANDS, timed
+    for name, argv in COMMANDS:
+        done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        one_line_error(done.returncode, done.stderr)
+    assert timed(["-c", "import sys; sys.exit(2)"])[1] == 2
+
+
+@pytest.mark.parametrize("module", ["dynconv.scripts.compare", "dynconv.scripts.cifar_results"])
+def test_a_bad_flag_is_answered_before_matplotlib_is_imported(module):
+    # matplotlib costs ~0.4 s to import: the scripts that plot import it only when they draw
+    code = (f"import runpy, sys; sys.argv = ['x', '--nope']\n"
+            f"try:\n    runpy.run_module('{module}', run_name='__main__')\n"
+            f"except SystemExit as e:\n    print(e.code, 'matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr[-2000:]

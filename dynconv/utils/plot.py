@@ -10,11 +10,16 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.colors import BoundaryNorm
-from matplotlib.figure import Figure
 
 from dynconv.decisions import SpatialDecision
+
+
+def _figure(**kwargs):
+    """A matplotlib Figure; matplotlib is imported here, not with the module, so that the scripts that import
+    this one (compare, cifar_results) answer a bad flag before paying for it (~0.4 s)."""
+    from matplotlib.figure import Figure
+    return Figure(**kwargs)
+
 
 MASK_COLUMNS = 6  # blocks per row of the mask grid
 MAX_COST_TICKS = 17  # more integer ticks than this overlap on the colour bar of a deep network
@@ -67,6 +72,8 @@ def _draw_input(ax, image, mean, std, caption):
 
 def _draw_cost(subfig, ax, cost, num_blocks):
     # one colour per count: boundaries at half-integers put every integer count in the middle of its own band
+    from matplotlib import colormaps
+    from matplotlib.colors import BoundaryNorm
     cmap = colormaps["viridis"].resampled(num_blocks + 1)
     norm = BoundaryNorm(np.arange(num_blocks + 2) - 0.5, cmap.N)
     shown = ax.imshow(cost.numpy(), cmap=cmap, norm=norm, interpolation="nearest")
@@ -108,7 +115,7 @@ def ponder_figure(images, decisions, index, mean, std, label=None, prediction=No
     if not masks:
         raise ValueError("ponder figures need spatial decisions (SpatialDecision); none were given")
     rows = math.ceil(len(masks) / MASK_COLUMNS)
-    fig = Figure(figsize=(max(7.0, 1.6 * min(len(masks), MASK_COLUMNS)), 3.6 + 1.7 * rows), layout="constrained")
+    fig = _figure(figsize=(max(7.0, 1.6 * min(len(masks), MASK_COLUMNS)), 3.6 + 1.7 * rows), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[3.6, 1.7 * rows])
     ax_input, ax_cost = top.subplots(1, 2)
     _draw_input(ax_input, images[index], mean, std, _caption(label, prediction, class_names))
@@ -124,7 +131,7 @@ def budgets_ponder_figure(images, decisions, index, mean, std, label=None, predi
     by side. `decisions` and `predictions` ({budget: ...}) as the model returned them per budget."""
     budgets = list(decisions)
     num_blocks = len(spatial_masks(decisions[budgets[0]]))
-    fig = Figure(figsize=(3.0 * (len(budgets) + 1), 3.4), layout="constrained")
+    fig = _figure(figsize=(3.0 * (len(budgets) + 1), 3.4), layout="constrained")
     subfigs = fig.subfigures(1, len(budgets) + 1)
     _draw_input(subfigs[0].subplots(), images[index], mean, std, _caption(label, None, class_names))
     for subfig, budget in zip(subfigs[1:], budgets):
@@ -236,7 +243,7 @@ def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TI
     value = x if callable(x) else (lambda r: r.get(x))
     rows = [r for r in rows if value(r) is not None]
     styles = family_styles(row_family(r) for r in rows)
-    fig = Figure(figsize=(8.4, 4.8 if caption else 4.5))  # the legend beside the axes: no curve hidden under it
+    fig = _figure(figsize=(8.4, 4.8 if caption else 4.5))  # the legend beside the axes: no curve hidden under it
     ax = fig.subplots()
     longest = max(schedules(rows), default=None)
     for label, (members, style, annotate) in curves(rows).items():
@@ -287,7 +294,7 @@ def channel_selection_figure(frequencies, images):
     channel (column) over `images` evaluation images. `frequencies`: one (heads, channels) tensor per layer."""
     cols = min(6, len(frequencies))
     rows = -(-len(frequencies) // cols)
-    fig = Figure(figsize=(2.6 * cols, 1.2 + 1.1 * rows), layout="constrained")
+    fig = _figure(figsize=(2.6 * cols, 1.2 + 1.1 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= len(frequencies):
@@ -307,7 +314,7 @@ def decision_details_figure(details, index):
     """Image `index`'s decision details of every layer (e.g. PEDConv's attention vectors): a row per layer, a
     column per named tensor, each (rank, size) shown as a heat map (k x k vectors at their kernel's shape)."""
     names = list(details[0])
-    fig = Figure(figsize=(3.2 * len(names), 0.5 + 0.55 * len(details)), layout="constrained")
+    fig = _figure(figsize=(3.2 * len(names), 0.5 + 0.55 * len(details)), layout="constrained")
     axes = fig.subplots(len(details), len(names), squeeze=False)
     for row, detail in enumerate(details):
         for col, name in enumerate(names):
