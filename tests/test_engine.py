@@ -175,3 +175,13 @@ def test_speed_benchmark_measures_convnext(tmp_path):
     assert float(rows[1.0]["sparse_mmac"]) == pytest.approx(366.327900, abs=1e-3)
     assert 16.958556 < float(rows[0.3]["sparse_mmac"]) < 366.327900
     assert float(rows[0.3]["ideal_speedup"]) > 2 and float(rows[0.3]["engine_ms"]) > 0
+
+
+def test_a_gap_between_the_engine_and_the_masked_model_is_counted_in_images(capsys):
+    from dynconv.utils.training import print_eval
+    metrics = {"prec1": 50.0, "mmac": 1.0, "images_per_s": 20.0, "reference_images_per_s": 10.0, "backend": "torch",
+               "reference_prec1": 50.2, "evaluated_images": 1000}
+    print_eval(1, metrics)
+    assert "differs from the engine's by 2 images net" in capsys.readouterr().out
+    print_eval(1, {**metrics, "reference_prec1": 50.0})
+    assert "warning" not in capsys.readouterr().out

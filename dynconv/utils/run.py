@@ -438,6 +438,7 @@ def evaluate_fast(model, loader, ctx, topk, args, show, target=None):
                     target=target)
     return {**reference, **{k: fast[k] for k in fast if k.startswith("prec")},
             "reference_prec1": reference["prec1"], "reference_images_per_s": reference["images_per_s"],
+            "evaluated_images": len(loader.dataset),
             "images_per_s": fast["images_per_s"], "backend": engine.backend}
 
 
