@@ -9,12 +9,15 @@
 # dense ResNet-32 (--pretrained) and distilled from it (the same teacher for all four, so that only multi- against
 # single-target differs), 10 epochs, batch 256, lr 0.01 (a tenth of the from-scratch lr: the convolutions start
 # trained) divided by 10 after epochs 5 and 8, under runs/cifar30/resnet32/finetune/{multi,sparse025,sparse05,sparse075}.
-# Usage: bash scripts/reproduce_multitarget.sh [DATA_ROOT] [short|finetune]   (defaults data/cifar10-jpeg, short)
+# The ablation `finetune_gates10`: the multi-target and the budget-0.25 runs of `finetune` with the gates' learning
+# rate 10x the backbone's (--lr_scale gates=10: 0.1, the from-scratch lr), under runs/cifar30/resnet32/finetune_gates10/.
+# Usage: bash scripts/reproduce_multitarget.sh [DATA_ROOT] [short|finetune|finetune_gates10]
+#        (defaults data/cifar10-jpeg, short)
 set -u
 DATA=${1:-data/cifar10-jpeg}
 SCHEDULE=${2:-short}
 DENSE=exp/cifar30/resnet32/base/checkpoint_best.pth
-if [ "$SCHEDULE" = finetune ]; then
+if [ "$SCHEDULE" = finetune ] || [ "$SCHEDULE" = finetune_gates10 ]; then
     COMMON="--model resnet32 --epochs 10 --lr_decay 5 8 --batchsize 256 --lr 0.01 --workers 0 --data $DATA
             --pretrained $DENSE --teacher_weights $DENSE"
 else
@@ -44,7 +47,11 @@ finetune_b() {
     run runs/cifar30/resnet32/finetune/sparse025 --budget 0.25
     run runs/cifar30/resnet32/finetune/sparse05 --budget 0.5
 }
-if [ "$SCHEDULE" = finetune ]; then
+if [ "$SCHEDULE" = finetune_gates10 ]; then
+    run runs/cifar30/resnet32/finetune_gates10/multi --budget_targets 0.25 0.5 0.75 --lr_scale gates=10 &
+    run runs/cifar30/resnet32/finetune_gates10/sparse025 --budget 0.25 --lr_scale gates=10 &
+    wait
+elif [ "$SCHEDULE" = finetune ]; then
     finetune_a & finetune_b & wait
 else
     lane_a & lane_b & wait

@@ -325,19 +325,6 @@ def test_bad_limits_are_flag_errors(value, message, tmp_path, capsys):
     assert code == 2 and message in err
 
 
-def test_a_short_run_scales_the_recipes_warm_up():
-    import argparse
-
-    from dynconv.utils.cli import fit_warmup
-
-    args = argparse.Namespace(epochs=3, warmup_epochs=20)
-    fit_warmup(args, {"warmup_epochs": 20, "epochs": 300}, explicit={"epochs"})
-    assert args.warmup_epochs == pytest.approx(0.2)  # 20 of 300 epochs -> 0.2 of 3
-    args = argparse.Namespace(epochs=3, warmup_epochs=1)
-    fit_warmup(args, {"warmup_epochs": 20, "epochs": 300}, explicit={"epochs", "warmup_epochs"})
-    assert args.warmup_epochs == 1  # given: kept
-
-
 def test_lr_0_is_said(tmp_path, capsys):
     code, out, _ = cli(TRAIN + ["--data", str(tmp_path / "none"), "--epochs", "1", "--lr", "0", "-s",
                                 str(tmp_path / "run")], capsys)

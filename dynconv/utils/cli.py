@@ -70,17 +70,6 @@ def batch_limit(text):
     return value
 
 
-def fit_warmup(args, recipe, explicit):
-    """A shorter run than the recipe's (e.g. a quick trial's --epochs 1) scales the recipe's warm-up with it (20 of
-    ConvNeXt's 300 epochs would never end); said in one line. A --warmup_epochs given is kept as given."""
-    warmup, planned = recipe.get("warmup_epochs", 0), recipe.get("epochs")
-    if "warmup_epochs" in explicit or not warmup or not planned or args.epochs >= planned:
-        return
-    args.warmup_epochs = warmup * args.epochs / planned
-    print(f"=> warm-up scaled with the run: the recipe's {warmup:g} of {planned} epochs is {args.warmup_epochs:.3g} "
-          f"of --epochs {args.epochs}")
-
-
 def say_inert_settings(args):
     """Settings that are allowed but train nothing get a line (never silently): --lr 0 keeps the weights (a test
     of the data path or of BN statistics may want exactly that)."""
@@ -329,16 +318,3 @@ def _show_recipe_defaults(parser, model):
             value = recipe[action.dest]
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
             action.help = f"{action.help or ''} (default: the model's recipe; {model}: {shown})".lstrip()
-
-
-def apply_recipe(args, recipe):
-    """Fills the recipe flags left unset from the model's `recipe`, then RECIPE_DEFAULTS (dicts copied, so that
-    no run shares one); --gumbel_temp becomes a list (checkpoints before the schedules saved one number)."""
-    for name, default in RECIPE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, recipe.get(name, default))
-    for name in ("lr_scale", "freeze", "model_kwargs"):
-        setattr(args, name, dict(getattr(args, name)))
-    if not isinstance(args.gumbel_temp, (list, tuple)):
-        args.gumbel_temp = [args.gumbel_temp]
-    return args

@@ -100,7 +100,7 @@ class Trainer:
 
     def _state(self, **extra):
         state = {"state_dict": self.model.state_dict(), "optimizer": self.setup.optimizer.state_dict(),
-                 "best_prec1": self.best, "args": dict(vars(self.args)), "version": 2, "rng": rng_state(), **extra}
+                 "best_prec1": self.best, "args": dict(self.args), "version": 2, "rng": rng_state(), **extra}
         if self.setup.awareness is not None:
             state["awareness_weights"] = {f"{b:g}": w for b, w in self.setup.awareness.weights.items()}
         if self.setup.ema is not None:

@@ -1,28 +1,29 @@
 """The run driver shared by every entry script: check the flags, build the model, then evaluate or train.
-`run()` returns the metrics it printed (for scripts such as dynconv/scripts/cifar_results.py)."""
+`run()` returns the metrics it printed (for scripts such as dynconv/scripts/cifar_results.py). The settings are
+reconciled in utils/settings.py, evaluation and its figures are utils/evaluation.py, training utils/fit.py."""
 import os
 import random
 
 import numpy as np
 import torch
 
-from dynconv import ChannelDecision, SpatialDecision, count_parameters
+from dynconv import count_parameters
 from dynconv.models import (Decides, ModelOptionError, UnknownModelOption, WeightsUnavailable, list_models,
                             model_config, model_family)
 from dynconv.models import build_model as build_model_named
 from dynconv.models.base import tiles_problem
 from . import recipe
-from .budgets import awareness_setup, budget_problems, evaluated_targets, is_dynamic, run_targets
+from .budgets import awareness_setup, budget_problems, is_dynamic, run_targets
 from .checkpoint import (BEST, LATEST, classifier_keys, filtered_weights, load_checkpoint, load_model_state,
                          load_weights)
-from .cli import (RECIPE_DEFAULTS, apply_recipe, device_problem, fit_warmup, model_options, range_problems,
-                  say_inert_settings)
-from .data import build_loaders, check_images, class_names, first_images, limited
+from .cli import device_problem, range_problems, say_inert_settings
+from .data import build_loaders, check_images, limited
 from .distributed import finish, init_distributed, shutdown
 from .errors import UserError
 from .rundir import check_run_dir, run_directory
+from .settings import reconcile, show
+from .evaluation import evaluate
 from .fit import PARAMETER_GROUPS, fit
-from .training import mean_over_targets, print_eval, validate
 
 def check_args(args):
     """Everything that can be checked before any data is read: one clear line each."""
@@ -135,85 +136,6 @@ def find_checkpoint(args):
     return args.resume
 
 
-ARCHITECTURE = ("model", "budget", "budget_targets", "model_kwargs")  # what a checkpoint's weights fix
-
-
-def resolve_from_checkpoint(args, checkpoint, explicit, default_model):
-    """Flags the user left out come from the checkpoint: the architecture always, and on resume the recipe too.
-    A given architecture flag that contradicts the checkpoint is an error; a given recipe flag that differs from
-    the checkpoint's on resume is an override, printed."""
-    saved = (checkpoint or {}).get("args") or {}
-    fallback = {"model": default_model, "budget": -1, "budget_targets": _checkpoint_budgets(checkpoint),
-                "model_kwargs": {}}
-    for name in ARCHITECTURE:
-        if name not in explicit:
-            setattr(args, name, saved.get(name, fallback[name]))
-        elif name == "budget" and saved.get("budget_targets"):
-            continue  # --budget picks one budget of a multi-target checkpoint (checked with the other flags)
-        elif name in saved and getattr(args, name) != saved[name]:
-            raise UserError(f"--{name} {_show(getattr(args, name))} contradicts the checkpoint ({args.resume} was "
-                            f"trained with {name} {_show(saved[name])}); leave the flag out to use the checkpoint's")
-    _fold_model_options(args, explicit, saved.get("model_kwargs", {}))
-    # multi-target from pretrained weights: the per-budget norms share their affine parameters (the budget-aware
-    # code's choice); recorded in the checkpoint, since the optimizer state depends on it
-    args.tied_norms = saved.get("tied_norms", bool(args.budget_targets) and bool(args.pretrained))
-    if checkpoint is not None:
-        _input_from_checkpoint(args, saved, explicit)
-    if checkpoint is None or args.evaluate:
-        return
-    for name in (*RECIPE_DEFAULTS, "limit_train_batches", "limit_val_batches"):  # a quick trial resumes as one
-        if name not in explicit and name in saved:
-            setattr(args, name, saved[name])
-        elif name in explicit and name in saved and getattr(args, name) != saved[name]:
-            print(f"=> --{name} {_show(getattr(args, name))} overrides the checkpoint's {_show(saved[name])}")
-
-
-INPUT = ("resolution", "dataset", "classes", "data")  # what shapes the images a run reads (the entry's flags)
-
-
-def _input_from_checkpoint(args, saved, explicit):
-    """Evaluating or resuming: the input settings the user left out come from the checkpoint (the data path only
-    where the stored one exists here); one line lists what was taken where it differs from the flags' defaults,
-    and one line per given flag that differs."""
-    taken = []
-    for name in INPUT:
-        if name not in vars(args) or name not in saved:
-            continue
-        value, stored = getattr(args, name), saved[name]
-        if name in explicit:
-            if value != stored:
-                print(f"=> --{name} {_show(value)} overrides the checkpoint's {_show(stored)}")
-        elif name == "data" and not os.path.exists(str(stored)):
-            print(f"=> the checkpoint's data path {stored} does not exist here: using --data {value}")
-        elif value != stored:
-            setattr(args, name, stored)
-            taken.append(f"--{name} {_show(stored)}" if stored is not None else f"no --{name}")
-    if taken:
-        print(f"=> from the checkpoint: {' '.join(taken)}")
-
-
-def _fold_model_options(args, explicit, saved_kwargs):
-    """The model-option flags given (e.g. --heads) into args.model_kwargs, with the model's defaults for the rest,
-    so that the checkpoint records the whole configuration. A flag the model does not have, or one that
-    contradicts the checkpoint, is an error."""
-    options = model_config(args.model).options
-    given = {name: getattr(args, name) for name in model_options() if name in explicit}
-    unknown = sorted(set(given) - set(options))
-    if unknown:
-        has = f"its options: {', '.join('--' + o for o in options)}" if options else "it has no model options"
-        raise UserError(f"--{unknown[0]} does not apply to {args.model} ({has})")
-    for name, value in given.items():
-        value, saved = (tuple(v) if isinstance(v, list) else v for v in (value, saved_kwargs.get(name)))
-        if name in saved_kwargs and saved != value and name not in model_config(args.model).free_options:
-            raise UserError(f"--{name} {_show(value)} contradicts the checkpoint (trained with {name} "
-                            f"{_show(saved_kwargs[name])}); leave the flag out to use the checkpoint's")
-        args.model_kwargs = {**args.model_kwargs, name: value}
-    args.model_kwargs = {**{name: default for name, (default, _) in options.items()}, **args.model_kwargs}
-    if model_config(args.model).gates is not Decides.SPATIAL and (args.budget >= 0 or args.budget_targets):
-        raise UserError(f"--budget and --budget_targets do not apply to {args.model}: it has no spatial gates "
-                        f"(its options: {', '.join('--' + o for o in options)})")
-
-
 def has_gates(args):
     """Whether the run's model decides anything per image: spatial gates (a budget) or gates of its own (DGC)."""
     return is_dynamic(args) or model_config(args.model).gates is Decides.OWN
@@ -224,26 +146,13 @@ def has_decisions(args):
     return is_dynamic(args) or model_config(args.model).gates is not Decides.SPATIAL
 
 
-def _checkpoint_budgets(checkpoint):
-    """The budgets of a budget-aware code's multi-target checkpoint (it has no args: each budget's best Prec@1
-    is stored under the budget as a float key), or None."""
-    budgets = sorted(k for k in (checkpoint or {}) if isinstance(k, float))
-    return budgets or None
-
-
-def _show(value):
-    if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items())
-    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value}"
-
-
 def _describe(args):
     gates = model_config(args.model).gates
     if gates is not Decides.SPATIAL:
-        return ("its own gates" if gates is Decides.OWN else "no gates") + (f"; {_show(args.model_kwargs)}"
+        return ("its own gates" if gates is Decides.OWN else "no gates") + (f"; {show(args.model_kwargs)}"
                                                                        if args.model_kwargs else "")
     tiles = args.model_kwargs.get("tiles", ())
-    tiles = f", tiles {_show(tiles)}" if any(t != 1 for t in tiles) else ""
+    tiles = f", tiles {show(tiles)}" if any(t != 1 for t in tiles) else ""
     if args.budget_targets:
         return "DynConv, multi-target: budgets " + ", ".join(f"{b:g}" for b in run_targets(args)) + tiles
     return f"DynConv, budget {args.budget:g}{tiles}" if args.budget >= 0 else "dense"
@@ -253,7 +162,7 @@ def _trial(train_set, val_set, full, args):
     """The quick trial's share of the data, for the run's first line ('' for a full run)."""
     parts = [f"{name} {len(s)} of {n} images (--limit_{name}_batches {getattr(args, f'limit_{name}_batches'):g})"
              for name, s, n in (("train", train_set, full[0]), ("val", val_set, full[1]))
-             if vars(args).get(f"limit_{name}_batches") is not None and (name == "val" or not args.evaluate)]
+             if args.get(f"limit_{name}_batches") is not None and (name == "val" or not args.evaluate)]
     return "; quick trial: " + ", ".join(parts) if parts else ""
 
 
@@ -268,15 +177,13 @@ def run(args, family, make_datasets, topk=(1,), explicit=None, default_model=Non
     explicit = set(vars(args)) if explicit is None else explicit
     checkpoint_path = find_checkpoint(args)
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    resolve_from_checkpoint(args, checkpoint, explicit, default_model or args.model)
+    args = reconcile(args, explicit, checkpoint, default_model or args.model)  # frozen from here on
     if model_family(args.model) != family:
         raise UserError(f"{args.model} is a {model_family(args.model)} model; this script runs {family} models")
     config = model_config(args.model)
-    apply_recipe(args, config.recipe)
-    fit_warmup(args, config.recipe, explicit)
     say_inert_settings(args)
     check_args(args)
-    resolution = vars(args).get("resolution")  # the entry scripts' flag
+    resolution = args.get("resolution")  # the entry scripts' flag
     if resolution is not None and resolution < 1:
         raise UserError(f"--resolution must be positive (got {resolution})")
     if resolution and resolution % config.input_multiple:
@@ -312,8 +219,8 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
     if num_classes < 2:  # one class trains to "Prec@1 100.000", a number that means nothing
         raise UserError(f"{args.data} has {num_classes} class: training and evaluation need at least two")
     full = len(train_set), len(val_set)
-    train_set = limited(train_set, vars(args).get("limit_train_batches"), args.batchsize, args.seed)
-    val_set = limited(val_set, vars(args).get("limit_val_batches"), args.batchsize)
+    train_set = limited(train_set, args.get("limit_train_batches"), args.batchsize, args.seed)
+    val_set = limited(val_set, args.get("limit_val_batches"), args.batchsize)
     check_images([val_set] if args.evaluate else [train_set, val_set], args.workers)
     # channels-last: about 1.3x faster training on CPU (oneDNN) and the layout tensor cores want on GPUs
     model = build_model(args, num_classes).to(ctx.device, memory_format=torch.channels_last)
@@ -338,9 +245,8 @@ def restore_model(args, family, make_datasets, explicit):
     (dynconv/scripts/compare.py)."""
     path = find_checkpoint(args)
     checkpoint = load_checkpoint(path)
-    resolve_from_checkpoint(args, checkpoint, explicit, args.model)
+    args = reconcile(args, explicit, checkpoint, args.model)
     config = model_config(args.model)
-    apply_recipe(args, config.recipe)
     _, val_set, num_classes = make_datasets(args, config)
     model = build_model(args, num_classes)
     load_weights(model, config, checkpoint["state_dict"], path)
@@ -391,112 +297,3 @@ def load_pretrained(model, args, config):
     else:
         state_dict, source = load_checkpoint(args.pretrained)["state_dict"], args.pretrained
     load_weights(model, config, state_dict, source, fresh_gates=True, new_classifier=True)
-
-
-def evaluate(model, val_loader, val_set, checkpoint, args, topk, run_dir, ctx):
-    """-e: Prec@k and MMac of the checkpoint (with --fast also through the sparse engine); prints the lines.
-    With --plot_only, only the ponder figures of the first images."""
-    show, epoch = ctx.is_main, int(checkpoint.get("epoch", 0))
-    if args.plot_only:
-        if ctx.is_main:
-            plot_ponder(model, val_set, val_loader, args, run_dir, ctx)
-        return {"epoch": epoch}
-    per_target = {}
-    for target in evaluated_targets(args) or (None,):  # a multi-target model: every budget (or --budget's)
-        if args.fast:
-            metrics = evaluate_fast(model, val_loader, ctx, topk, args, show, target)
-        else:
-            metrics = validate(model, val_loader, ctx, topk, args.full_macs, args.amp, show, target=target)
-        metrics["epoch"] = epoch
-        if ctx.is_main:
-            print_eval(epoch, metrics, "" if target is None else f"[budget {target:g}] ")
-        per_target[target] = metrics
-    metrics = per_target[None] if None in per_target else mean_over_targets(per_target)
-    paper = model_config(args.model).paper_count
-    if paper is not None:  # e.g. the DGC paper's own count (it counts more kinds of layers than ours)
-        label, count = paper
-        metrics["paper_mmac"] = count(model.eval(), val_set[0][0][None].to(next(model.parameters()).device))
-        if ctx.is_main:
-            print(f"* FLOPS as {label}:  {metrics['paper_mmac']:.6f} MMac")
-    if ctx.is_main and args.plot_ponder:
-        plot_ponder(model, val_set, val_loader, args, run_dir, ctx)
-    return metrics
-
-
-def evaluate_fast(model, loader, ctx, topk, args, show, target=None):
-    """-e --fast: the masked-dense pass (Prec@k, MMac, speed), then the sparse engine (Prec@k, speed), at
-    `target` (a budget of a multi-target model). The two Prec@k must agree (the engine computes the same
-    function)."""
-    from dynconv.sparse.engine import SparseEngine
-
-    try:
-        engine = SparseEngine(model.eval(), backend=args.backend)
-    except ValueError as e:
-        raise UserError(str(e))
-    reference = validate(model, loader, ctx, topk, args.full_macs, args.amp, show, timed=True, target=target)
-    fast = validate(model, loader, ctx, topk, amp=args.amp, show_progress=show, forward=engine, timed=True,
-                    target=target)
-    return {**reference, **{k: fast[k] for k in fast if k.startswith("prec")},
-            "reference_prec1": reference["prec1"], "reference_images_per_s": reference["images_per_s"],
-            "evaluated_images": len(loader.dataset),
-            "images_per_s": fast["images_per_s"], "backend": engine.backend}
-
-
-@torch.no_grad()
-def plot_channel_selection(model, loader, args, run_dir, ctx):
-    """How often each head of every channel-choosing layer keeps each input channel, over the evaluation set (this
-    process's share under torchrun): one heat map per layer, in `<plot dir>/channels.png`."""
-    from .plot import channel_selection_figure
-
-    sums, count = None, 0
-    for images, _ in loader:
-        _, decisions = model(images.to(ctx.device, memory_format=torch.channels_last))
-        kept = [d.kept.sum(0) for d in decisions if isinstance(d, ChannelDecision)]
-        sums = kept if sums is None else [a + b for a, b in zip(sums, kept)]
-        count += images.shape[0]
-    out_dir = args.plot_dir or os.path.join(run_dir, "ponder")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "channels.png")
-    channel_selection_figure([s.cpu().reshape(-1, s.shape[-1]) / count for s in sums], count).savefig(path, dpi=100)
-    print(f"=> channel selection frequencies of {len(sums)} layers over {count} images written to {path}")
-
-
-def plot_decision_details(images, decisions, args, run_dir, val_set):
-    """Per image, what every layer's decision details (e.g. PEDConv's attention vectors) hold: one figure each."""
-    from .plot import decision_details_figure
-
-    out_dir = args.plot_dir or os.path.join(run_dir, "ponder")
-    os.makedirs(out_dir, exist_ok=True)
-    details = [d.detail for d in decisions if getattr(d, "detail", None)]
-    for i in range(images.shape[0]):
-        path = os.path.join(out_dir, f"{i:03d}.png")
-        decision_details_figure(details, i).savefig(path, dpi=100)
-    print(f"=> {images.shape[0]} figures of {len(details)} layers' decisions written to {out_dir}")
-
-
-@torch.no_grad()
-def plot_ponder(model, val_set, loader, args, run_dir, ctx):
-    """One figure per image of the first --plot_count evaluation images: input (true and predicted class),
-    ponder cost, every block's mask. Models that choose channels: plot_channel_selection instead."""
-    from .plot import save_ponder_figures
-
-    model.eval()
-    images, labels = first_images(val_set, args.plot_count)
-    outputs = {t: model(images.to(ctx.device, memory_format=torch.channels_last), target=t)
-               for t in evaluated_targets(args) or (None,)}  # a multi-target model: every budget, side by side
-    decisions = {t: d for t, (_, d) in outputs.items()}
-    predictions = {t: logits.argmax(1).cpu() for t, (logits, _) in outputs.items()}
-    first = decisions[next(iter(decisions))]
-    if any(isinstance(d, ChannelDecision) for d in first):
-        return plot_channel_selection(model, loader, args, run_dir, ctx)
-    if any(getattr(d, "detail", None) for d in first):
-        return plot_decision_details(images, first, args, run_dir, val_set)
-    if not any(isinstance(d, SpatialDecision) for d in first):
-        raise UserError("--plot_ponder needs a model with gates (this one has none)")
-    if None in decisions:
-        decisions, predictions = decisions[None], predictions[None]
-    config = model_config(args.model)
-    out_dir = args.plot_dir or os.path.join(run_dir, "ponder")
-    paths = save_ponder_figures(images, decisions, out_dir, config.mean, config.std, labels=labels,
-                                predictions=predictions, class_names=class_names(val_set))
-    print(f"=> {len(paths)} ponder figures written to {out_dir}")
