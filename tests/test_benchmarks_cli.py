@@ -391,3 +391,19 @@ def test_a_bad_flag_is_answered_before_matplotlib_is_imported(module):
             f"except SystemExit as e:\n    print(e.code, 'matplotlib' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr[-2000:]
+
+
+def test_a_tied_norms_run_is_counted_as_it_was_trained():
+    # a multi-target run from pretrained weights shares its norms' affine parameters across the budgets; its
+    # results rows count those once, as the training run printed
+    from dynconv.models import build_model
+    from dynconv.scripts.cifar_results import result_rows
+
+    args = {"model": "resnet8", "budget": -1, "budget_targets": [0.25, 0.75], "model_kwargs": {}, "tied_norms": True}
+    metrics = {"targets": {0.25: {"epoch": 1, "prec1": 50.0, "mmac": 5.0}, 0.75: {"epoch": 1, "prec1": 60.0,
+                                                                                     "mmac": 9.0}}}
+    rows = result_rows("runs/x", args, "data", metrics)
+    tied = build_model("resnet8", 10, spatial_gates=True, targets=(0.25, 0.75), tied_norms=True)
+    untied = build_model("resnet8", 10, spatial_gates=True, targets=(0.25, 0.75))
+    assert [r["params"] for r in rows] == [count_parameters(tied)] * 2
+    assert count_parameters(tied) < count_parameters(untied)

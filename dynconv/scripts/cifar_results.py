@@ -126,9 +126,10 @@ def result_rows(run, args, data, metrics, resolution=None):
 
 
 def trained_model(args, targets):
-    """A fresh model of the run's architecture (for its parameter count and type)."""
+    """A fresh model of the run's architecture (for its parameter count and type), its norms tied across the
+    budgets as it was trained (a multi-target run from pretrained weights)."""
     return build_model(args["model"], 10, spatial_gates=args.get("budget", -1) >= 0, targets=targets,
-                       options=args.get("model_kwargs"))
+                       options=args.get("model_kwargs"), tied_norms=bool(args.get("tied_norms")))
 
 
 def _speeds(metrics):

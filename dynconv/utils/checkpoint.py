@@ -115,7 +115,7 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a readable checkpoint: damaged or not written by torch.save "
                         f"({type(e).__name__})")
     if isinstance(checkpoint, dict) and "state_dict" not in checkpoint and isinstance(checkpoint.get("model"), dict):
-        checkpoint = {**checkpoint, "state_dict": checkpoint.pop("model")}  # official ConvNeXt files: {"model": ...}
+        checkpoint = {**checkpoint, "state_dict": checkpoint.pop("model")}  # {"model": ...}: e.g. official ConvNeXt, DeiT
     if isinstance(checkpoint, dict) and "state_dict" not in checkpoint and all(
             isinstance(v, torch.Tensor) for v in checkpoint.values()):
         checkpoint = {"state_dict": checkpoint}  # a bare state dict
