@@ -25,6 +25,7 @@ import torch
 from conftest import ROOT
 from dynconv import MaskUnit, count_mmac, count_parameters
 from dynconv.models import create_model, model_config
+from dynconv.multitarget import tie_norms
 from dynconv.utils.checkpoint import load_checkpoint, load_model_state
 from dynconv.utils.data import cifar_transforms
 from dynconv.utils.training import validate
@@ -113,6 +114,8 @@ def load_shipped(run):
     checkpoint = load_checkpoint(path)
     model = create_model(rows[0]["model"], "cifar", gate_layer=MaskUnit if rows[0]["budget"] >= 0 else None,
                          **({"targets": targets} if targets else {}))
+    if (checkpoint.get("args") or {}).get("tied_norms"):  # a multi-target run from pretrained weights
+        tie_norms(model)
     load_model_state(model, model_config(rows[0]["model"]).filter(checkpoint["state_dict"], model), path)
     return rows, checkpoint, model.eval()
 
