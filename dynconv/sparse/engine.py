@@ -6,6 +6,7 @@ switched off. It knows no model or block type: it runs the model's own forward o
 replaced by that plan. Stems, heads and ungated blocks run as they are.
 """
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,8 @@ class SparseEngine:
     """Executes a trained dynamic model (eval mode) skipping what its gates switched off.
     `engine(x, target=None) -> (logits, decisions)`.
 
-    backend: "auto" (CuPy kernels for CUDA tensors when available, else torch), "torch" or "cupy".
+    backend: "auto" (CuPy kernels for CUDA tensors when available, else torch), "torch" or "cupy". The other
+    keywords override the fields of plans.EngineSettings (its defaults):
     dense_above: active fraction above which a block runs densely (see plans/resnet.py);
     gather_overhead_macs: the gathered path's fixed cost per block (mask index lists, tables, gathers, scatters)
     in MACs of dense convolution; it lowers dense_above for blocks with little work. The default, 20 MMac, is
@@ -60,8 +62,7 @@ class SparseEngine:
     as whole blocks.
     """
 
-    def __init__(self, model, backend="auto", dense_above=0.9, gather_overhead_macs=20e6, min_gather_width=64,
-                 tile_path=None):
+    def __init__(self, model, backend="auto", **settings):
         if model.training:
             raise ValueError("the sparse engine runs trained models in eval mode: call model.eval() first")
         if not _has_gate(model):
@@ -70,8 +71,13 @@ class SparseEngine:
         device = next(model.parameters()).device
         self.backend = resolve_backend(backend, device)
         self.ops = get_ops(self.backend)
-        tile_path = device.type == "cuda" if tile_path is None else tile_path
-        self.settings = EngineSettings(dense_above, gather_overhead_macs, min_gather_width, tile_path)
+        try:
+            self.settings = EngineSettings(**settings)
+        except TypeError:
+            fields = ", ".join(f.name for f in dataclasses.fields(EngineSettings))
+            raise ValueError(f"unknown engine setting among {', '.join(settings)} (settings: {fields})") from None
+        if self.settings.tile_path is None:
+            self.settings = dataclasses.replace(self.settings, tile_path=device.type == "cuda")
         self.plans = {}
         with torch.no_grad():  # the model's own conv + BN pairs outside the blocks (e.g. a ResNet stem), folded
             pairs = model.foldable_conv_bn() if isinstance(model, Dynamic) else ()

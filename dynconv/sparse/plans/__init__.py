@@ -20,12 +20,13 @@ def plan_type_for(module):
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """When a block's gathered execution is worth it (see SparseEngine)."""
+    """When a block's gathered execution is worth it (see SparseEngine, which documents each; the defaults live
+    here only). tile_path None: the device decides (the engine makes it True on CUDA, False on CPUs)."""
 
     dense_above: float = 0.9
     gather_overhead_macs: float = 20e6
     min_gather_width: int = 64
-    tile_path: bool = True
+    tile_path: bool | None = None
 
 
 class BlockPlan:
