@@ -97,7 +97,8 @@ def test_bad_models_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="unknown engine setting.*dense_above"):
         SparseEngine(create_model("resnet8", gate_layer=MaskUnit).eval(), dense_abov=0.5)
     engine = SparseEngine(create_model("resnet8", gate_layer=MaskUnit).eval(), min_gather_width=0)
-    assert (engine.settings.min_gather_width, engine.settings.dense_above, engine.settings.tile_path) == (0, 0.9, False)
+    settings = engine.settings
+    assert (settings.min_gather_width, settings.dense_above, settings.tile_path) == (0, 0.9, False)
 
     class OtherBlock(BasicBlock):
         pass

@@ -117,8 +117,8 @@ def load_model(row, train_args, data):
     argv = evaluate_command(row["run"], train_args, data, resolution=row["resolution"])
     flags, explicit = parse(ENTRY[family].make_parser(), argv)
     with contextlib.redirect_stdout(sys.stderr):
-        model, val_set = restore_model(flags, family, ENTRY[family].datasets, explicit)
-    return model, val_set, has_gates(flags)
+        model, val_set, settings = restore_model(flags, family, ENTRY[family].datasets, explicit)
+    return model, val_set, has_gates(settings)  # the reconciled settings: the checkpoint's model and budget
 
 
 def timed_paths(rows, runs_args, data, batch_sizes):

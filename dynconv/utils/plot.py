@@ -202,10 +202,11 @@ def schedules(rows):
 def curves(rows):
     """The curves of result rows: {label: (rows, line style, what each point is annotated with)}.
     Dense models: one curve per network type (`arch`) through its models; DynConv: one per model through its
-    budgets, a multi-target model and a variant (`variant`, e.g. tiles) as curves of their own; another method (`method`): one per method and network type
-    through its models. Rows varied in input size (`varied` == "resolution") join their run's own row in a curve
-    of their own, annotated with the resolution: a different axis of variation than budgets. Runs trained on
-    schedules of different lengths (`epochs`) are never joined: one curve per schedule, its length in the label."""
+    budgets, a multi-target model and a variant (`variant`, e.g. tiles) as curves of their own; another method
+    (`method`): one per method and network type through its models. Rows varied in input size (`varied` ==
+    "resolution") join their run's own row in a curve of their own, annotated with the resolution: a different
+    axis of variation than budgets. Runs trained on schedules of different lengths (`epochs`) are never joined:
+    one curve per schedule, its length in the label."""
     groups = {}
     several = len(schedules(rows)) > 1
 

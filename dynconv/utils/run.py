@@ -20,10 +20,11 @@ from .cli import device_problem, range_problems, say_inert_settings
 from .data import build_loaders, check_images, limited
 from .distributed import finish, init_distributed, shutdown
 from .errors import UserError
-from .rundir import check_run_dir, run_directory
-from .settings import reconcile, show
 from .evaluation import evaluate
 from .fit import PARAMETER_GROUPS, fit
+from .rundir import check_run_dir, run_directory
+from .settings import reconcile, show
+
 
 def check_args(args):
     """Everything that can be checked before any data is read: one clear line each."""
@@ -240,9 +241,9 @@ def _run(args, family, config, make_datasets, topk, checkpoint, run_dir, ctx):
 
 
 def restore_model(args, family, make_datasets, explicit):
-    """(model, validation set) of an evaluation command's flags (-r CHECKPOINT -e ...), built and loaded as run()
-    builds them, in eval mode on the CPU, channels-last: for tools that time or inspect trained models
-    (dynconv/scripts/compare.py)."""
+    """(model, validation set, settings) of an evaluation command's flags (-r CHECKPOINT -e ...), built and
+    loaded as run() builds them, in eval mode on the CPU, channels-last: for tools that time or inspect trained
+    models (dynconv/scripts/compare.py)."""
     path = find_checkpoint(args)
     checkpoint = load_checkpoint(path)
     args = reconcile(args, explicit, checkpoint, args.model)
@@ -250,7 +251,7 @@ def restore_model(args, family, make_datasets, explicit):
     _, val_set, num_classes = make_datasets(args, config)
     model = build_model(args, num_classes)
     load_weights(model, config, checkpoint["state_dict"], path)
-    return model.eval().to(memory_format=torch.channels_last), val_set
+    return model.eval().to(memory_format=torch.channels_last), val_set, args
 
 
 def load_teacher(args, num_classes, ctx):
