@@ -8,8 +8,10 @@ import torch
 
 
 from dynconv.decisions import SpatialDecision, StaticDecision, UnitCost  # noqa: E402
-from dynconv.utils.plot import (ACCURACY_TITLE, accuracy_vs_macs_figure, cost_ticks, plot_accuracy_vs_macs,  # noqa: E402
-                        ponder_cost_map, ponder_figure, save_ponder_figures)
+from dynconv.models import model_config  # noqa: E402
+from dynconv.utils.plot import (ACCURACY_TITLE, accuracy_vs_macs_figure, cost_ticks, family_styles,  # noqa: E402
+                                plot_accuracy_vs_macs, ponder_cost_map, ponder_figure, row_family,
+                                save_ponder_figures)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -158,3 +160,22 @@ def test_runs_of_two_schedules_are_two_curves_the_shorter_faded():
     assert lines["ResNet (dense), 10 epochs"].get_alpha() < lines["ResNet (dense), 30 epochs"].get_alpha() == 1.0
     one_schedule = accuracy_vs_macs_figure(rows[2:]).axes[0]  # one schedule: no epochs in the labels
     assert {line.get_label() for line in one_schedule.get_lines()} == {"ResNet (dense)", "DynConv resnet8"}
+
+
+def test_a_models_config_gives_its_family_and_marker_dense_or_dynamic():
+    """ConvNeXt's dense and DynConv runs are one family, drawn with its config's marker (plot_style); a model no
+    longer registered falls back to its method's name and a spare colour."""
+    rows = [dict(model="convnext_atto", budget=-1, mmac=45.0, prec1=46.9, arch="ConvNeXt 64x64"),
+            dict(model="convnext_atto", budget=0.25, mmac=14.0, prec1=45.5, arch="ConvNeXt 64x64"),
+            dict(model="dydensenet86", budget=-1, mmac=65.2, prec1=50.5, arch="DyDenseNet", method="DGC"),
+            dict(model="retired_net", budget=-1, mmac=30.0, prec1=60.0, method="Retired"),
+            dict(model="resnet32", budget=-1, mmac=69.1, prec1=82.0)]
+    assert [row_family(r) for r in rows] == ["ConvNeXt", "ConvNeXt", "DGC", "Retired", "dense"]
+    styles = family_styles(rows)
+    assert styles["ConvNeXt"] == model_config("convnext_atto").plot_style[1:] == ("P", "tab:purple")
+    assert styles["DGC"] == ("v", "tab:green") and styles["dense"] == ("o", "black")
+    assert styles["Retired"] == ("X", "tab:brown")  # the first spare colour
+    ax = accuracy_vs_macs_figure(rows).axes[0]
+    assert {line.get_label(): line.get_marker() for line in ax.get_lines()} == {
+        "ConvNeXt 64x64 (dense)": "P", "DynConv convnext_atto": "P", "DGC DyDenseNet": "v", "ResNet (dense)": "o",
+        "Retired ResNet": "X"}

@@ -3,9 +3,9 @@ with its source."""
 import pytest
 
 from dynconv.apps import cifar, imagenet
-from dynconv.models import model_config
+from dynconv.models import Decides, model_config
 from dynconv.utils.cli import parse
-from dynconv.utils.settings import CHECKPOINT, COMMAND_LINE, DERIVED, RECIPE, reconcile
+from dynconv.utils.settings import CHECKPOINT, COMMAND_LINE, DERIVED, RECIPE, decides, reconcile
 
 
 def settings_of(app, argv, checkpoint=None):
@@ -35,3 +35,15 @@ def test_each_value_says_where_it_came_from_and_none_can_be_changed():
     with pytest.raises(AttributeError, match="frozen"):
         resumed.lr = 0.1
     assert dict(resumed)["lr"] == 0.05 and resumed.replace(lr=0.1).lr == 0.1 and resumed.lr == 0.05
+
+
+@pytest.mark.parametrize("argv, kind, gated", [
+    (["--model", "resnet8"], Decides.NOTHING, False),  # --budget -1 by default: the static network
+    (["--model", "resnet8", "--budget", "0"], Decides.SPATIAL, True),  # budget 0 is a budget
+    (["--model", "resnet8", "--budget_targets", "0.25", "0.5"], Decides.SPATIAL, True),
+    (["--model", "dydensenet86"], Decides.OWN, True),
+    (["--model", "pedconv_resnet32"], Decides.WEIGHTS, False),
+])
+def test_what_a_run_decides_is_one_kind(argv, kind, gated):
+    settings = settings_of(cifar, argv)
+    assert decides(settings) is kind and kind.gated is gated

@@ -20,10 +20,17 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Decides(enum.Enum):
-    """What a family of models decides per image, and so what makes one of its networks dynamic."""
+    """What a family of models decides per image (ModelConfig.gates), and what one run's network decides
+    (dynconv.utils.settings.decides): the same kinds, plus NOTHING for a spatial family's static network."""
     SPATIAL = "spatial"  # where to compute: DynConv mask units, added when the run has a budget (or several)
     OWN = "own"  # which channels: gates of the model's own (e.g. DGC), always there; the sparse engine runs them
     WEIGHTS = "weights"  # with which weights (e.g. PEDConv): nothing for a gate to decide
+    NOTHING = "nothing"  # a run's network only: a spatial family's without a budget (--budget -1), static
+
+    @property
+    def gated(self):
+        """Gates that the sparse engine turns into skipped work (spatial masks, chosen channels)."""
+        return self in (Decides.SPATIAL, Decides.OWN)
 
 
 class WeightsUnavailable(Exception):
@@ -107,6 +114,9 @@ class ModelConfig:
     speed_benchmark: Optional[str] = None
     # the method's name in result tables and plots (e.g. "PEDConv"); None: DynConv, or dense without a budget
     method: Optional[str] = None
+    # (family, marker, colour): how the comparison plots draw this model's runs, dense or dynamic alike (e.g.
+    # ("ConvNeXt", "P", "tab:purple")); None: DynConv's own (dense, one budget, multi-target: utils/plot.py)
+    plot_style: Optional[tuple] = None
 
     def filter(self, state_dict, model):
         """A checkpoint in our layout for `model`: the model's checkpoint_filter, then the layout of its

@@ -186,7 +186,8 @@ CONVNEXT_RECIPE = dict(opt="adamw", lr=4e-3, weight_decay=0.05, sched="cosine", 
                        model_ema_decay=0.9999, drop_path=0.0, lr_scale={"backbone": 0.2}, freeze={"backbone": 5},
                        gumbel_temp=[5.0, 2.5, 1.0], gumbel_temp_epochs=[0.3, 0.6], sparsity_weight=10.0)
 CONVNEXT = ModelConfig(interpolation="bicubic", crop_fraction=0.875, checkpoint_filter=convnext_checkpoint_filter,
-                       recipe=CONVNEXT_RECIPE, input_multiple=32, options={"tiles": ((1, 1, 1, 1), TILES_HELP)})
+                       recipe=CONVNEXT_RECIPE, input_multiple=32, options={"tiles": ((1, 1, 1, 1), TILES_HELP)},
+                       plot_style=("ConvNeXt", "P", "tab:purple"))
 
 _VARIANTS = {"atto": ((2, 2, 6, 2), (40, 80, 160, 320)), "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
              "pico": ((2, 2, 6, 2), (64, 128, 256, 512)), "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),

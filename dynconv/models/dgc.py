@@ -517,7 +517,8 @@ def _dgc_config(**config):
     recipe.update(config.pop("recipe"))
     return ModelConfig(recipe=recipe, checkpoint_filter=dgc_checkpoint_filter, gates=Decides.OWN,
                        static_options={"gate_factor": 1.0}, paper_count=("the DGC paper counts them", paper_mmac),
-                       speed_benchmark="dynconv.benchmarks.dgc_speed", method="DGC", **config)
+                       speed_benchmark="dynconv.benchmarks.dgc_speed", method="DGC",
+                       plot_style=("DGC", "v", "tab:green"), **config)
 
 
 DENSENET_OPTIONS = dict(bottleneck=4, group_3x3=4, heads=4, gate_factor=0.25, squeeze_rate=16)

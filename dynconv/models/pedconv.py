@@ -192,7 +192,7 @@ OPTIONS = {"rank": (1, "PEDConv: rank of the attention (a sum of this many rank-
 # parameters (here all 1-D parameters: norm weights and biases, and the biases of the Linears)
 IMAGENET_PEDCONV = ModelConfig(
     checkpoint_filter=strip_module_prefix, gates=Decides.WEIGHTS, options=OPTIONS, free_options=("inference",), input_multiple=32,
-    speed_benchmark="dynconv.benchmarks.pedconv_speed", method="PEDConv",
+    speed_benchmark="dynconv.benchmarks.pedconv_speed", method="PEDConv", plot_style=("PEDConv", "^", "tab:red"),
     recipe=dict(opt="sgd", lr=0.256, momentum=0.875, weight_decay=2 ** -15, no_wd_norm_bias=True, sched="cosine",
                 warmup_epochs=8, epochs=250, batchsize=256, smoothing=0.1, mixup=0.2, auto_augment="imagenet"))
 
@@ -214,7 +214,8 @@ def pedconv_resnet18(**kwargs):
 
 # CIFAR ResNets with PEDConv 3x3 convs: the CIFAR ResNets' normalisation and recipe
 CIFAR_PEDCONV = dataclasses.replace(CIFAR_RESNET, gates=Decides.WEIGHTS, options=OPTIONS, free_options=("inference",),
-                                    speed_benchmark="dynconv.benchmarks.pedconv_speed", method="PEDConv")
+                                    speed_benchmark="dynconv.benchmarks.pedconv_speed", method="PEDConv",
+                                    plot_style=IMAGENET_PEDCONV.plot_style)
 
 
 @register_model("cifar", CIFAR_PEDCONV)

@@ -46,7 +46,8 @@ from dynconv.utils.data import first_images  # noqa: E402
 from dynconv.utils.errors import run_cli  # noqa: E402
 from dynconv.utils.logger import read_jsonl  # noqa: E402
 from dynconv.utils.plot import comparison_figure, model_name, row_family  # noqa: E402
-from dynconv.utils.run import has_gates, restore_model  # noqa: E402
+from dynconv.utils.run import restore_model  # noqa: E402
+from dynconv.utils.settings import decides  # noqa: E402
 from dynconv.utils.timing import median_ms  # noqa: E402
 
 MMAC_CAPTION = ("MMac: multiply-accumulates per image that our implementation executes at inference (convolutions "
@@ -118,7 +119,7 @@ def load_model(row, train_args, data):
     flags, explicit = parse(ENTRY[family].make_parser(), argv)
     with contextlib.redirect_stdout(sys.stderr):
         model, val_set, settings = restore_model(flags, family, ENTRY[family].datasets, explicit)
-    return model, val_set, has_gates(settings)  # the reconciled settings: the checkpoint's model and budget
+    return model, val_set, decides(settings).gated  # the reconciled settings: the checkpoint's model and budget
 
 
 def timed_paths(rows, runs_args, data, batch_sizes):
@@ -136,7 +137,7 @@ def timed_paths(rows, runs_args, data, batch_sizes):
             loaded[key] = model, SparseEngine(model) if fast else None, images
         model, engine, images = loaded[key]
         kwargs = {"target": row["budget"]} if row.get("targets") else {}
-        if row_family(row) in ("dense", "ConvNeXt") and row["budget"] < 0:
+        if row["budget"] < 0 and not (row.get("method") or row.get("targets")):  # a static network
             row["ptflops_mmac"] = ptflops_mmac(model, images.shape[1:])
             row["full_mmac"] = round(count_mmac(model, images[:1], full=True), 6)
         for b in batch_sizes:

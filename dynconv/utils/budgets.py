@@ -12,11 +12,6 @@ def run_targets(args):
     return tuple(float(b) for b in (args.budget_targets or ()))
 
 
-def is_dynamic(args):
-    """Whether the run's model has gates: a budget, or several."""
-    return args.budget >= 0 or bool(args.budget_targets)
-
-
 def evaluated_targets(args):
     """-e on a multi-target model: every budget, or the one --budget names."""
     targets = run_targets(args)

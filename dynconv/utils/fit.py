@@ -8,14 +8,16 @@ from tqdm import tqdm
 
 from dynconv import set_gate_schedule
 from dynconv.gates import gate_state_keys
+from dynconv.models import Decides
 from dynconv.objectives import BudgetAwareness, DecisionLosses, Distillation, Loss, Sparsity, TaskLoss
 from . import recipe
-from .budgets import awareness_setup, is_dynamic, run_targets
+from .budgets import awareness_setup, run_targets
 from .checkpoint import BEST, BEST_EMA, EMA, LATEST, non_finite_keys, restore_rng, rng_state, save_checkpoint
 from .distributed import broadcast_buffers
 from .errors import UserError
 from .interrupt import Interrupted, SavePolicy, StopRequest
 from .logger import RunLogger
+from .settings import decides
 from .training import NonFinite, TrainSetup, target_scalars, train_one_epoch, validate_targets
 
 PARAMETER_GROUPS = ("gates", "backbone")  # the gates' parameters, and everything else
@@ -36,7 +38,7 @@ def build_setup(model, args, num_classes, updates_per_epoch, ctx, teacher=None):
     mixup = recipe.create_mixup(args.mixup, args.cutmix, args.smoothing, num_classes)
     targets = run_targets(args)
     terms = [TaskLoss(args.smoothing), DecisionLosses()]  # with mixup the soft targets carry the smoothing
-    if is_dynamic(args):  # multi-target: each step's own budget
+    if decides(args) is Decides.SPATIAL:  # multi-target: each step's own budget
         terms.append(Sparsity(None if targets else args.budget, args.epochs, args.sparsity_weight))
     if teacher is not None:
         terms.append(Distillation(teacher, args.T_kd, args.kd_weight))

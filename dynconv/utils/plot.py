@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.decisions import SpatialDecision
+from dynconv.models import model_config
 
 
 def _figure(**kwargs):
@@ -165,19 +166,28 @@ def save_ponder_figures(images, decisions, out_dir, mean, std, labels=None, pred
     return paths
 
 
-# one marker and colour per family of models (row_family); another method's family gets the next free colour
-FAMILY_STYLES = {"dense": ("o", "black"), "DynConv": ("s", "tab:blue"), "DynConv multi-target": ("D", "tab:orange"),
-                 "ConvNeXt": ("P", "tab:purple"), "DGC": ("v", "tab:green"), "PEDConv": ("^", "tab:red")}
+# the markers and colours of DynConv's own families (row_family); a model's config may name its own (plot_style),
+# another family gets a spare colour
+DYNCONV_STYLES = {"dense": ("o", "black"), "DynConv": ("s", "tab:blue"), "DynConv multi-target": ("D", "tab:orange")}
 SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
+def _config_style(row):
+    """The row's model's plot_style (family, marker, colour), or None (DynConv's, or a model not registered)."""
+    try:
+        return model_config(row["model"]).plot_style
+    except KeyError:
+        return None
+
+
 def row_family(row):
-    """The family of a result row: another method's name (`method`), ConvNeXt (dense or DynConv), a DynConv
-    multi-target model, DynConv at one budget, or a dense network."""
+    """The family of a result row: its model's own (ModelConfig.plot_style, e.g. DGC, or ConvNeXt dense or
+    DynConv), else its method's name (`method`), a DynConv multi-target model, DynConv at one budget, or dense."""
+    style = _config_style(row)
+    if style:
+        return style[0]
     if row.get("method"):
         return row["method"]
-    if row.get("arch", "ResNet").startswith("ConvNeXt"):
-        return "ConvNeXt"
     if row.get("targets"):
         return "DynConv multi-target"
     return "DynConv" if row["budget"] >= 0 else "dense"
@@ -188,10 +198,13 @@ def model_name(row):
     return row["model"] + (f" ({row['variant']})" if row.get("variant") else "")
 
 
-def family_styles(families):
-    """(marker, colour) of each family: FAMILY_STYLES', other methods the spare colours in name order."""
-    others = sorted(set(families) - set(FAMILY_STYLES))
-    return {**FAMILY_STYLES, **{f: ("X", SPARE_COLOURS[i % len(SPARE_COLOURS)]) for i, f in enumerate(others)}}
+def family_styles(rows):
+    """{family: (marker, colour)} for the rows' families: DynConv's, the models' own, the spare colours for the
+    rest in name order."""
+    styles = dict(DYNCONV_STYLES)
+    styles.update({s[0]: s[1:] for s in map(_config_style, rows) if s})
+    others = sorted({row_family(r) for r in rows} - set(styles))
+    return {**styles, **{f: ("X", SPARE_COLOURS[i % len(SPARE_COLOURS)]) for i, f in enumerate(others)}}
 
 
 def schedules(rows):
@@ -243,7 +256,7 @@ def comparison_figure(rows, x="mmac", xlabel="MMac per image", title=ACCURACY_TI
     the x axis counts); `log_x`: a logarithmic x axis (latencies spanning orders of magnitude)."""
     value = x if callable(x) else (lambda r: r.get(x))
     rows = [r for r in rows if value(r) is not None]
-    styles = family_styles(row_family(r) for r in rows)
+    styles = family_styles(rows)
     fig = _figure(figsize=(8.4, 4.8 if caption else 4.5))  # the legend beside the axes: no curve hidden under it
     ax = fig.subplots()
     longest = max(schedules(rows), default=None)

@@ -13,7 +13,7 @@ from dynconv.models import (Decides, ModelOptionError, UnknownModelOption, Weigh
 from dynconv.models import build_model as build_model_named
 from dynconv.models.base import tiles_problem
 from . import recipe
-from .budgets import awareness_setup, budget_problems, is_dynamic, run_targets
+from .budgets import awareness_setup, budget_problems, run_targets
 from .checkpoint import (BEST, LATEST, classifier_keys, filtered_weights, load_checkpoint, load_model_state,
                          load_weights)
 from .cli import device_problem, range_problems, say_inert_settings
@@ -23,7 +23,7 @@ from .errors import UserError
 from .evaluation import evaluate
 from .fit import PARAMETER_GROUPS, fit
 from .rundir import check_run_dir, run_directory
-from .settings import reconcile, show
+from .settings import decides, reconcile, show
 
 
 def check_args(args):
@@ -34,9 +34,9 @@ def check_args(args):
         (args.batchsize < 1, "--batchsize must be positive"),
         (args.plot_count < 1, f"--plot_count must be at least 1 (got {args.plot_count})"),
         (args.fast and not args.evaluate, "--fast is an evaluation mode: use it with -e"),
-        (args.fast and not has_gates(args), "--fast runs the sparse engine, which needs a model with gates; "
+        (args.fast and not decides(args).gated, "--fast runs the sparse engine, which needs a model with gates; "
                                              "this one is static (budget -1)"),
-        (args.plot_ponder and not has_decisions(args), "--plot_ponder draws what the model decided per image; "
+        (args.plot_ponder and decides(args) is Decides.NOTHING, "--plot_ponder draws what the model decided per image; "
                                                         "this model is static (budget -1)"),
         (args.plot_only and not (args.evaluate and args.plot_ponder), "--plot_only goes with -e --plot_ponder"),
         (args.amp and not args.device.startswith("cuda"), "--amp needs a CUDA device"),
@@ -78,7 +78,7 @@ def _tiles_problems(args):
         return []
     problem = tiles_problem(tiles, len(options["tiles"][0]))
     return [(problem is not None, f"--{problem} of {args.model}" if problem else None),
-            (any(t != 1 for t in tiles) and not is_dynamic(args),
+            (any(t != 1 for t in tiles) and decides(args) is not Decides.SPATIAL,
              "--tiles sets the tiles of spatial gates: add --budget or --budget_targets (this model is static)")]
 
 
@@ -86,7 +86,8 @@ def build_model(args, num_classes):
     """The model the flags describe (dynconv.models.build_model): spatial gates when --budget >= 0 (one per
     budget and block with --budget_targets), --model_kwargs with the model-option flags folded in."""
     try:
-        return build_model_named(args.model, num_classes, spatial_gates=is_dynamic(args), targets=run_targets(args),
+        return build_model_named(args.model, num_classes, spatial_gates=decides(args) is Decides.SPATIAL,
+                                 targets=run_targets(args),
                                  options=args.model_kwargs, drop_path_rate=args.drop_path,
                                  tied_norms=args.tied_norms)
     except UnknownModelOption as e:
@@ -137,26 +138,18 @@ def find_checkpoint(args):
     return args.resume
 
 
-def has_gates(args):
-    """Whether the run's model decides anything per image: spatial gates (a budget) or gates of its own (DGC)."""
-    return is_dynamic(args) or model_config(args.model).gates is Decides.OWN
-
-
-def has_decisions(args):
-    """Whether the run's model decides anything per image (gates of any kind, or per-image weights)."""
-    return is_dynamic(args) or model_config(args.model).gates is not Decides.SPATIAL
-
-
 def _describe(args):
-    gates = model_config(args.model).gates
-    if gates is not Decides.SPATIAL:
-        return ("its own gates" if gates is Decides.OWN else "no gates") + (f"; {show(args.model_kwargs)}"
+    kind = decides(args)
+    if kind is Decides.NOTHING:
+        return "dense"
+    if kind is not Decides.SPATIAL:
+        return ("its own gates" if kind is Decides.OWN else "no gates") + (f"; {show(args.model_kwargs)}"
                                                                        if args.model_kwargs else "")
     tiles = args.model_kwargs.get("tiles", ())
     tiles = f", tiles {show(tiles)}" if any(t != 1 for t in tiles) else ""
     if args.budget_targets:
         return "DynConv, multi-target: budgets " + ", ".join(f"{b:g}" for b in run_targets(args)) + tiles
-    return f"DynConv, budget {args.budget:g}{tiles}" if args.budget >= 0 else "dense"
+    return f"DynConv, budget {args.budget:g}{tiles}"
 
 
 def _trial(train_set, val_set, full, args):

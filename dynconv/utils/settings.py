@@ -87,6 +87,16 @@ def reconcile(args, explicit, checkpoint, default_model):
     return Settings(draft.values, draft.sources)
 
 
+def decides(settings):
+    """What the run's network decides per image, the one answer to "is this run dynamic": its family's kind
+    (ModelConfig.gates), except Decides.NOTHING for a spatial family's network without a budget (`--budget -1`,
+    the command line's spelling of the static network, and no --budget_targets)."""
+    kind = model_config(settings.model).gates
+    if kind is Decides.SPATIAL and settings.budget < 0 and not settings.budget_targets:
+        return Decides.NOTHING
+    return kind
+
+
 def _from_checkpoint(draft, checkpoint, explicit, default_model):
     """Flags the user left out come from the checkpoint: the architecture always, and on resume the recipe too.
     A given architecture flag that contradicts the checkpoint is an error; a given recipe flag that differs from
