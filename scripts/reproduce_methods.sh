@@ -6,14 +6,14 @@
 #   after epochs 5 and 8, batch 128; the CIFAR ResNets' recipe otherwise), to set beside exp/cifar/resnet32/base.
 #   About 13-20 minutes per epoch on one thread of the 2-core development CPU.
 # - lane B, DGC: dydensenet86 (gate factor 0.25, the paper's) and its counterpart with nothing pruned (gate factor
-#   1), the DGC recipe (Nesterov SGD, lr 0.1, cosine per iteration, batch 64) shortened to 2 epochs: about 40-60
-#   minutes per epoch on one thread, so both fit one 3-hour session but not more epochs. Their checkpoints
-#   (4.26 M parameters, 17 MB stripped) exceed the repository's 5 MB limit for tracked files: they are not shipped;
-#   the README's rows (exp/cifar_dgc/results.jsonl) point at exp/cifar_dgc/dydensenet86/{base,g1}: move the
-#   finished runs there to evaluate them with the rows' commands or compare them (dynconv/scripts/compare.py).
-# Usage: bash scripts/reproduce_methods.sh [DATA_ROOT]   (default data/cifar10-jpeg)
+#   1), the DGC recipe (Nesterov SGD, lr 0.1, cosine per iteration, batch 64) shortened to 2 epochs: about 30-45
+#   minutes per epoch on one thread. The finished runs are shipped under exp/cifar_dgc/dydensenet86/{base,g1},
+#   stripped in float16 by dynconv/scripts/cifar_results.py --strip (8.5 MB; 17 MB in float32).
+# Usage: bash scripts/reproduce_methods.sh [DATA_ROOT] [LANE]   (default data/cifar10-jpeg, both lanes; LANE a or b
+# runs that lane alone)
 set -u
 DATA=${1:-data/cifar10-jpeg}
+LANE=${2:-ab}
 
 run() {  # dir, then flags
     local dir=$1
@@ -29,4 +29,8 @@ lane_b() {
     run runs/cifar/dydensenet86/base --model dydensenet86 --epochs 2
     run runs/cifar/dydensenet86/g1 --model dydensenet86 --gate_factor 1 --epochs 2
 }
-lane_a & lane_b & wait
+case $LANE in
+    a) lane_a ;;
+    b) lane_b ;;
+    *) lane_a & lane_b & wait ;;
+esac
