@@ -11,13 +11,17 @@
 # trained) divided by 10 after epochs 5 and 8, under runs/cifar30/resnet32/finetune/{multi,sparse025,sparse05,sparse075}.
 # The ablation `finetune_gates10`: the multi-target and the budget-0.25 runs of `finetune` with the gates' learning
 # rate 10x the backbone's (--lr_scale gates=10: 0.1, the from-scratch lr), under runs/cifar30/resnet32/finetune_gates10/.
-# Usage: bash scripts/reproduce_multitarget.sh [DATA_ROOT] [short|finetune|finetune_gates10]
+# Two more ablations of the multi-target run of `finetune`, one lane each: `finetune_untied`, one norm affine per
+# budget (--no-tied_norms), under runs/cifar30/resnet32/finetune_untied/multi; `finetune_long`, 3x the epochs (30,
+# lr steps after 15 and 24), so that each budget gets as many steps as a 10-epoch single-budget run, under
+# runs/cifar30/resnet32/finetune_long/multi (about 4 minutes per epoch alone on the 2-core CPU, 8 beside another run).
+# Usage: bash scripts/reproduce_multitarget.sh [DATA_ROOT] [short|finetune|finetune_gates10|finetune_untied|finetune_long]
 #        (defaults data/cifar10-jpeg, short)
 set -u
 DATA=${1:-data/cifar10-jpeg}
 SCHEDULE=${2:-short}
 DENSE=exp/cifar30/resnet32/base/checkpoint_best.pth
-if [ "$SCHEDULE" = finetune ] || [ "$SCHEDULE" = finetune_gates10 ]; then
+if [ "${SCHEDULE#finetune}" != "$SCHEDULE" ]; then
     COMMON="--model resnet32 --epochs 10 --lr_decay 5 8 --batchsize 256 --lr 0.01 --workers 0 --data $DATA
             --pretrained $DENSE --teacher_weights $DENSE"
 else
@@ -51,6 +55,10 @@ if [ "$SCHEDULE" = finetune_gates10 ]; then
     run runs/cifar30/resnet32/finetune_gates10/multi --budget_targets 0.25 0.5 0.75 --lr_scale gates=10 &
     run runs/cifar30/resnet32/finetune_gates10/sparse025 --budget 0.25 --lr_scale gates=10 &
     wait
+elif [ "$SCHEDULE" = finetune_untied ]; then
+    run runs/cifar30/resnet32/finetune_untied/multi --budget_targets 0.25 0.5 0.75 --no-tied_norms
+elif [ "$SCHEDULE" = finetune_long ]; then
+    run runs/cifar30/resnet32/finetune_long/multi --budget_targets 0.25 0.5 0.75 --epochs 30 --lr_decay 15 24
 elif [ "$SCHEDULE" = finetune ]; then
     finetune_a & finetune_b & wait
 else

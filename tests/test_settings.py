@@ -2,9 +2,11 @@
 with its source."""
 import pytest
 
+import main_cifar
 from dynconv.apps import cifar, imagenet
 from dynconv.models import Decides, model_config
 from dynconv.utils.cli import parse
+from dynconv.utils.errors import UserError
 from dynconv.utils.settings import CHECKPOINT, COMMAND_LINE, DERIVED, RECIPE, decides, reconcile
 
 
@@ -47,3 +49,24 @@ def test_each_value_says_where_it_came_from_and_none_can_be_changed():
 def test_what_a_run_decides_is_one_kind(argv, kind, gated):
     settings = settings_of(cifar, argv)
     assert decides(settings) is kind and kind.gated is gated
+
+
+def test_tied_norms_default_to_the_pretrained_start_and_can_be_chosen():
+    multi = ["--model", "resnet8", "--budget_targets", "0.25", "0.5"]
+    assert settings_of(cifar, multi).tied_norms is False  # from scratch: one affine per budget
+    pretrained = settings_of(cifar, multi + ["--pretrained", "dense.pth"])
+    assert pretrained.tied_norms is True and pretrained.source("tied_norms") == DERIVED
+    untied = settings_of(cifar, multi + ["--pretrained", "dense.pth", "--no-tied_norms"])
+    assert untied.tied_norms is False and untied.source("tied_norms") == COMMAND_LINE
+    saved = {"args": {"model": "resnet8", "budget": -1, "budget_targets": [0.25, 0.5], "model_kwargs": {},
+                      "tied_norms": True}}
+    assert settings_of(cifar, ["-r", "x.pth"], saved).tied_norms is True  # resumed as trained
+    with pytest.raises(UserError, match="--no-tied_norms contradicts the checkpoint"):
+        settings_of(cifar, ["-r", "x.pth", "--no-tied_norms"], saved)
+
+
+def test_tied_norms_without_budgets_is_refused_before_any_data(tmp_path):
+    with pytest.raises(UserError, match="^--tied_norms ties the per-budget norms of a multi-target model: add "
+                                        "--budget_targets$"):
+        main_cifar.main(["--model", "resnet8", "--tied_norms", "--data", str(tmp_path / "none"), "-s",
+                         str(tmp_path / "r")])

@@ -29,6 +29,8 @@ def budget_problems(args):
          "--budget names one budget; a multi-target model trains all of --budget_targets (leave --budget out)"),
         (bool(targets) and args.budget >= 0 and args.budget not in targets,
          f"--budget {args.budget:g} is not one of this model's budgets ({shown})"),
+        (bool(args.tied_norms) and not targets,
+         "--tied_norms ties the per-budget norms of a multi-target model: add --budget_targets"),
         (args.awareness_metric not in (None, "none") and not targets,
          "--awareness_metric weighs the budgets of a multi-target model: add --budget_targets"),
     ]

@@ -241,6 +241,10 @@ def _add_budget_aware_flags(p):
     g.add_argument("--awareness_metric", choices=("l1", "l2", "none"), help="multi-target: per-budget loss weights "
                    "from each budget's validation Prec@1 against its target (default: l2 when the targets CSV has "
                    "the model, else none)")
+    g.add_argument("--tied_norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="multi-target: the per-budget norms share one weight and bias, each keeping its own running "
+                        "statistics (default: tied when the run starts from --pretrained weights, the budget-aware "
+                        "code's choice, else one affine per budget); with -r, the checkpoint's")
     g.add_argument("--performance_targets_csv", metavar="CSV", help="multi-target: Prec@1 targets per model and "
                    "budget (default: dynconv/configs/performance_targets.csv, the budget-aware paper's ImageNet numbers)")
 

@@ -116,8 +116,11 @@ def _from_checkpoint(draft, checkpoint, explicit, default_model):
     # multi-target from pretrained weights: the per-budget norms share their affine parameters (the budget-aware
     # code's choice); recorded in the checkpoint, since the optimizer state depends on it
     if "tied_norms" in saved:
+        if "tied_norms" in explicit and draft.tied_norms != saved["tied_norms"]:
+            raise UserError(f"--{'' if draft.tied_norms else 'no-'}tied_norms contradicts the checkpoint (trained with "
+                            f"tied_norms {saved['tied_norms']}); leave the flag out to use the checkpoint's")
         draft.set("tied_norms", saved["tied_norms"], CHECKPOINT)
-    else:
+    elif draft.tied_norms is None:
         draft.set("tied_norms", bool(draft.budget_targets) and bool(draft.pretrained), DERIVED)
     if checkpoint is not None:
         _input_from_checkpoint(draft, saved, explicit)
