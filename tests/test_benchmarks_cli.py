@@ -407,3 +407,15 @@ def test_a_tied_norms_run_is_counted_as_it_was_trained():
     untied = build_model("resnet8", 10, spatial_gates=True, targets=(0.25, 0.75))
     assert [r["params"] for r in rows] == [count_parameters(tied)] * 2
     assert count_parameters(tied) < count_parameters(untied)
+
+
+def test_values_beyond_float16s_range_stay_float32_when_stored_in_half_precision():
+    """A trained DGC network had a BatchNorm running variance over 65504: in float16 it would be inf (and the
+    loader refuses non-finite weights), so that tensor stays float32 and comes back exactly."""
+    from dynconv.utils.checkpoint import _as_float32, stripped
+
+    state = {"small": torch.tensor([1.5, -2.0]), "large": torch.tensor([1.0, 70000.0]), "empty": torch.zeros(0)}
+    half = stripped({"state_dict": state}, ("state_dict",), limit=0)
+    assert half["state_dict"]["small"].dtype == torch.float16 and half["state_dict"]["large"].dtype == torch.float32
+    back = _as_float32(half)["state_dict"]
+    assert torch.equal(back["large"], state["large"]) and torch.equal(back["small"], state["small"])

@@ -82,9 +82,15 @@ def stripped(checkpoint, keep, limit=SHIPPED_LIMIT):
     size = sum(v.numel() * v.element_size() for v in kept["state_dict"].values() if isinstance(v, torch.Tensor))
     if size <= limit:
         return kept
-    half = {k: v.half() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else v
-            for k, v in kept["state_dict"].items()}
+    half = {k: v.half() if _fits_half(v) else v for k, v in kept["state_dict"].items()}
     return {**kept, "state_dict": half, STORED_AS: "float16"}
+
+
+def _fits_half(value):
+    """A float32 tensor that float16 can hold: tensors with values beyond float16's range (e.g. a BatchNorm's
+    running variance over 65504, as in a trained DGC network) stay float32, instead of turning into infinities."""
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.float32
+            and bool(value.abs().max() <= torch.finfo(torch.float16).max if value.numel() else True))
 
 
 def _as_float32(checkpoint):
