@@ -8,7 +8,7 @@
 # - lane B, DGC: dydensenet86 (gate factor 0.25, the paper's) and its counterpart with nothing pruned (gate factor
 #   1), the DGC recipe (Nesterov SGD, lr 0.1, cosine per iteration, batch 64) shortened to 2 epochs: about 30-45
 #   minutes per epoch on one thread. The finished runs are shipped under exp/cifar_dgc/dydensenet86/{base,g1},
-#   stripped in float16 by dynconv/scripts/cifar_results.py --strip (8.5 MB; 17 MB in float32).
+#   stripped in float16 by dynconv/scripts/cifar_results.py --strip (8.8 MB; 17 MB in float32).
 # Usage: bash scripts/reproduce_methods.sh [DATA_ROOT] [LANE]   (default data/cifar10-jpeg, both lanes; LANE a or b
 # runs that lane alone)
 set -u

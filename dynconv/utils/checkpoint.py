@@ -89,8 +89,9 @@ def stripped(checkpoint, keep, limit=SHIPPED_LIMIT):
 def _fits_half(value):
     """A float32 tensor that float16 can hold: tensors with values beyond float16's range (e.g. a BatchNorm's
     running variance over 65504, as in a trained DGC network) stay float32, instead of turning into infinities."""
-    return (isinstance(value, torch.Tensor) and value.dtype == torch.float32
-            and bool(value.abs().max() <= torch.finfo(torch.float16).max if value.numel() else True))
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.float32):
+        return False
+    return value.numel() == 0 or bool(value.abs().max() <= torch.finfo(torch.float16).max)
 
 
 def _as_float32(checkpoint):

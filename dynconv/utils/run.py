@@ -34,10 +34,10 @@ def check_args(args):
         (args.batchsize < 1, "--batchsize must be positive"),
         (args.plot_count < 1, f"--plot_count must be at least 1 (got {args.plot_count})"),
         (args.fast and not args.evaluate, "--fast is an evaluation mode: use it with -e"),
-        (args.fast and not decides(args).gated, "--fast runs the sparse engine, which needs a model with gates; "
-                                             "this one is static (budget -1)"),
-        (args.plot_ponder and decides(args) is Decides.NOTHING, "--plot_ponder draws what the model decided per image; "
-                                                        "this model is static (budget -1)"),
+        (args.fast and not decides(args).gated,
+         "--fast runs the sparse engine, which needs a model with gates; this one is static (budget -1)"),
+        (args.plot_ponder and decides(args) is Decides.NOTHING,
+         "--plot_ponder draws what the model decided per image; this model is static (budget -1)"),
         (args.plot_only and not (args.evaluate and args.plot_ponder), "--plot_only goes with -e --plot_ponder"),
         (args.amp and not args.device.startswith("cuda"), "--amp needs a CUDA device"),
         (device_problem(args.device) is not None, device_problem(args.device)),
@@ -87,8 +87,7 @@ def build_model(args, num_classes):
     budget and block with --budget_targets), --model_kwargs with the model-option flags folded in."""
     try:
         return build_model_named(args.model, num_classes, spatial_gates=decides(args) is Decides.SPATIAL,
-                                 targets=run_targets(args),
-                                 options=args.model_kwargs, drop_path_rate=args.drop_path,
+                                 targets=run_targets(args), options=args.model_kwargs, drop_path_rate=args.drop_path,
                                  tied_norms=args.tied_norms)
     except UnknownModelOption as e:
         raise UserError(f"--model_kwargs: {e}")
