@@ -216,6 +216,7 @@ def test_engine_blocks_with_the_cuda_kernels_emulated_on_the_cpu():
 def test_row_linear_is_the_linear_layer(onednn, monkeypatch):
     """The engine's Linear on rows, with oneDNN's prepared weight and without it, against nn.Linear."""
     from dynconv.sparse import linear
+    from dynconv.sparse.ops import TORCH_OPS
 
     if not onednn:
         monkeypatch.setattr(linear, "_onednn_weight", lambda weight: None)
@@ -223,8 +224,9 @@ def test_row_linear_is_the_linear_layer(onednn, monkeypatch):
     row_linear = linear.RowLinear(layer.weight, layer.bias)
     assert (row_linear.packed is not None) == (onednn and torch.backends.mkldnn.is_available())
     with torch.no_grad():
-        torch.testing.assert_close(row_linear(rows), layer(rows))
-        assert row_linear(rows[:0]).shape == (0, 40)
+        torch.testing.assert_close(TORCH_OPS.linear(rows, row_linear, False), layer(rows))
+        torch.testing.assert_close(TORCH_OPS.linear(rows, row_linear, True), layer(rows).relu())
+        assert TORCH_OPS.linear(rows[:0], row_linear, False).shape == (0, 40)
 
 
 def test_checkpoints_of_another_family_or_class_count_are_refused_in_one_line(tmp_path, capsys):

@@ -16,6 +16,7 @@ from cuda_emulation import EmulatedKernels
 from dynconv.sparse import cuda_kernels, ops
 from dynconv.sparse.cuda_kernels import kernel_sources
 from dynconv.sparse.layout import tap_table, with_zero_row
+from dynconv.sparse.linear import RowLinear
 
 KERNELS = sorted(kernel_sources())
 NUM_ROWS = (0, 1, 7, 133)  # K, the length of the index list
@@ -250,8 +251,11 @@ def test_scatters(emulated, op, k, channels):
 @pytest.mark.parametrize("k", NUM_ROWS)
 def test_linear(emulated, k, relu):
     g = torch.Generator().manual_seed(k)
-    rows, weight, bias = random_rows(k, 27, g), torch.randn(27, 17, generator=g), torch.randn(17, generator=g)
-    torch.testing.assert_close(emulated.linear(rows, weight, bias, relu), ops.linear(rows, weight, bias, relu))
+    rows, layer = random_rows(k, 27, g), RowLinear(torch.randn(17, 27, generator=g), torch.randn(17, generator=g))
+    expected = rows @ layer.matrix + layer.bias
+    expected = expected.relu() if relu else expected
+    torch.testing.assert_close(emulated.linear(rows, layer, relu), expected)
+    torch.testing.assert_close(ops.linear(rows, layer, relu), expected)  # oneDNN's prepacked weight on this CPU
 
 
 def test_input_checks(emulated):
@@ -369,12 +373,9 @@ def test_cupy_matches_torch(k, channels):
                                                                                   channels, g)]
     assert torch.equal(cuda.gather_channels(*case), torch_ops.gather_channels(*case))
 
-    weight = torch.randn(channels, 5, generator=g).cuda()
-    linear_bias = torch.nn.Parameter(torch.randn(5, generator=g).cuda())  # requires grad, as a model's would
+    layer = RowLinear(torch.randn(5, channels, generator=g).cuda(), torch.randn(5, generator=g).cuda())
     for relu in (False, True):
-        with torch.no_grad():
-            torch.testing.assert_close(cuda.linear(rows, weight, linear_bias, relu),
-                                       torch_ops.linear(rows, weight, linear_bias, relu))
+        torch.testing.assert_close(cuda.linear(rows, layer, relu), torch_ops.linear(rows, layer, relu))
 
 
 @needs_gpu

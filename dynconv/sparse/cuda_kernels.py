@@ -247,12 +247,12 @@ def make_ops(launch):
         run("bias_relu", rows.numel(), rows, bias, rows.shape[1])
         return rows
 
-    def linear(rows, weight, bias, relu):
+    def linear(rows, layer, relu):
         # With ReLU: the GEMM alone, then bias and ReLU in one pass of the fused kernel (addmm would first copy the
         # bias into the output, and relu_ would be a second pass). Without: addmm, whose bias copy is that one pass.
         if relu:
-            return bias_relu_(torch.mm(rows, weight), bias)
-        return torch.addmm(bias, rows, weight)
+            return bias_relu_(torch.mm(rows, layer.matrix), layer.bias)
+        return torch.addmm(layer.bias, rows, layer.matrix)
 
     return Ops(gather_rows=gather_rows, gather_patches=gather_patches, depthwise_rows=depthwise_rows,
                gather_channels=_gather_channels_op(run), bias_relu_=bias_relu_,

@@ -1,19 +1,24 @@
 """Linear layers on position rows, with the weight prepared once per engine plan.
 
 At few rows (a block's active positions at batch 1) a matrix product costs mostly the reading and repacking of its
-weight, which torch.addmm redoes on every call. On CPUs with oneDNN, RowLinear reorders the weight once into
-oneDNN's blocked layout and runs torch.ops.mkldnn._linear_pointwise, the op torch.compile's CPU backend uses for
-linear layers. Measured on the 2-core development CPU, batch 1, ConvNeXt-T's stage-4 MLPs at 30% of the positions:
-7 ms against 13-18 ms with addmm, and no slower at every position. (Its fused GELU post-op was slower than a
-separate F.gelu on full maps, so it is not used.) Elsewhere (GPUs, other dtypes, a torch without those ops):
-addmm.
+weight, which torch.addmm redoes on every call; and on this project's development CPU (AMD EPYC with AVX-512)
+torch.addmm's BLAS runs at about 100 GMAC/s on 2 threads where oneDNN's kernels reach about 215. On CPUs with
+oneDNN, RowLinear therefore also holds the weight reordered once into oneDNN's blocked layout, which the backends'
+`linear` op runs through torch.ops.mkldnn._linear_pointwise (the op torch.compile's CPU backend uses for linear
+layers). Measured there, 2 threads, batch 1: ResNet-50's gathered products at 30% of the positions 2.0-4.2x faster
+than addmm (the 7x7 stage's 15-row products most), ConvNeXt-T's stage-4 MLPs 7 ms against 13-18 ms.
 """
 import torch
 
 
+def onednn_applies(weight):
+    """Whether oneDNN's prepacked-weight ops can run this weight: float32 on a CPU, in a torch built with oneDNN."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 def _onednn_weight(weight):
     """The weight reordered for oneDNN's linear, or None where that path does not apply."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if not onednn_applies(weight):
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
@@ -22,15 +27,12 @@ def _onednn_weight(weight):
 
 
 class RowLinear:
-    """rows (K, in) -> rows @ weight.T + bias; weight (out, in) and bias (out,) as a Linear holds them, copied (a
-    plan's weights are frozen when it is built)."""
+    """The weights of rows (K, in) -> rows @ weight.T + bias, from weight (out, in) and bias (out,) as a Linear
+    holds them, copied (a plan's weights are frozen when it is built): `matrix` (in, out) for backends that run
+    their own product, and `packed`, oneDNN's layout, where it applies (else None). The backends' `linear` op
+    (dynconv/sparse/ops.py) runs them."""
 
     def __init__(self, weight, bias):
         weight, self.bias = weight.detach(), bias.detach().contiguous()
+        self.matrix = weight.t().contiguous()
         self.packed = _onednn_weight(weight)
-        self.matrix = weight.t().contiguous() if self.packed is None else None
-
-    def __call__(self, rows):
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
-        return torch.addmm(self.bias, rows, self.matrix)

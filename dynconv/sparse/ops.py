@@ -5,7 +5,7 @@ argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, d
 weight, bias) (a depthwise k x k conv at chosen positions), gather_channels(src, idx, positions) (each image's
 chosen channels per group), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows),
 scatter_add_(dst, idx, rows) (the residual add of a block with no activation after it), scatter_add_relu_(dst, idx,
-rows), linear(rows, weight, bias, relu).
+rows), linear(rows, layer, relu) (layer: a RowLinear, dynconv/sparse/linear.py).
 
 Every feature map is position-major: a (rows, channels) float32 matrix, one row per pixel of an NHWC map
 (flattened over batch, height and width), contiguous. Index vectors are int64 row numbers.
@@ -13,7 +13,7 @@ Every feature map is position-major: a (rows, channels) float32 matrix, one row 
 Backends:
 - "torch": pure PyTorch tensor ops, any device. It is the specification the other backend is tested against.
 - "cupy": CUDA C kernels compiled by CuPy at run time (dynconv/sparse/cuda_kernels.py); CUDA tensors only.
-Matrix products go through torch (MKL/oneDNN on CPU, cuBLAS on GPUs) in both.
+Matrix products go through torch (oneDNN with prepacked weights, else BLAS, on CPUs; cuBLAS on GPUs) in both.
 """
 import math
 from dataclasses import dataclass, fields
@@ -117,9 +117,12 @@ def scatter_add_relu_(dst, idx, rows):
     return dst.index_add_(0, idx, rows).relu_()
 
 
-def linear(rows, weight, bias, relu):
-    """rows @ weight + bias (then ReLU): a conv at the gathered positions with BatchNorm folded in."""
-    out = torch.addmm(bias, rows, weight)
+def linear(rows, layer, relu):
+    """rows @ layer.matrix + layer.bias (then ReLU), layer a RowLinear: a conv at the gathered positions with
+    BatchNorm folded in, or a Linear; through oneDNN's prepacked weight where the layer has one."""
+    if layer.packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(rows, layer.packed, layer.bias, "relu" if relu else "none", [], "")
+    out = torch.addmm(layer.bias, rows, layer.matrix)
     return out.relu_() if relu else out
 
 

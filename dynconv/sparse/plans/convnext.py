@@ -63,4 +63,5 @@ class ConvNeXtBlockPlan(BlockPlan):
 
     def _mlp(self, y):
         """LayerNorm, Linear, GELU, Linear (affine, gamma folded) of the depthwise conv's output rows."""
-        return self.fc2(F.gelu(self.fc1(F.layer_norm(y, y.shape[1:], eps=self.eps))))
+        y = self.ops.linear(F.layer_norm(y, y.shape[1:], eps=self.eps), self.fc1, False)
+        return self.ops.linear(F.gelu(y), self.fc2, False)

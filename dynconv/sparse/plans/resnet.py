@@ -239,9 +239,8 @@ class ResNetBlockPlan(BlockPlan):
         y = self.ops.gather_rows(with_zero_row(rows(x)), windows)
         y = y.view(padded, geometry.window, geometry.window, -1).permute(0, 3, 1, 2)
         for i, f in enumerate(folded):
-            y = F.conv2d(y, f.weight, f.bias, f.stride)
+            y = f.conv(y, relu=i < len(folded) - 1, padding=0)
             if i < len(folded) - 1:
-                y = y.relu_()
                 if geometry.valid[i] is not None:  # positions outside the map: zeros, as the padding would be
                     y = y.mul_(geometry.valid[i].index_select(0, tiles))
         residual = y[:count].permute(0, 2, 3, 1).reshape(count * decision.tile ** 2, -1)
@@ -277,25 +276,24 @@ class ResNetBlockPlan(BlockPlan):
         is several times slower per MAC)."""
         folded = self.downsample
         s = folded.stride
-        if x.shape[0] * x.shape[2] * x.shape[3] <= SMALL_MAP_ROWS * s * s:  # small maps: its conv is faster
-            return F.conv2d(x, folded.weight, folded.bias, s)
+        small = x.shape[0] * x.shape[2] * x.shape[3] <= SMALL_MAP_ROWS * s * s
+        if small and folded.linear.packed is None:  # small maps: the conv beats addmm (not oneDNN's product)
+            return folded.conv(x)
         x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
         n, _, h, w = x.shape
-        out = self.ops.linear(rows(x), folded.matrix, folded.bias, False)
+        out = self.ops.linear(rows(x), folded.linear, False)
         return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
     def _dense_residual(self, x, folded):
         """The residual branch over the whole map, with the folded weights (oneDNN / cuDNN convolutions)."""
         for i, f in enumerate(folded):
-            x = F.conv2d(x, f.weight, f.bias, f.stride, f.padding)
-            if i < len(folded) - 1:
-                x = x.relu_()
+            x = f.conv(x, relu=i < len(folded) - 1)
         return x
 
     def _gathered_conv3x3(self, src, idx, n, out_hw, stride, in_hw, folded, relu):
         """A 3x3 conv (padding 1, BN folded) at the output positions `idx`; src: the input's rows + a zero row."""
         taps = tap_table(n, *out_hw, stride, *in_hw, 3, 1, idx.device).index_select(0, idx)
-        return self.ops.linear(self.ops.gather_patches(src, taps), folded.matrix, folded.bias, relu)
+        return self.ops.linear(self.ops.gather_patches(src, taps), folded.linear, relu)
 
     def _buffer(self, map_rows, idx, num_rows):
         """A zero map of `num_rows` rows + the zero row, holding `map_rows` at the positions `idx`."""
@@ -307,7 +305,7 @@ class ResNetBlockPlan(BlockPlan):
         n, _, h, w = x.shape
         conv1, conv2 = folded
         if idx_dilated is None:
-            y1 = F.conv2d(x, conv1.weight, conv1.bias, conv1.stride, conv1.padding).relu_()
+            y1 = conv1.conv(x, relu=True)
             buffer = with_zero_row(rows(y1))
         else:
             y1 = self._gathered_conv3x3(with_zero_row(rows(x)), idx_dilated, n, out_hw, conv1.stride, (h, w),
@@ -320,9 +318,9 @@ class ResNetBlockPlan(BlockPlan):
         n, _, h, w = x.shape
         conv1, conv2, conv3 = folded
         if idx_dilated is None:
-            buffer = with_zero_row(self.ops.linear(rows(x), conv1.matrix, conv1.bias, True))
+            buffer = with_zero_row(self.ops.linear(rows(x), conv1.linear, True))
         else:
-            y1 = self.ops.linear(self.ops.gather_rows(rows(x), idx_dilated), conv1.matrix, conv1.bias, True)
+            y1 = self.ops.linear(self.ops.gather_rows(rows(x), idx_dilated), conv1.linear, True)
             buffer = self._buffer(y1, idx_dilated, n * h * w)
         y2 = self._gathered_conv3x3(buffer, idx, n, out_hw, conv2.stride, (h, w), conv2, relu=True)
-        return self.ops.linear(y2, conv3.matrix, conv3.bias, False)
+        return self.ops.linear(y2, conv3.linear, False)
