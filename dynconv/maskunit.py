@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .decisions import ZERO, SpatialDecision, UnitCost
 from .gates import Gate
+from .sparse.linear import onednn_applies
 
 
 def sample_gumbel_difference(like, eps=1e-8):
@@ -155,7 +156,7 @@ def tap_logits(x, matrix, constant, stride):
     """
     n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
-    taps = (matrix.to(x.dtype) @ rows.t()).view(10, n, h, w)  # tap-major: each tap a contiguous map
+    taps = _tap_product(matrix.to(x.dtype), rows).view(10, n, h, w)  # tap-major: each tap a map
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     # the image averages of row 9 plus the constant, as one op (mean and add are two, each ~15 us at batch 1)
     global_term = torch.addmv(constant.to(x.dtype), taps[9].reshape(n, -1), _averaging_vector(h * w, x.dtype,
@@ -173,6 +174,14 @@ def tap_logits(x, matrix, constant, stride):
                     ox, ix = _tap_slices(w, out_w, dx - 1, stride)
                     out[:, oy, ox] += taps[8 - 3 * dy - dx, :, iy, ix]
     return out[:, None]
+
+
+def _tap_product(matrix, rows):
+    """matrix @ rows.t(), (10, pixels); on CPUs through oneDNN's linear (a transposed view of its (pixels, 10)
+    result), which ran 1.1-2.5x faster than torch.mm's BLAS on ResNet-50's maps on the development CPU."""
+    if onednn_applies(rows) and not rows.requires_grad:
+        return torch.ops.mkldnn._linear_pointwise(rows, matrix, None, "none", [], "").t()
+    return matrix @ rows.t()
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import main_cifar
 from conftest import ROOT
@@ -38,6 +39,26 @@ def make_block(kind, stride, inplanes, planes):
         downsample = nn.Sequential(conv1x1(inplanes, planes * block_type.expansion, stride),
                                    nn.BatchNorm2d(planes * block_type.expansion))
     return block_type(inplanes, planes, stride, downsample, gate_layer=MaskUnit)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "conv2d"])
+def test_folded_conv_is_conv_then_batchnorm(onednn, monkeypatch):
+    """A folded conv over whole maps (oneDNN's prepacked weight, one per input shape, or F.conv2d) equals the conv
+    followed by its BatchNorm in eval mode, at its own padding and at padding 0, for two input shapes."""
+    from dynconv.sparse import layout
+
+    if not onednn:
+        monkeypatch.setattr(layout, "_onednn_conv_weight", lambda *args: None)
+    conv, bn = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=False), randomise_batchnorm(nn.BatchNorm2d(10)).eval()
+    folded = layout.fold_conv_bn(conv, bn)
+    with torch.no_grad():
+        for shape in [(1, 6, 9, 7), (3, 6, 8, 8)]:
+            x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(folded.conv(x), bn(conv(x)), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(folded.conv(x, relu=True, padding=0),
+                                       bn(F.conv2d(x, conv.weight, None, 2, 0)).relu(), rtol=1e-4, atol=1e-5)
+    packed = [w for w in folded.packed.values() if w is not None]
+    assert len(folded.packed) == 4 and len(packed) == (4 if onednn and torch.backends.mkldnn.is_available() else 0)
 
 
 MASKS = [("all_on", "random", 1.0), ("all_off", "random", 0.0), ("random", "random", 0.4),

@@ -2,8 +2,7 @@
 channels) rows, BatchNorm folded into the preceding conv, and tap tables that turn a k x k neighbourhood into a
 row gather."""
 import functools
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,29 +20,35 @@ class FoldedConv:
     bias: torch.Tensor  # (Cout,)
     stride: int
     padding: int
-    packed: Optional[torch.Tensor] = None  # the weight in oneDNN's layout, where it applies
+    packed: dict = field(default_factory=dict)  # (input shape, padding) -> the weight in oneDNN's layout, or None
 
     def conv(self, x, relu=False, padding=None):
         """The conv (and ReLU) over whole maps, with the layer's padding unless `padding` is given. On CPUs with
-        oneDNN through the weight prepacked once: F.conv2d reorders it on every call, which at batch 1 costs as
-        much as the conv on 14x14 and 7x7 maps (ResNet-50's stage-4 3x3 conv: 0.40 against 0.72 ms, its 1x1 ones
-        0.24 against 0.94 ms on the development CPU)."""
+        oneDNN through the weight reordered once per input shape: F.conv2d reorders it on every call, which at
+        batch 1 costs as much as the conv on 14x14 and 7x7 maps (ResNet-50's stage-4 3x3 conv: 0.40 against
+        0.72 ms, its 1x1 ones 0.24 against 0.94 ms on the development CPU). The layout is chosen for the input
+        shape: chosen without it, some 1x1 convs ran 15x slower."""
         pad = self.padding if padding is None else padding
-        if self.packed is not None:
-            return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, [pad, pad],
+        key = (tuple(x.shape), pad)
+        if key not in self.packed:
+            self.packed[key] = _onednn_conv_weight(self.weight, self.stride, pad, x.shape)
+        packed = self.packed[key]
+        if packed is not None:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, [pad, pad],
                                                            [self.stride, self.stride], [1, 1], 1,
                                                            "relu" if relu else "none", [], "")
         out = F.conv2d(x, self.weight, self.bias, self.stride, pad)
         return out.relu_() if relu else out
 
 
-def _onednn_conv_weight(weight, stride, padding):
-    """A conv weight reordered for oneDNN's convolution, or None where that path does not apply."""
+def _onednn_conv_weight(weight, stride, padding, input_shape):
+    """A conv weight reordered for oneDNN's convolution of inputs shaped `input_shape`, or None where that path
+    does not apply."""
     if not onednn_applies(weight):
         return None
     try:
         return torch.ops.mkldnn._reorder_convolution_weight(weight, [padding, padding], [stride, stride], [1, 1], 1,
-                                                            None)
+                                                            list(input_shape))
     except (AttributeError, RuntimeError):  # a build without the op
         return None
 
@@ -55,9 +60,8 @@ def fold_conv_bn(conv, bn):
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     linear = RowLinear(weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), bias)
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    stride, padding = conv.stride[0], conv.padding[0]
-    return FoldedConv(weight, linear, bias.contiguous(), stride, padding, _onednn_conv_weight(weight, stride, padding))
+    return FoldedConv(weight.contiguous(memory_format=torch.channels_last), linear, bias.contiguous(),
+                      conv.stride[0], conv.padding[0])
 
 
 def rows(x):
