@@ -200,11 +200,27 @@ def test_speedtest_prints_a_compact_table_and_keeps_the_full_csv(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and list(rows[0]) == [
         "model", "tiles", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
-        "dense_mmac", "sparse_mmac", "engine_mmac", "ideal_speedup", "speedup", "efficiency"]
+        "dense_mmac", "sparse_mmac", "engine_mmac", "ideal_speedup", "speedup", "efficiency", "compiled_ms",
+        "speedup_compiled", "efficiency_compiled"]
+    assert rows[0]["compiled_ms"] == "" and "compiled" not in done.stdout  # only with --compiled-dense
     # ResNet-8's narrow blocks run densely (min_gather_width): the engine executes the dense network's MACs plus
     # the mask units' 3x3 convs, (9 C + 1) per output position: 1024 * 145 + 256 * 145 + 64 * 289 = 204,096 MACs
     assert rows[0]["tiles"] == "-"
     assert float(rows[0]["engine_mmac"]) == pytest.approx(float(rows[0]["dense_mmac"]) + 0.204096, abs=2e-3)
+
+
+def test_speedtest_times_the_compiled_dense_model_when_asked(tmp_path):
+    """--compiled-dense: the compiled dense model's time, and the engine's speedup and efficiency against it (the
+    same ideal speedup as against the eager dense model), in the table and the CSV."""
+    done = script(SPEEDTEST, *TINY_RUN, "--compiled-dense", "--csv", str(tmp_path / "speed.csv"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compiled ms" in done.stdout.splitlines()[1]
+    with open(tmp_path / "speed.csv") as f:
+        row = next(csv.DictReader(f))
+    compiled, engine, ideal = float(row["compiled_ms"]), float(row["engine_ms"]), float(row["ideal_speedup"])
+    assert compiled > 0
+    assert float(row["speedup_compiled"]) == pytest.approx(compiled / engine, rel=1e-2)
+    assert float(row["efficiency_compiled"]) == pytest.approx(compiled / engine / ideal, rel=1e-2)
 
 
 @pytest.mark.slow

@@ -5,7 +5,10 @@ pixels, the worst case since dilation then covers almost everything), or come fr
 (--checkpoint, with images from --data when given). For each configuration: the median time of each variant
 over --runs runs after --warmup runs, the variants alternated run by run; MMac of the dense and the sparse
 model; ideal speedup = dense MMac / sparse MMac; achieved speedup = dense time / engine time; efficiency =
-achieved / ideal. The dense model has the same weights (the DynConv model without its mask units). OpenMP threads
+achieved / ideal. The dense model has the same weights (the DynConv model without its mask units) and runs in
+eager PyTorch; --compiled-dense also times it compiled (torch.compile with inductor's freezing: BatchNorm folded,
+weights prepacked), PyTorch's fastest dense inference, which the engine's own dense kernels (BatchNorm folded,
+oneDNN weights prepacked) are closer to, and gives the engine's speedup and efficiency against that too. OpenMP threads
 wait actively (OMP_WAIT_POLICY=ACTIVE unless set otherwise), for every variant alike. Prints a compact table;
 --csv keeps every column at full precision, --plot draws achieved against ideal speedup (--plot-from redraws it
 from a CSV without measuring). Models that decide without spatial masks (DGC's channels, PEDConv's weights) are
@@ -39,7 +42,8 @@ from dynconv.utils.run import classifier_keys  # noqa: E402
 from dynconv.utils.timing import median_ms  # noqa: E402
 
 COLUMNS = ["model", "tiles", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
-           "dense_mmac", "sparse_mmac", "engine_mmac", "ideal_speedup", "speedup", "efficiency"]
+           "dense_mmac", "sparse_mmac", "engine_mmac", "ideal_speedup", "speedup", "efficiency", "compiled_ms",
+           "speedup_compiled", "efficiency_compiled"]
 
 EXAMPLES = """examples:
   # synthetic masks: table, CSV and plot of achieved against ideal speedup
@@ -73,16 +77,24 @@ TABLE = [("model", "model", 13, str), ("batch", "batch", 5, str), ("masks", "mas
          ("speedup", "speedup", 7, fixed(2)), ("eff.", "efficiency", 5, fixed(2))]
 
 
-def table_line(cells):
-    return " ".join(f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, TABLE))
+# --compiled-dense adds these (past 120 columns; the CSV has its speedup too)
+COMPILED_TABLE = [("compiled ms", "compiled_ms", 11, fmt_ms), ("eff. c.", "efficiency_compiled", 7, fixed(2))]
 
 
-def table_header():
-    return table_line([header for header, _, _, _ in TABLE])
+def table_line(cells, columns):
+    return " ".join(f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, columns))
 
 
-def table_row(row):
-    return table_line([fmt(row[key]) for _, key, _, fmt in TABLE])
+def table_header(columns=TABLE):
+    return table_line([header for header, _, _, _ in columns], columns)
+
+
+def table_row(row, columns=TABLE):
+    return table_line([fmt(row[key]) for _, key, _, fmt in columns], columns)
+
+
+def table_columns(args):
+    return TABLE + COMPILED_TABLE if args.compiled_dense else TABLE
 
 
 def family_of(name):
@@ -105,15 +117,35 @@ def build_models(name, num_classes, device, trained=None, target=None, tiles=Non
     return [m.eval().to(device, memory_format=torch.channels_last) for m in (dense, sparse)]
 
 
-def measure(dense, sparse, images, runs, warmup, backend, target=None):
-    """One row's timings and MMac; `target`: the budget of a multi-target model."""
+def compile_dense(dense, images):
+    """The dense model under torch.compile with inductor's freezing (BatchNorm folded into the convs, weights
+    prepacked for oneDNN or cuDNN), compiled by a first call on `images`."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(dense)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        try:
+            compiled(images)
+        except Exception as e:  # no C++ compiler, an unsupported op: what torch says, in one line
+            raise UserError(f"--compiled-dense: torch.compile failed on the dense model: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    return compiled
+
+
+def measure(dense, sparse, images, runs, warmup, backend, target=None, compiled=False):
+    """One row's timings and MMac; `target`: the budget of a multi-target model; `compiled`: time the dense model
+    compiled too."""
     try:
         engine = SparseEngine(sparse, backend=backend)
     except ValueError as e:  # e.g. the cupy backend without a GPU: the message says what to pass instead
         raise UserError(str(e))
+    variants = {"dense": lambda: dense(images), "masked": lambda: sparse(images, target=target),
+                "engine": lambda: engine(images, target=target)}
+    if compiled:
+        dense_compiled = compile_dense(dense, images)
+        variants["compiled"] = lambda: dense_compiled(images)
     with torch.no_grad():
-        ms = median_ms({"dense": lambda: dense(images), "masked": lambda: sparse(images, target=target),
-                        "engine": lambda: engine(images, target=target)}, runs, warmup, images.device)
+        ms = median_ms(variants, runs, warmup, images.device)
         dense_mmac, sparse_mmac = count_mmac(dense, images), count_mmac(sparse, images, target=target)
         masks = sparse(images, target=target)[1]
         engine(images, target=target)  # the plans' executed MACs of this batch
@@ -121,7 +153,12 @@ def measure(dense, sparse, images, runs, warmup, backend, target=None):
     ideal = dense_mmac / sparse_mmac
     engine_mmac = sparse_mmac + executed_difference(engine, masks) / 1e6
     speedup = ms["dense"] / ms["engine"]
-    return {"active_fraction": round(active, 4), "dense_ms": round(ms["dense"], 3),
+    versus_compiled = {}
+    if compiled:
+        speedup_compiled = ms["compiled"] / ms["engine"]
+        versus_compiled = {"compiled_ms": round(ms["compiled"], 3), "speedup_compiled": round(speedup_compiled, 3),
+                           "efficiency_compiled": round(speedup_compiled / ideal, 3)}
+    return {**versus_compiled, "active_fraction": round(active, 4), "dense_ms": round(ms["dense"], 3),
             "masked_ms": round(ms["masked"], 3), "engine_ms": round(ms["engine"], 3),
             "dense_mmac": round(dense_mmac, 3), "sparse_mmac": round(sparse_mmac, 3),
             "engine_mmac": round(engine_mmac, 3),
@@ -194,8 +231,9 @@ def model_rows(name, args, device, trained=None):
             tiles = trained[3].get("tiles") if trained else args.tiles
             row = {"model": name, "tiles": " ".join(map(str, tiles or ())) or "-", "batch": len(images),
                    "density": density, "masks": kind,
-                   **measure(dense, sparse, images, args.runs, args.warmup, args.backend, target)}
-            print(table_row(row), flush=True)
+                   **measure(dense, sparse, images, args.runs, args.warmup, args.backend, target,
+                             args.compiled_dense)}
+            print(table_row(row, table_columns(args)), flush=True)
             yield row
 
 
@@ -223,6 +261,9 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, help="input size (default: 32 for CIFAR, 224 for ImageNet models)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first")
+    p.add_argument("--compiled-dense", action="store_true",
+                   help="also time the dense model compiled (torch.compile, inductor with freezing; ~20 s to compile "
+                        "ResNet-50 on 2 CPU cores) and report the engine's speedup and efficiency against it")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="sparse engine backend (auto: CUDA kernels via CuPy on GPUs, torch otherwise)")
     p.add_argument("--device", default="cpu", help="device to measure on (with --plot-from: named in the title)")
@@ -335,8 +376,9 @@ def main(argv=None):
     masked = [name for name in args.models if spatial(name)]
     if masked:
         print(f"# {args.device}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-              "times in ms (medians), speedups against the dense model")
-        print(table_header(), flush=True)
+              "times in ms (medians), speedups against the dense model"
+              + (" (eager; eff. c.: against it compiled)" if args.compiled_dense else ""))
+        print(table_header(table_columns(args)), flush=True)
     device = torch.device(args.device)
     rows = [row for name in masked for row in model_rows(name, args, device, trained)]
     for name in args.models:
