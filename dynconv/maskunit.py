@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .decisions import ZERO, SpatialDecision, UnitCost
 from .gates import Gate
-from .sparse.linear import onednn_applies
+from .sparse.linear import onednn_applies, onednn_pays
 
 
 def sample_gumbel_difference(like, eps=1e-8):
@@ -178,8 +178,9 @@ def tap_logits(x, matrix, constant, stride):
 
 def _tap_product(matrix, rows):
     """matrix @ rows.t(), (10, pixels); on CPUs through oneDNN's linear (a transposed view of its (pixels, 10)
-    result), which ran 1.1-2.5x faster than torch.mm's BLAS on ResNet-50's maps on the development CPU."""
-    if onednn_applies(rows) and not rows.requires_grad:
+    result), which ran 1.1-2.5x faster than torch.mm's BLAS on ResNet-50's maps on the development CPU; small
+    products (CIFAR maps) through torch.mm, whose call costs less."""
+    if onednn_applies(rows) and not rows.requires_grad and onednn_pays(rows, matrix):
         return torch.ops.mkldnn._linear_pointwise(rows, matrix, None, "none", [], "").t()
     return matrix @ rows.t()
 

@@ -255,7 +255,7 @@ def test_linear(emulated, k, relu):
     expected = rows @ layer.matrix + layer.bias
     expected = expected.relu() if relu else expected
     torch.testing.assert_close(emulated.linear(rows, layer, relu), expected)
-    torch.testing.assert_close(ops.linear(rows, layer, relu), expected)  # oneDNN's prepacked weight on this CPU
+    torch.testing.assert_close(ops.linear(rows, layer, relu), expected)
 
 
 def test_input_checks(emulated):

@@ -47,6 +47,10 @@ def test_folded_conv_is_conv_then_batchnorm(onednn, monkeypatch):
     followed by its BatchNorm in eval mode, at its own padding and at padding 0, for two input shapes."""
     from dynconv.sparse import layout
 
+    small = layout.fold_conv_bn(nn.Conv2d(6, 10, 3), nn.BatchNorm2d(10).eval())
+    small.conv(torch.randn(1, 6, 5, 5))
+    assert list(small.packed.values()) == [None]  # below PACKED_CONV_MIN_WEIGHT: F.conv2d
+    monkeypatch.setattr(layout, "PACKED_CONV_MIN_WEIGHT", 0)
     if not onednn:
         monkeypatch.setattr(layout, "_onednn_conv_weight", lambda *args: None)
     conv, bn = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=False), randomise_batchnorm(nn.BatchNorm2d(10)).eval()

@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from .linear import RowLinear, onednn_applies
 
 
+# Conv weights of fewer elements run through F.conv2d: their reorder is cheap, and oneDNN's prepacked conv measured
+# slower on some of them (CIFAR ResNets' blocks at batch 1: 0.85 against 0.66 ms for a trained tiled ResNet-32;
+# ResNet-50's 64 -> 256 1x1 conv on 56x56 maps: 0.65 against 0.28 ms)
+PACKED_CONV_MIN_WEIGHT = 2 ** 16
+
+
 @dataclass
 class FoldedConv:
     """A conv with its BatchNorm folded in: the dense weight (for `conv` over whole maps) and the same as a RowLinear
@@ -27,11 +33,13 @@ class FoldedConv:
         oneDNN through the weight reordered once per input shape: F.conv2d reorders it on every call, which at
         batch 1 costs as much as the conv on 14x14 and 7x7 maps (ResNet-50's stage-4 3x3 conv: 0.40 against
         0.72 ms, its 1x1 ones 0.24 against 0.94 ms on the development CPU). The layout is chosen for the input
-        shape: chosen without it, some 1x1 convs ran 15x slower."""
+        shape: chosen without it, some 1x1 convs ran 15x slower. Small weights (PACKED_CONV_MIN_WEIGHT) keep
+        F.conv2d."""
         pad = self.padding if padding is None else padding
         key = (tuple(x.shape), pad)
         if key not in self.packed:
-            self.packed[key] = _onednn_conv_weight(self.weight, self.stride, pad, x.shape)
+            big = self.weight.numel() >= PACKED_CONV_MIN_WEIGHT
+            self.packed[key] = _onednn_conv_weight(self.weight, self.stride, pad, x.shape) if big else None
         packed = self.packed[key]
         if packed is not None:
             return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, [pad, pad],

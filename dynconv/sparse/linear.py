@@ -11,6 +11,16 @@ than addmm (the 7x7 stage's 15-row products most), ConvNeXt-T's stage-4 MLPs 7 m
 import torch
 
 
+# Products of fewer MACs go through addmm: oneDNN's linear costs ~13 us per call even when tiny, addmm ~4 us
+# (development CPU, 2 threads: 64 x 576 x 64 MACs 22 against 27 us, 20 x 576 x 64 18 against 13 us)
+ONEDNN_MIN_MACS = 2 ** 21
+
+
+def onednn_pays(rows, weight):
+    """Whether oneDNN's linear is worth its call for rows (M, K) times a weight of K x N elements."""
+    return rows.shape[0] * weight.numel() >= ONEDNN_MIN_MACS
+
+
 def onednn_applies(weight):
     """Whether oneDNN's prepacked-weight ops can run this weight: float32 on a CPU, in a torch built with oneDNN."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -30,7 +40,7 @@ class RowLinear:
     """The weights of rows (K, in) -> rows @ weight.T + bias, from weight (out, in) and bias (out,) as a Linear
     holds them, copied (a plan's weights are frozen when it is built): `matrix` (in, out) for backends that run
     their own product, and `packed`, oneDNN's layout, where it applies (else None). The backends' `linear` op
-    (dynconv/sparse/ops.py) runs them."""
+    (dynconv/sparse/ops.py) runs them: through `packed` where the product is big enough to pay oneDNN's call."""
 
     def __init__(self, weight, bias):
         weight, self.bias = weight.detach(), bias.detach().contiguous()
