@@ -98,11 +98,17 @@ def test_the_gap_at_equal_latency_is_read_off_the_dense_chord_per_batch_size(com
         timed({**dense(35.0, 84.0), "budget": 0.25}, b1={"model": 5.0}, b64={"model": 35.0}),
         timed({**dense(15.0, 83.0), "budget": 0.5, "epochs": 10}, b1={"model": 1.5}),  # another schedule
         {**dense(15.0, 83.0), "budget": 0.5, "latency_ms": {}},  # not timed (a results-file row)
+        # batch 1: 1.5 ms, 82% on the chord: +1.5; faster than every dense model at batch 64 (8 ms) and 3.5 points
+        # above the fastest (80%): at least +3.5; the next one is faster too but less accurate (79 < 80): nothing
+        timed({**dense(15.0, 83.5), "budget": 0.25}, b1={"model": 1.5}, b64={"model": 8.0}),
+        timed({**dense(8.0, 79.0), "budget": 0.25}, b1={"model": 0.5}),
     ]
     compare.add_dense_gaps(rows + judged)
     assert [r["vs_dense_latency"] for r in judged] == [{"1": 1.0, "64": -2.0}, {"1": None, "64": -1.5},
-                                                       {"1": None}, {}]
-    assert [r["vs_dense"] for r in judged] == [1.0, -1.5, None, 1.0]  # the MMac gap as before
+                                                       {"1": None}, {}, {"1": 1.5, "64": None}, {"1": None}]
+    assert [r.get("vs_dense_latency_lower_bound") for r in judged] == [None, None, None, None, {"64": 3.5}, None]
+    assert [r["vs_dense"] for r in judged] == [1.0, -1.5, None, 1.0, 1.5, None]  # the MMac gap as before
+    assert [r.get("vs_dense_lower_bound") for r in judged] == [None] * 6  # 8 MMac, 79%: below the first point
     assert all("vs_dense_latency" not in r for r in rows)
     shown = [{**r, "model": "resnet32", "params": 1, "source": "stored"} for r in rows + judged]
     table = compare.markdown_table(shown, [1, 64]).splitlines()
@@ -110,6 +116,9 @@ def test_the_gap_at_equal_latency_is_read_off_the_dense_chord_per_batch_size(com
     row = [c.strip() for c in table[2 + len(rows)].split("|")]
     assert [row[head.index(f"vs dense at equal {x}")] for x in ("MMac", "ms b1", "ms b64")] == ["+1.00", "+1.00",
                                                                                                "-2.00"]
+    row = [c.strip() for c in table[2 + len(rows) + 4].split("|")]
+    assert [row[head.index(f"vs dense at equal {x}")] for x in ("MMac", "ms b1", "ms b64")] == ["+1.50", "+1.50",
+                                                                                               ">= +3.50"]
 
 
 @pytest.mark.slow

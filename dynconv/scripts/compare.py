@@ -197,7 +197,9 @@ def add_dense_gaps(rows):
     its lead at equal MACs (the paper's claim), the tighter the closer the dense models lie.
     Also `vs_dense_latency` ({batch: points or None}) for rows timed here: the same against the dense curve at
     equal latency (each model's fastest path, the chord linear in milliseconds), the speed question the MACs
-    stand in for."""
+    stand in for. Where a model lies left of a curve (fewer MACs or less time than every dense network) and above
+    its first point, `vs_dense_lower_bound` / `vs_dense_latency_lower_bound` ({batch: points}) hold its lead over
+    that dense network: a lower bound of its gap, as a dense network with less would not be more accurate."""
     curves = {}
     for r in rows:
         if dense(r) and not r.get("varied"):
@@ -207,9 +209,17 @@ def add_dense_gaps(rows):
     for r in rows:
         if dense(r):
             continue
-        r["vs_dense"] = chord_gap(r["mmac"], r["prec1"], curves.get(dense_curve_key(r)))
+        curve = curves.get(dense_curve_key(r))
+        r["vs_dense"] = chord_gap(r["mmac"], r["prec1"], curve)
         r["vs_dense_latency"] = {b: chord_gap(fastest_ms(r, b), r["prec1"], curves.get((dense_curve_key(r), b)))
                                  for b in r.get("latency_ms", {})}
+        bound = lead_left_of(r["mmac"], r["prec1"], curve)
+        if bound is not None:
+            r["vs_dense_lower_bound"] = bound
+        bounds = {b: lead_left_of(fastest_ms(r, b), r["prec1"], curves.get((dense_curve_key(r), b)))
+                  for b in r.get("latency_ms", {})}
+        if any(v is not None for v in bounds.values()):
+            r["vs_dense_latency_lower_bound"] = {b: v for b, v in bounds.items() if v is not None}
 
 
 def chord_gap(x, prec1, curve):
@@ -220,6 +230,15 @@ def chord_gap(x, prec1, curve):
     xs, ys = zip(*sorted(curve))
     at_x = float(np.interp(x, xs, ys, left=math.nan, right=math.nan))
     return None if math.isnan(at_x) else round(prec1 - at_x, 2)
+
+
+def lead_left_of(x, prec1, curve):
+    """prec1 minus the curve's first Prec@1 (points, 2 decimals) where x lies left of the curve and prec1 above that
+    point; else None."""
+    if x is None or not curve:
+        return None
+    first_x, first_prec1 = min(curve)
+    return round(prec1 - first_prec1, 2) if x < first_x and prec1 > first_prec1 else None
 
 
 def dense(row):
@@ -248,7 +267,10 @@ def markdown_table(rows, batch_sizes):
                               for p in ("model", "fast")) for b in batch_sizes]
         full = f"{r['ptflops_mmac']:.3f} / {r['full_mmac']:.3f}" if "ptflops_mmac" in r else ""
         gaps = [r.get("vs_dense")] + [r.get("vs_dense_latency", {}).get(str(b)) for b in batch_sizes]
-        gaps = ["" if g is None else f"{g:+.2f}" for g in gaps]
+        bounds = [r.get("vs_dense_lower_bound")] + [r.get("vs_dense_latency_lower_bound", {}).get(str(b))
+                                                    for b in batch_sizes]
+        gaps = [f"{g:+.2f}" if g is not None else f">= {bound:+.2f}" if bound is not None else ""
+                for g, bound in zip(gaps, bounds)]
         cells = [row_family(r), model_name(r), budget, f"{r['resolution']}px", str(r.get("epochs", "")),
                  f"{r['prec1']:.2f}", *gaps, f"{r['mmac']:.3f}", full, f"{r['params']:,}", *latency, r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
