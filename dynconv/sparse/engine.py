@@ -57,8 +57,8 @@ class SparseEngine:
     tile_path: whether tile-constant masks (tiles smaller than the map) run as batches of tiles with their halos
     through the dense convs (True) or through the per-position path (False); None: True on CUDA devices (cuDNN on
     stacked tiles, the way SegBlocks and BlockCopy run blocks), False on CPUs, where the gathered matrix products
-    measured faster on the same tiled masks (ResNet-50, 224 px, tiles 8 4 2 1, density 0.3: 40.9 against 46.6 ms
-    at batch 1, 283 against 301 ms at batch 8; docs/tiles.md). Whole blocks (a tile covering the map) always run
+    measured faster on the same tiled masks (ResNet-50, 224 px, tiles 8 4 2 1, density 0.3: 18.4 against 21.2 ms
+    at batch 1, 92.6 against 116.7 ms at batch 8; docs/tiles.md). Whole blocks (a tile covering the map) always run
     as whole blocks.
     """
 
