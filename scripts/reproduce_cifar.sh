@@ -13,7 +13,10 @@
 # start the script again in the next session to resume them. Finished runs are shipped under exp/cifar30/ (README).
 # The third, `tiles` (issue 29): the long schedule for ResNet-32 at budgets 0.25 and 0.5 with one decision per
 # block and image (--tiles 32 16 8, chosen on 10-epoch pilots), under runs/cifar30/resnet32/tiles{025,05}.
-# Usage: bash scripts/reproduce_cifar.sh [DATA_ROOT] [short|long|tiles]   (defaults data/cifar10-jpeg, short)
+# The fourth, `pilots` (issue 29: choosing the tile sides on a short schedule): ResNet-8 at budget 0.5 on the short
+# schedule with tiles 4 2 1, 8 4 2 and whole blocks (32 16 8), one lane (beside the per-position run of `short`,
+# exp/cifar/resnet8/sparse05), under runs/cifar_pilots/resnet8/tiles{421,842,whole}.
+# Usage: bash scripts/reproduce_cifar.sh [DATA_ROOT] [short|long|tiles|pilots]   (defaults data/cifar10-jpeg, short)
 set -u
 DATA=${1:-data/cifar10-jpeg}
 SCHEDULE=${2:-short}
@@ -23,6 +26,9 @@ if [ "$SCHEDULE" = long ] || [ "$SCHEDULE" = tiles ]; then
 else
     COMMON="--epochs 10 --lr_decay 5 8 --batchsize 128 --lr 0.1 --workers 0 --data $DATA"
     OUT=runs/cifar
+fi
+if [ "$SCHEDULE" = pilots ]; then
+    OUT=runs/cifar_pilots
 fi
 
 run() {  # model budget dir (under $OUT) [extra flags]
@@ -59,4 +65,10 @@ long_b() {
 }
 tiles_a() { run resnet32 0.25 resnet32/tiles025 --tiles 32 16 8; }
 tiles_b() { run resnet32 0.5 resnet32/tiles05 --tiles 32 16 8; }
+pilots_a() {
+    run resnet8 0.5 resnet8/tiles421 --tiles 4 2 1
+    run resnet8 0.5 resnet8/tiles842 --tiles 8 4 2
+    run resnet8 0.5 resnet8/whole --tiles 32 16 8
+}
+pilots_b() { :; }
 ${SCHEDULE}_a & ${SCHEDULE}_b & wait

@@ -12,7 +12,9 @@ from .linear import RowLinear, onednn_applies
 
 # Conv weights of fewer elements run through F.conv2d: their reorder is cheap, and oneDNN's prepacked conv measured
 # slower on some of them (CIFAR ResNets' blocks at batch 1: 0.85 against 0.66 ms for a trained tiled ResNet-32;
-# ResNet-50's 64 -> 256 1x1 conv on 56x56 maps: 0.65 against 0.28 ms)
+# ResNet-50's 64 -> 256 1x1 conv on 56x56 maps: 0.65 against 0.28 ms). Inputs of more than one image run through
+# F.conv2d too: there the reorder is shared by the images, and the prepacked conv measured slower on some layers
+# (ResNet-50's 256 -> 1024 1x1 conv on 14x14 maps at batch 8: 2.7 against 1.8 ms).
 PACKED_CONV_MIN_WEIGHT = 2 ** 16
 
 
@@ -26,21 +28,22 @@ class FoldedConv:
     bias: torch.Tensor  # (Cout,)
     stride: int
     padding: int
-    packed: dict = field(default_factory=dict)  # (input shape, padding) -> the weight in oneDNN's layout, or None
+    packed: dict = field(default_factory=dict)  # (1-image input shape, padding) -> oneDNN's weight, or None
 
     def conv(self, x, relu=False, padding=None):
-        """The conv (and ReLU) over whole maps, with the layer's padding unless `padding` is given. On CPUs with
-        oneDNN through the weight reordered once per input shape: F.conv2d reorders it on every call, which at
-        batch 1 costs as much as the conv on 14x14 and 7x7 maps (ResNet-50's stage-4 3x3 conv: 0.40 against
-        0.72 ms, its 1x1 ones 0.24 against 0.94 ms on the development CPU). The layout is chosen for the input
-        shape: chosen without it, some 1x1 convs ran 15x slower. Small weights (PACKED_CONV_MIN_WEIGHT) keep
-        F.conv2d."""
+        """The conv (and ReLU) over whole maps, with the layer's padding unless `padding` is given. For one image,
+        on CPUs with oneDNN, through the weight reordered once per input shape: F.conv2d reorders it on every
+        call, which at batch 1 costs as much as the conv on 14x14 and 7x7 maps (ResNet-50's stage-4 3x3 conv: 0.40
+        against 0.72 ms, its 1x1 ones 0.24 against 0.94 ms on the development CPU). The layout is chosen for the
+        input shape: chosen without it, or for another batch size, some 1x1 convs ran up to 15x slower. Small
+        weights and batches of several images: F.conv2d (PACKED_CONV_MIN_WEIGHT)."""
         pad = self.padding if padding is None else padding
-        key = (tuple(x.shape), pad)
-        if key not in self.packed:
-            big = self.weight.numel() >= PACKED_CONV_MIN_WEIGHT
-            self.packed[key] = _onednn_conv_weight(self.weight, self.stride, pad, x.shape) if big else None
-        packed = self.packed[key]
+        packed = None
+        if x.shape[0] == 1 and self.weight.numel() >= PACKED_CONV_MIN_WEIGHT:
+            key = (tuple(x.shape), pad)
+            if key not in self.packed:
+                self.packed[key] = _onednn_conv_weight(self.weight, self.stride, pad, x.shape)
+            packed = self.packed[key]
         if packed is not None:
             return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, [pad, pad],
                                                            [self.stride, self.stride], [1, 1], 1,
