@@ -180,7 +180,7 @@ def _tap_product(matrix, rows):
     """matrix @ rows.t(), (10, pixels); on CPUs through oneDNN's linear (a transposed view of its (pixels, 10)
     result), which ran 1.1-2.5x faster than torch.mm's BLAS on ResNet-50's maps on the development CPU; small
     products (CIFAR maps) through torch.mm, whose call costs less."""
-    if onednn_applies(rows) and not rows.requires_grad and onednn_pays(rows, matrix):
+    if onednn_applies(rows) and not rows.requires_grad and onednn_pays(rows.shape[0], matrix):
         return torch.ops.mkldnn._linear_pointwise(rows, matrix, None, "none", [], "").t()
     return matrix @ rows.t()
 

@@ -16,9 +16,9 @@ import torch
 ONEDNN_MIN_MACS = 2 ** 21
 
 
-def onednn_pays(rows, weight):
-    """Whether oneDNN's linear is worth its call for rows (M, K) times a weight of K x N elements."""
-    return rows.shape[0] * weight.numel() >= ONEDNN_MIN_MACS
+def onednn_pays(num_rows, weight):
+    """Whether oneDNN's linear is worth its call for `num_rows` rows times a weight of K x N elements."""
+    return num_rows * weight.numel() >= ONEDNN_MIN_MACS
 
 
 def onednn_applies(weight):
@@ -46,3 +46,7 @@ class RowLinear:
         weight, self.bias = weight.detach(), bias.detach().contiguous()
         self.matrix = weight.t().contiguous()
         self.packed = _onednn_weight(weight)
+
+    def runs_onednn(self, num_rows):
+        """Whether the backends' `linear` runs a product of `num_rows` rows through `packed`."""
+        return self.packed is not None and onednn_pays(num_rows, self.matrix)

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import fused
-from .linear import onednn_pays
 
 BACKENDS = ("auto", "torch", "cupy")
 
@@ -121,8 +120,8 @@ def scatter_add_relu_(dst, idx, rows):
 def linear(rows, layer, relu):
     """rows @ layer.matrix + layer.bias (then ReLU), layer a RowLinear: a conv at the gathered positions with
     BatchNorm folded in, or a Linear; through oneDNN's prepacked weight where the layer has one and the product is
-    big enough for it (linear.onednn_pays)."""
-    if layer.packed is not None and onednn_pays(rows, layer.matrix):
+    big enough for it (RowLinear.runs_onednn)."""
+    if layer.runs_onednn(rows.shape[0]):
         return torch.ops.mkldnn._linear_pointwise(rows, layer.packed, layer.bias, "relu" if relu else "none", [], "")
     out = torch.addmm(layer.bias, rows, layer.matrix)
     return out.relu_() if relu else out

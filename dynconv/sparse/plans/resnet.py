@@ -276,8 +276,9 @@ class ResNetBlockPlan(BlockPlan):
         is several times slower per MAC)."""
         folded = self.downsample
         s = folded.stride
-        small = x.shape[0] * x.shape[2] * x.shape[3] <= SMALL_MAP_ROWS * s * s
-        if small and folded.linear.packed is None:  # small maps: the conv beats addmm (not oneDNN's product)
+        n, _, h, w = x.shape
+        small = n * h * w <= SMALL_MAP_ROWS * s * s
+        if small and not folded.linear.runs_onednn(n * -(-h // s) * -(-w // s)):  # the conv beats addmm there
             return folded.conv(x)
         x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
         n, _, h, w = x.shape
