@@ -10,7 +10,9 @@ import time
 import pytest
 
 from conftest import ROOT
+from dynconv.utils import interrupt
 from dynconv.utils.checkpoint import load_checkpoint
+from dynconv.utils.interrupt import StopNow, StopRequest
 from dynconv.utils.logger import read_jsonl
 from synthetic import make_image_folder
 
@@ -68,6 +70,54 @@ def _resume_to_the_end(data, run_dir, workers):
     assert load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))["epoch"] == EPOCHS
     logged = [r["step"] for r in read_jsonl(os.path.join(run_dir, "log.jsonl")) if r["kind"] == "train"]
     assert logged == list(range(1, EPOCHS + 1))  # every epoch once, none lost, none twice
+
+
+def _request(monkeypatch, torchrun):
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    return StopRequest()
+
+
+@pytest.mark.parametrize("where", ["before its arrival is recorded", "while it prints"])
+def test_torchruns_copy_landing_inside_the_first_handler_is_the_same_request(where, monkeypatch, capsys):
+    """Python runs a handler for a signal that lands while another handler runs inside that one: torchrun's copy
+    landing there is still one request and one line (CI once printed the line twice)."""
+    stop = _request(monkeypatch, torchrun=True)
+    nested = []
+    real_monotonic, real_print = time.monotonic, print
+
+    def copy_lands():
+        if not nested:
+            nested.append(True)
+            stop._handle(signal.SIGTERM, None)
+
+    if where == "before its arrival is recorded":
+        monkeypatch.setattr(interrupt.time, "monotonic", lambda: (copy_lands(), real_monotonic())[1])
+    else:
+        monkeypatch.setattr("builtins.print", lambda *a, **k: (copy_lands(), real_print(*a, **k)))
+    stop._handle(signal.SIGTERM, None)
+    assert nested and stop.signal == signal.SIGTERM and stop.exit_code == 143
+    assert capsys.readouterr().out.count("SIGTERM received") == 1
+
+
+def test_without_torchrun_a_signal_inside_the_first_handler_stops_at_once(monkeypatch, capsys):
+    stop = _request(monkeypatch, torchrun=False)
+    real_print = print
+    monkeypatch.setattr("builtins.print", lambda *a, **k: (stop._handle(signal.SIGINT, None), real_print(*a, **k)))
+    with pytest.raises(StopNow) as stopped:
+        stop._handle(signal.SIGTERM, None)
+    assert stopped.value.code == 130 and stop.signal == signal.SIGTERM
+
+
+def test_torchruns_copy_after_the_repeat_window_stops_at_once(monkeypatch):
+    stop = _request(monkeypatch, torchrun=True)
+    clock = iter([100.0, 100.0 + interrupt.REPEAT_SECONDS + 1])
+    monkeypatch.setattr(interrupt.time, "monotonic", lambda: next(clock))
+    stop._handle(signal.SIGTERM, None)
+    with pytest.raises(StopNow):
+        stop._handle(signal.SIGTERM, None)
 
 
 @pytest.mark.slow

@@ -46,11 +46,15 @@ class StopRequest:
     """Context manager that turns SIGINT / SIGTERM into a request the training loop polls (`requested(ctx)`)."""
 
     def __init__(self):
-        self.signal = None
+        self._arrivals = []  # (signal, time) per signal caught, in the order the handlers took them
         self._previous = {}
-        self._when = None
         self._torchrun = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
         self._speaks = os.environ.get("RANK", "0") == "0"  # one line from a torchrun job, not one per process
+
+    @property
+    def signal(self):
+        """The signal that asked to stop (the first one caught), or None."""
+        return self._arrivals[0][0] if self._arrivals else None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
@@ -63,11 +67,15 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, sig, frame):
-        if self.signal is not None:
-            if self._torchrun and sig == self.signal and time.monotonic() - self._when < REPEAT_SECONDS:
+        # torchrun's copy can land while this handler runs (Python then runs a second handler inside the first):
+        # the one append is atomic, so exactly one handler finds itself first, whichever way the two interleave
+        arrival = (sig, time.monotonic())
+        self._arrivals.append(arrival)
+        first_sig, first_time = self._arrivals[0]
+        if self._arrivals[0] is not arrival:
+            if self._torchrun and sig == first_sig and arrival[1] - first_time < REPEAT_SECONDS:
                 return  # torchrun's forwarded copy of the signal the group already got
             raise StopNow(EXIT_CODES[sig])  # a second signal: stop now
-        self.signal, self._when = sig, time.monotonic()
         if self._speaks:
             print(f"\n{signal.Signals(sig).name} received: saving a resumable checkpoint after this step "
                   "(a second signal stops at once)", flush=True)
