@@ -102,7 +102,7 @@ def test_torchruns_copy_landing_inside_the_first_handler_is_the_same_request(whe
     assert capsys.readouterr().out.count("SIGTERM received") == 1
 
 
-def test_without_torchrun_a_signal_inside_the_first_handler_stops_at_once(monkeypatch, capsys):
+def test_without_torchrun_a_signal_inside_the_first_handler_stops_at_once(monkeypatch):
     stop = _request(monkeypatch, torchrun=False)
     real_print = print
     monkeypatch.setattr("builtins.print", lambda *a, **k: (stop._handle(signal.SIGINT, None), real_print(*a, **k)))
