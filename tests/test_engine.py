@@ -1,8 +1,6 @@
 """The sparse inference engine computes the masked-dense model's function, skipping masked positions."""
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main_cifar
-from conftest import ROOT
+from conftest import run_command
 from dynconv import MaskUnit
 from dynconv.sparse.engine import SparseEngine
 from dynconv.sparse.masks import SyntheticMaskUnit, synthetic_mask
@@ -170,10 +168,9 @@ def test_fast_evaluation_gives_the_same_prec1(tiny_cifar, tmp_path, capsys):
 @pytest.mark.slow
 def test_speed_benchmark_runs_end_to_end(tmp_path):
     out_csv, out_png = tmp_path / "speed.csv", tmp_path / "speed.png"
-    result = subprocess.run([sys.executable, "-m", "dynconv.benchmarks.speedtest", "--models", "resnet8", "resnet50",
-                             "--batch-sizes", "1", "--densities", "0.3", "1.0", "--masks", "clustered", "random",
-                             "--resolution", "40", "--runs", "1", "--warmup", "0", "--csv", str(out_csv),
-                             "--plot", str(out_png)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_command("dynconv.benchmarks.speedtest", "--models", "resnet8", "resnet50", "--batch-sizes", "1",
+                         "--densities", "0.3", "1.0", "--masks", "clustered", "random", "--resolution", "40", "--runs",
+                         "1", "--warmup", "0", "--csv", str(out_csv), "--plot", str(out_png))
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
@@ -195,9 +192,9 @@ def test_speed_benchmark_measures_convnext(tmp_path):
     """speedtest.py on ConvNeXt-T at 64x64: the MMac columns are the issue's numbers (dense 364.750848, every
     position on 366.327900), between them the ideal speedup, and the engine was timed."""
     out_csv = tmp_path / "speed.csv"
-    result = subprocess.run([sys.executable, "-m", "dynconv.benchmarks.speedtest", "--models", "convnext_tiny", "--batch-sizes",
-                             "1", "--densities", "0.3", "1.0", "--resolution", "64", "--runs", "1", "--warmup", "0",
-                             "--csv", str(out_csv)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_command("dynconv.benchmarks.speedtest", "--models", "convnext_tiny", "--batch-sizes", "1",
+                         "--densities", "0.3", "1.0", "--resolution", "64", "--runs", "1", "--warmup", "0", "--csv",
+                         str(out_csv))
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out_csv) as f:
         rows = {float(r["density"]): r for r in csv.DictReader(f)}

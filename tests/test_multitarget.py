@@ -330,18 +330,15 @@ def test_a_budget_the_checkpoint_was_not_trained_for_lists_them(tiny_cifar, tmp_
 
 def test_speedtest_measures_every_budget_of_a_multi_target_checkpoint(tmp_path):
     import csv
-    import subprocess
-    import sys
 
-    from conftest import ROOT
+    from conftest import run_command
 
     torch.manual_seed(0)
     path, out_csv = str(tmp_path / "multi.pth"), str(tmp_path / "speed.csv")
     torch.save({"state_dict": randomised(create_model("resnet8", gate_layer=MaskUnit, targets=BUDGETS)).state_dict(),
                 "args": {"model": "resnet8", "budget": -1, "budget_targets": list(BUDGETS)}}, path)
-    done = subprocess.run([sys.executable, "-m", "dynconv.benchmarks.speedtest", "--models", "resnet8", "--checkpoint", path,
-                           "--batch-sizes", "2", "--runs", "1", "--warmup", "0", "--csv", out_csv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = run_command("dynconv.benchmarks.speedtest", "--models", "resnet8", "--checkpoint", path, "--batch-sizes",
+                       "2", "--runs", "1", "--warmup", "0", "--csv", out_csv)
     assert done.returncode == 0, done.stderr[-2000:]
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))

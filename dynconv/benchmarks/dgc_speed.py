@@ -118,7 +118,7 @@ def main(argv=None):
     if min(args.batch_sizes) < 1 or args.runs < 1 or args.warmup < 0:
         p.error("--batch-sizes and --runs must be positive, --warmup at least 0")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ['OMP_WAIT_POLICY']}; times in ms (medians)")
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; times in ms (medians)")
     print("| model | batch | layers | masked | gathered | static group conv | achieved | ideal | efficiency |")
     print("|---|---|---|---|---|---|---|---|---|")
     all_rows = []

@@ -57,7 +57,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     models = variants(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ['OMP_WAIT_POLICY']}, {args.resolution}x{args.resolution}; times in ms (medians)")
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, {args.resolution}x{args.resolution}; times in ms (medians)")
     print("| batch | model | MMac per image | ms | x static |")
     print("|---|---|---|---|---|")
     for batch in args.batch_sizes:
