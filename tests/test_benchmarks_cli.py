@@ -263,8 +263,8 @@ def test_train_speed_bad_flags_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_train_speed_runs_every_kind_of_model(tmp_path):
-    """DGC (against its static form, gate factor 1), PEDConv (dynamic weights, as it is), a DynConv ResNet (dense and
-    budget 0.5): one row per variant, ratios against the reference's dense row."""
+    """DGC (against its static form, gate factor 1, and its backbone), PEDConv (dynamic weights, as it is), a DynConv
+    ResNet (dense and budget 0.5): one row per variant, ratios against the reference's dense row."""
     csv_path = tmp_path / "speed.csv"
     done = script(TRAIN_SPEED, "--models", "dydensenet86", "pedconv_resnet8", "resnet8", "--reference", "resnet8",
                   "--batchsize", "2", "--steps", "1", "--warmup", "0", "--resolution", "16", "--csv", str(csv_path))
@@ -272,13 +272,14 @@ def test_train_speed_runs_every_kind_of_model(tmp_path):
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["variant"]) for r in rows] == [
-        ("dydensenet86", "dynamic"), ("dydensenet86", "static (gate_factor 1)"), ("pedconv_resnet8", "dynamic"),
+        ("dydensenet86", "dynamic"), ("dydensenet86", "static (gate_factor 1)"), ("dydensenet86", "backbone"),
+        ("pedconv_resnet8", "dynamic"),
         ("resnet8", "dense"), ("resnet8", "DynConv 0.5")]
     ratio = "vs resnet8 dense"
-    assert float(rows[3][ratio]) == 1.0
+    assert float(rows[4][ratio]) == 1.0
     for r in rows:
         assert float(r["img_s"]) > 0
-        assert float(r[ratio]) == pytest.approx(float(r["img_s"]) / float(rows[3]["img_s"]), abs=1e-3)
+        assert float(r[ratio]) == pytest.approx(float(r["img_s"]) / float(rows[4]["img_s"]), abs=1e-3)
 
 
 @pytest.mark.slow

@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynconv import count_parameters
+from dynconv import count_mmac, count_parameters
 from dynconv.sparse.engine import SparseEngine
 from dynconv.models import create_model, model_config
 from dynconv.models.base import CheckpointMismatch
-from dynconv.models.dgc import LASSO_WEIGHT, DGCConv, dgc_checkpoint_filter, inactive_channels, paper_mmac, shuffle_heads
+from dynconv.models.dgc import (LASSO_WEIGHT, DGCConv, backbone, dgc_checkpoint_filter, inactive_channels, paper_mmac,
+                                shuffle_heads)
 from dynconv.utils.checkpoint import load_model_state
 
 
@@ -185,6 +186,24 @@ def test_our_mac_count_of_a_fully_pruned_layer_by_hand():
     assert layer.gate.fc1_weight.shape == (2, 1, 8)
     _, decision = layer(torch.randn(1, 8, 4, 4))
     assert float(decision.macs()) == 256 + 48
+
+
+def test_the_backbone_is_each_dgc_conv_as_a_plain_conv():
+    """backbone(): BN, ReLU and the conv over every channel (no generators, no heads); its MACs are the convs'
+    alone: a 1x1 8 -> 8 on a 4x4 map is 8 x 8 x 16 = 1024 per image, and the whole network counts the static
+    (gate factor 1) network's MACs less its generators'."""
+    layer = randomised(DGCConv(8, 8, 1, heads=2, squeeze_rate=16), inactive=0)
+    plain = backbone(torch.nn.Sequential(layer))[0].eval()
+    x = torch.randn(3, 8, 4, 4)
+    out, decision = plain(x)
+    torch.testing.assert_close(out, F.conv2d(F.relu(layer.norm.eval()(x)), layer.weight))
+    assert float(decision.macs()) == 3 * 1024
+    static = create_model("dydensenet86", gate_factor=1.0).eval()
+    generators = sum(m.gate.generator_macs() for m in static.modules() if isinstance(m, DGCConv))
+    images = torch.randn(2, 3, 32, 32)
+    without = backbone(create_model("dydensenet86", gate_factor=1.0)).eval()
+    assert not any(isinstance(m, DGCConv) for m in without.modules())
+    assert count_mmac(without, images) == pytest.approx(count_mmac(static, images) - generators / 1e6, abs=1e-6)
 
 
 def to_upstream(state, model):

@@ -106,6 +106,9 @@ class ModelConfig:
     # the model options that make the same network decide nothing (e.g. DGC's gate factor 1: every channel kept),
     # for models whose gates are their own; spatial gates have theirs: no gate_layer (the dense network)
     static_options: Optional[dict] = None
+    # backbone(model) -> the same network without its dynamic layers (e.g. DGC's convs as plain BN-ReLU-convs):
+    # the speed its dynamic forms can at best reach (benchmarks/train_speed.py's `backbone` row)
+    backbone: Optional[Callable] = None
     gates: Decides = Decides.SPATIAL
     # (label, fn(model, images) -> MMac per image): a second MAC count, e.g. as the model's paper counts them
     paper_count: Optional[tuple] = None

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynconv.decisions import ChannelDecision, Dynamic, UnitCost
+from dynconv.decisions import ChannelDecision, Dynamic, StaticDecision, UnitCost
 
 from dynconv.gates import Gate
 from dynconv.sparse.plans import register_plan
@@ -133,6 +133,32 @@ class DGCConv(Dynamic, nn.Module):
             out = F.conv2d(head_inputs(x, saliency), self.weight, None, self.stride, self.padding, groups=self.heads)
             out = shuffle_heads(out, self.heads)
         return out, self.decision(kept, raw, x)
+
+
+class BackboneConv(nn.Module):
+    """A DGC conv without DGC: its BN, ReLU and conv over every input channel, no saliency generators and no
+    heads (the conv's output channels in head-major order, not interleaved; the same network up to that
+    permutation, for a fresh one). The static network a DGC implementation cannot beat in speed: train_speed's
+    `backbone` row (ModelConfig.backbone)."""
+
+    def __init__(self, dgc):
+        super().__init__()
+        self.norm, self.relu, self.weight = dgc.norm, dgc.relu, dgc.weight
+        self.stride, self.padding = dgc.stride, dgc.padding
+
+    def forward(self, x, target=None):
+        out = F.conv2d(self.relu(self.norm(x)), self.weight, None, self.stride, self.padding)
+        macs = x.shape[0] * self.weight.numel() * out.shape[-2] * out.shape[-1]
+        return out, StaticDecision(UnitCost(macs, macs))
+
+
+def backbone(model):
+    """`model` (in place) with each DGC conv as its BackboneConv: the DGC network's static backbone."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, DGCConv):
+                setattr(module, name, BackboneConv(child))
+    return model
 
 
 def pointwise_heads(x, saliency, weight, heads, stride=1):
@@ -516,7 +542,7 @@ def _dgc_config(**config):
     recipe = dict(opt="nesterov", lr=0.1, momentum=0.9, sched="cosine", weight_decay=1e-4, warmup_epochs=0)
     recipe.update(config.pop("recipe"))
     return ModelConfig(recipe=recipe, checkpoint_filter=dgc_checkpoint_filter, gates=Decides.OWN,
-                       static_options={"gate_factor": 1.0}, paper_count=("the DGC paper counts them", paper_mmac),
+                       static_options={"gate_factor": 1.0}, backbone=backbone, paper_count=("the DGC paper counts them", paper_mmac),
                        speed_benchmark="dynconv.benchmarks.dgc_speed", method="DGC",
                        plot_style=("DGC", "v", "tab:green"), **config)
 
