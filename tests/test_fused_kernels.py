@@ -58,3 +58,26 @@ def test_other_tensors_take_the_eager_path(monkeypatch):
     assert not fused.usable(x.to(torch.float16).contiguous(memory_format=torch.channels_last))
     monkeypatch.setenv("DYNCONV_FUSED", "0")
     assert not fused.usable(x.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("rows,channels,kept", [(100, 24, 30), (49, 2048, 15), (7, 3, 7), (10, 16, 0)])
+def test_scatter_add_relu_rows_equals_the_eager_ops(rows, channels, kept):
+    """The engine's masked residual add + ReLU on the chosen rows only against its specification (index_add_,
+    then the ReLU over the whole map, valid since the map is a ReLU output outside idx); rows the add makes
+    negative are clipped, the others are left alone."""
+    torch.manual_seed(0)
+    dst = torch.randn(rows, channels).relu_()
+    idx = torch.randperm(rows)[:kept]
+    residual = torch.randn(kept, channels)
+    expected = dst.clone().index_add_(0, idx, residual).relu_()
+    got = dst.clone()
+    assert fused.scatter_add_relu_rows_(got, idx, residual) is not None
+    assert torch.equal(got, expected)
+    untouched = torch.ones(rows, dtype=torch.bool)
+    untouched[idx] = False
+    assert torch.equal(got[untouched], dst[untouched])
+
+
+def test_scatter_add_relu_rows_refuses_an_index_outside_the_map():
+    with pytest.raises(RuntimeError, match="out of range"):
+        fused.scatter_add_relu_rows_(torch.zeros(4, 8), torch.tensor([4]), torch.ones(1, 8))

@@ -1,5 +1,6 @@
 """Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
-engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks).
+engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks) and the masked residual add + ReLU
+on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
 The block output relu(identity + mask * residual) takes two passes over the activations with ATen ops, and its
@@ -75,6 +76,11 @@ def depthwise_rows(src, idx, size, weight, bias):
     """ops.depthwise_rows computed at the positions idx only (the dense spec computes the whole map): about 3x
     less time for ConvNeXt-T's stage-1 blocks at 30% of the positions, batch 1, on the development CPU."""
     return _ops().depthwise_rows(src, idx, size[1], size[2], weight, bias)
+
+
+def scatter_add_relu_rows_(dst, idx, rows):
+    """ops.scatter_add_relu_ on the rows idx only (the eager ops apply the ReLU to the whole map), in place."""
+    return _ops().scatter_add_relu_rows(dst, idx, rows)
 
 
 class FusedMaskedResidualReLU(torch.autograd.Function):

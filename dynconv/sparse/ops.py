@@ -113,7 +113,10 @@ def scatter_add_(dst, idx, rows):
 def scatter_add_relu_(dst, idx, rows):
     """dst[idx[k], :] = max(dst[idx[k], :] + rows[k, :], 0): the masked residual add and its ReLU (idx without
     repeats). Precondition: dst is non-negative outside idx (a ReLU output), so this version can apply the ReLU
-    to the whole map: one pass, cheaper than selecting the rows (a gather, an add and a scatter)."""
+    to the whole map: one pass, cheaper than selecting the rows (a gather, an add and a scatter). On CPUs, float32:
+    the fused C++ kernel (dynconv/fused), which adds and clips the rows idx only, in one pass."""
+    if fused.rows_usable(dst, rows):
+        return fused.scatter_add_relu_rows_(dst, idx.contiguous(), rows)
     return dst.index_add_(0, idx, rows).relu_()
 
 
