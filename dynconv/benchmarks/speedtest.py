@@ -375,7 +375,8 @@ def main(argv=None):
     trained = load_trained(args.models[0], args.checkpoint) if args.checkpoint else None  # errors before the table
     masked = [name for name in args.models if spatial(name)]
     if masked:
-        print(f"# {args.device}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+        print(f"# {args.device}, {torch.get_num_threads()} threads, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
               "times in ms (medians), speedups against the dense model"
               + (" (eager; eff. c.: against it compiled)" if args.compiled_dense else ""))
         print(table_header(table_columns(args)), flush=True)

@@ -1,8 +1,8 @@
 // Fused CPU kernels for DynConv training: the masked residual add + ReLU, forward and backward. Each is one
 // pass over the block's channels-last activations, where the equivalent ATen ops make two (forward) and four
 // (backward). And for the sparse engine on CPUs: a depthwise conv at chosen positions and the masked residual
-// add + ReLU on the chosen rows. See dynconv/fused/__init__.py for the Python side and the eager specification they are tested
-// against.
+// add + ReLU on the chosen rows. See dynconv/fused/__init__.py for the Python side and the eager specification
+// they are tested against.
 //
 // Layout: activations are channels-last, i.e. rows of C values per pixel, pixel index (n * H + y) * W + x.
 // The loops over channels carry `omp simd` so that they vectorise (reductions included) without -ffast-math.

@@ -542,7 +542,8 @@ def _dgc_config(**config):
     recipe = dict(opt="nesterov", lr=0.1, momentum=0.9, sched="cosine", weight_decay=1e-4, warmup_epochs=0)
     recipe.update(config.pop("recipe"))
     return ModelConfig(recipe=recipe, checkpoint_filter=dgc_checkpoint_filter, gates=Decides.OWN,
-                       static_options={"gate_factor": 1.0}, backbone=backbone, paper_count=("the DGC paper counts them", paper_mmac),
+                       static_options={"gate_factor": 1.0}, backbone=backbone,
+                       paper_count=("the DGC paper counts them", paper_mmac),
                        speed_benchmark="dynconv.benchmarks.dgc_speed", method="DGC",
                        plot_style=("DGC", "v", "tab:green"), **config)
 
