@@ -11,7 +11,7 @@ import main_cifar
 from conftest import run_command
 from dynconv import MaskUnit
 from dynconv.sparse.engine import SparseEngine
-from dynconv.sparse.masks import SyntheticMaskUnit, synthetic_mask
+from dynconv.sparse.masks import SyntheticMaskUnit, install_synthetic_masks, synthetic_mask
 from dynconv.models import create_model
 from dynconv.models.resnet import BasicBlock, Bottleneck, conv1x1
 from dynconv.utils.errors import run_cli
@@ -212,3 +212,37 @@ def test_a_gap_between_the_engine_and_the_masked_model_is_counted_in_images(caps
     assert "differs from the engine's by 2 images net" in capsys.readouterr().out
     print_eval(1, {**metrics, "reference_prec1": 50.0})
     assert "warning" not in capsys.readouterr().out
+
+
+def test_per_stage_rows_by_hand():
+    """speedtest --per-stage's rows for ResNet-8 (one block per stage, 32x32) with every position on. Dense MACs
+    by hand: stage 1 two 3x3 16 -> 16 convs on 32x32, 2 * 16 * 16 * 9 * 1024 = 4,718,592; stage 2 a 3x3 16 -> 32
+    and a 3x3 32 -> 32 on 16x16 and the 1x1 16 -> 32 downsample, 1,179,648 + 2,359,296 + 131,072 = 3,670,016.
+    Sparse: the same plus the mask unit's (9 C + 1) per output position, 1024 * 145 and 256 * 145."""
+    from dynconv.benchmarks.speedtest import build_models
+    from dynconv.benchmarks.stages import stage_rows
+
+    dense, sparse = build_models("resnet8", 10, torch.device("cpu"))
+    install_synthetic_masks(sparse, 1.0)
+    images = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    engine = SparseEngine(sparse)
+    plans = {block: stand_in.plan for block, stand_in in engine.stand_ins.items()}
+    rows = stage_rows(dense, sparse, engine, images, runs=2, warmup=1)
+    assert [(r["stage"], r["blocks"]) for r in rows] == [("layer1", 1), ("layer2", 1), ("layer3", 1)]
+    assert (rows[0]["dense_mmac"], rows[0]["sparse_mmac"]) == (4.718592, 4.867072)
+    assert (rows[1]["dense_mmac"], rows[1]["sparse_mmac"]) == (3.670016, 3.707136)
+    assert rows[0]["ideal_speedup"] == round(4718592 / 4867072, 3)
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["engine_ms"] > 0
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal_speedup"], abs=2e-3)
+    assert {block: stand_in.plan for block, stand_in in engine.stand_ins.items()} == plans  # put back
+
+
+def test_speedtest_prints_a_line_per_stage():
+    done = run_command("dynconv.benchmarks.speedtest", "--models", "resnet8", "--batch-sizes", "1", "--densities",
+                       "0.5", "--runs", "1", "--warmup", "0", "--per-stage")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("# per stage"))) + 2:]
+    assert [line.split()[3] for line in table] == ["layer1", "layer2", "layer3"]
+    assert all(len(line) <= 120 for line in lines)

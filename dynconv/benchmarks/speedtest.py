@@ -40,6 +40,7 @@ from dynconv.utils.cli import OneLineErrorParser, device_problem  # noqa: E402
 from dynconv.utils.errors import UserError, run_cli  # noqa: E402
 from dynconv.utils.run import classifier_keys  # noqa: E402
 from dynconv.utils.timing import median_ms  # noqa: E402
+from dynconv.benchmarks.stages import stage_rows  # noqa: E402
 
 COLUMNS = ["model", "tiles", "batch", "density", "masks", "active_fraction", "dense_ms", "masked_ms", "engine_ms",
            "dense_mmac", "sparse_mmac", "engine_mmac", "ideal_speedup", "speedup", "efficiency", "compiled_ms",
@@ -55,6 +56,8 @@ EXAMPLES = """examples:
   python -m dynconv.benchmarks.speedtest --models resnet32 --checkpoint exp/cifar/resnet32/sparse05/checkpoint_best.pth
   # DGC and PEDConv: their own benchmarks' tables (masked / gathered / static group conv; each evaluation path)
   python -m dynconv.benchmarks.speedtest --models dydensenet86 pedconv_resnet18 --batch-sizes 1 32
+  # where the efficiency goes: every block timed alone, a line per stage
+  python -m dynconv.benchmarks.speedtest --models resnet50 --batch-sizes 1 --densities 0.3 --tiles 8 4 2 1 --per-stage
   # redraw the plot of an earlier run's CSV without measuring
   python -m dynconv.benchmarks.speedtest --plot-from docs/engine_speed_cpu.csv --plot docs/engine_speed_cpu.png
 """
@@ -132,9 +135,9 @@ def compile_dense(dense, images):
     return compiled
 
 
-def measure(dense, sparse, images, runs, warmup, backend, target=None, compiled=False):
+def measure(dense, sparse, images, runs, warmup, backend, target=None, compiled=False, per_stage=False):
     """One row's timings and MMac; `target`: the budget of a multi-target model; `compiled`: time the dense model
-    compiled too."""
+    compiled too; `per_stage`: also each stage's (benchmarks/stages.py), under "stages"."""
     try:
         engine = SparseEngine(sparse, backend=backend)
     except ValueError as e:  # e.g. the cupy backend without a GPU: the message says what to pass instead
@@ -158,6 +161,8 @@ def measure(dense, sparse, images, runs, warmup, backend, target=None, compiled=
         speedup_compiled = ms["compiled"] / ms["engine"]
         versus_compiled = {"compiled_ms": round(ms["compiled"], 3), "speedup_compiled": round(speedup_compiled, 3),
                            "efficiency_compiled": round(speedup_compiled / ideal, 3)}
+    if per_stage:
+        versus_compiled["stages"] = stage_rows(dense, sparse, engine, images, runs, warmup, target)
     return {**versus_compiled, "active_fraction": round(active, 4), "dense_ms": round(ms["dense"], 3),
             "masked_ms": round(ms["masked"], 3), "engine_ms": round(ms["engine"], 3),
             "dense_mmac": round(dense_mmac, 3), "sparse_mmac": round(sparse_mmac, 3),
@@ -232,7 +237,7 @@ def model_rows(name, args, device, trained=None):
             row = {"model": name, "tiles": " ".join(map(str, tiles or ())) or "-", "batch": len(images),
                    "density": density, "masks": kind,
                    **measure(dense, sparse, images, args.runs, args.warmup, args.backend, target,
-                             args.compiled_dense)}
+                             args.compiled_dense, args.per_stage)}
             print(table_row(row, table_columns(args)), flush=True)
             yield row
 
@@ -264,6 +269,8 @@ def parse_args(argv=None):
     p.add_argument("--compiled-dense", action="store_true",
                    help="also time the dense model compiled (torch.compile, inductor with freezing; ~20 s to compile "
                         "ResNet-50 on 2 CPU cores) and report the engine's speedup and efficiency against it")
+    p.add_argument("--per-stage", action="store_true",
+                   help="also time every block alone and print each stage's dense ms, engine ms, MMac and efficiency")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="sparse engine backend (auto: CUDA kernels via CuPy on GPUs, torch otherwise)")
     p.add_argument("--device", default="cpu", help="device to measure on (with --plot-from: named in the title)")
@@ -342,9 +349,25 @@ def device_label(name):
     return name.upper() if name == "cpu" else name
 
 
+# --per-stage: a second table, a line per stage of every measured row
+STAGE_TABLE = [("model", "model", 13, str), ("batch", "batch", 5, str), ("density", "density", 12, str),
+               ("stage", "stage", 16, str), ("blocks", "blocks", 6, str), ("dense ms", "dense_ms", 9, fmt_ms),
+               ("engine ms", "engine_ms", 9, fmt_ms), ("dense MMac", "dense_mmac", 10, fixed(1)),
+               ("MMac", "sparse_mmac", 8, fixed(1)), ("ideal", "ideal_speedup", 5, fixed(2)),
+               ("speedup", "speedup", 7, fixed(2)), ("eff.", "efficiency", 5, fixed(2))]
+
+
+def print_stages(rows):
+    print("# per stage: each block timed alone, the dense block against its plan (medians, summed per stage)")
+    print(table_header(STAGE_TABLE))
+    for row in rows:
+        for stage in row["stages"]:
+            print(table_row({**row, **stage}, STAGE_TABLE))
+
+
 def write_csv(rows, path):
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # --per-stage rows are printed
         writer.writeheader()
         writer.writerows(rows)
 
@@ -385,6 +408,8 @@ def main(argv=None):
     for name in args.models:
         if not spatial(name):
             run_own_benchmark(name, args)
+    if args.per_stage and rows:
+        print_stages(rows)
     if args.csv and rows:
         write_csv(rows, args.csv)
     if args.plot and rows:

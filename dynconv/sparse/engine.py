@@ -79,6 +79,7 @@ class SparseEngine:
         if self.settings.tile_path is None:
             self.settings = dataclasses.replace(self.settings, tile_path=device.type == "cuda")
         self.plans = {}
+        self.stand_ins = {}  # block -> the module that calls its plan in `network` (a benchmark may wrap .plan)
         with torch.no_grad():  # the model's own conv + BN pairs outside the blocks (e.g. a ResNet stem), folded
             pairs = model.foldable_conv_bn() if isinstance(model, Dynamic) else ()
             self.replaced = {m: r for conv, bn in pairs for m, r in ((conv, _folded(conv, bn)), (bn, nn.Identity()))}
@@ -92,7 +93,8 @@ class SparseEngine:
         plan_type = plan_type_for(module)
         if not is_root and plan_type is not None and _has_gate(module):
             self.plans[module] = plan_type(module, self.ops, self.settings)
-            return _Planned(self.plans[module])
+            self.stand_ins[module] = _Planned(self.plans[module])
+            return self.stand_ins[module]
         if not is_root and isinstance(module, Gate):
             return module  # a gate outside any planned block: it runs as it is
         children = {name: self._planned_copy(child) for name, child in module.named_children()}
