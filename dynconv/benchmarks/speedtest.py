@@ -156,14 +156,14 @@ def measure(dense, sparse, images, runs, warmup, backend, target=None, compiled=
     ideal = dense_mmac / sparse_mmac
     engine_mmac = sparse_mmac + executed_difference(engine, masks) / 1e6
     speedup = ms["dense"] / ms["engine"]
-    versus_compiled = {}
+    extra = {}
     if compiled:
         speedup_compiled = ms["compiled"] / ms["engine"]
-        versus_compiled = {"compiled_ms": round(ms["compiled"], 3), "speedup_compiled": round(speedup_compiled, 3),
-                           "efficiency_compiled": round(speedup_compiled / ideal, 3)}
+        extra = {"compiled_ms": round(ms["compiled"], 3), "speedup_compiled": round(speedup_compiled, 3),
+                 "efficiency_compiled": round(speedup_compiled / ideal, 3)}
     if per_stage:
-        versus_compiled["stages"] = stage_rows(dense, sparse, engine, images, runs, warmup, target)
-    return {**versus_compiled, "active_fraction": round(active, 4), "dense_ms": round(ms["dense"], 3),
+        extra["stages"] = stage_rows(dense, sparse, engine, images, runs, warmup, target)
+    return {**extra, "active_fraction": round(active, 4), "dense_ms": round(ms["dense"], 3),
             "masked_ms": round(ms["masked"], 3), "engine_ms": round(ms["engine"], 3),
             "dense_mmac": round(dense_mmac, 3), "sparse_mmac": round(sparse_mmac, 3),
             "engine_mmac": round(engine_mmac, 3),

@@ -48,6 +48,7 @@ def _block_macs(dense, names, images):
     """{block name: MACs of the dense block for the batch}, from one forward (the MAC counter's layer rule)."""
     macs = collections.Counter()
     modules = dict(dense.named_modules())
+
     def hook(name):
         return lambda layer, inputs, output: macs.update({name: layer_macs(layer, inputs, output, False)})
 
@@ -63,8 +64,9 @@ def _block_macs(dense, names, images):
 
 
 def stage_rows(dense, sparse, engine, images, runs, warmup, target=None):
-    """[{stage, blocks, dense_ms, engine_ms, dense_mmac, sparse_mmac, ideal_speedup, speedup, efficiency}] per stage of `sparse`'s planned
-    blocks, in network order; `dense` has the same module names (build_models' pair)."""
+    """[{stage, blocks, dense_ms, engine_ms, dense_mmac, sparse_mmac, ideal_speedup, speedup, efficiency}] per
+    stage of `sparse`'s planned blocks, in network order; `dense` has the same module names (build_models' pair).
+    The engine's plans are wrapped for the runs and put back after."""
     sync = images.device.type == "cuda"
     names = {module: name for name, module in sparse.named_modules()}
     dense_modules = dict(dense.named_modules())
@@ -73,14 +75,16 @@ def stage_rows(dense, sparse, engine, images, runs, warmup, target=None):
     try:
         for block, stand_in in engine.stand_ins.items():
             name = names[block]
-            timed[name] = stand_in.plan = _TimedPlan(stand_in.plan, sync)
+            timed[name] = _TimedPlan(stand_in.plan, sync)
+            stand_in.plan = timed[name]
             handles += _time_module(dense_modules[name], dense_seconds[name], sync)
         with torch.no_grad():
             median_ms({"dense": lambda: dense(images), "engine": lambda: engine(images, target=target)}, runs,
                       warmup, images.device)
     finally:
-        for block, stand_in in engine.stand_ins.items():
-            stand_in.plan = timed[names[block]].plan if names[block] in timed else stand_in.plan
+        for stand_in in engine.stand_ins.values():
+            if isinstance(stand_in.plan, _TimedPlan):
+                stand_in.plan = stand_in.plan.plan
         for handle in handles:
             handle.remove()
     dense_macs = _block_macs(dense, list(timed), images)

@@ -2,14 +2,13 @@
 
 Per model, its variants: a network with spatial gates as DynConv at budget 0.5 (sparsity objective on) and dense;
 a network with gates of its own (DGC) as configured, its gates at the end of their training schedule (DGC: fully
-pruned), its static form (the config's static_options: DGC with gate factor 1, every channel kept) and its
-backbone (the config's backbone: DGC's convs as plain BN-ReLU-convs, no generators or heads: the speed its
-dynamic forms can at best reach); a network with dynamic weights (PEDConv) as it is. Each step is timed
-separately and every variant of every model alternates step by step, so that machine noise hits all alike;
-images/s come from the median step time, and each row's ratio is against the reference (--reference: resnet32
-dense by default, where measured; else the first row).
-DynConv's fused CPU kernels (dynconv.fused) are used when they build; DYNCONV_FUSED=0 measures the eager ops
-instead. The first line printed says which ran.
+pruned), its static form (the config's static_options: DGC with gate factor 1, every channel kept) and its backbone
+(the config's backbone: DGC's convs as plain BN-ReLU-convs, no generators or heads: the static network it is built
+on, a reference for its speed); a network with dynamic weights (PEDConv) as it is. Each step is timed separately and
+every variant of every model alternates step by step, so that machine noise hits all alike; images/s come from the
+median step time, and each row's ratio is against the reference (--reference: resnet32 dense by default, where
+measured; else the first row). DynConv's fused CPU kernels (dynconv.fused) are used when they build; DYNCONV_FUSED=0
+measures the eager ops instead. The first line printed says which ran.
 """
 import csv
 import os

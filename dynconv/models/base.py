@@ -107,7 +107,7 @@ class ModelConfig:
     # for models whose gates are their own; spatial gates have theirs: no gate_layer (the dense network)
     static_options: Optional[dict] = None
     # backbone(model) -> the same network without its dynamic layers (e.g. DGC's convs as plain BN-ReLU-convs):
-    # the speed its dynamic forms can at best reach (benchmarks/train_speed.py's `backbone` row)
+    # the static network they are built on, a reference for their speed (benchmarks/train_speed.py's `backbone` row)
     backbone: Optional[Callable] = None
     gates: Decides = Decides.SPATIAL
     # (label, fn(model, images) -> MMac per image): a second MAC count, e.g. as the model's paper counts them

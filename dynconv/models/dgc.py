@@ -138,8 +138,9 @@ class DGCConv(Dynamic, nn.Module):
 class BackboneConv(nn.Module):
     """A DGC conv without DGC: its BN, ReLU and conv over every input channel, no saliency generators and no
     heads (the conv's output channels in head-major order, not interleaved; the same network up to that
-    permutation, for a fresh one). The static network a DGC implementation cannot beat in speed: train_speed's
-    `backbone` row (ModelConfig.backbone)."""
+    permutation, for a fresh one). The static network DGC is built on, as a reference for its speed: train_speed's
+    `backbone` row (ModelConfig.backbone). (A DGC that computed only its kept channels would do fewer 1x1 MACs
+    than this network; docs/dgc.md measures how little that could gain.)"""
 
     def __init__(self, dgc):
         super().__init__()
