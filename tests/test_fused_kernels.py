@@ -3,8 +3,10 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynconv import MaskUnit, fused, set_gate_schedule
+from dynconv.maskunit import MaskLogits
 from dynconv.models import create_model
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernels")
@@ -81,3 +83,63 @@ def test_scatter_add_relu_rows_equals_the_eager_ops(rows, channels, kept):
 def test_scatter_add_relu_rows_refuses_an_index_outside_the_map():
     with pytest.raises(RuntimeError, match="out of range"):
         fused.scatter_add_relu_rows_(torch.zeros(4, 8), torch.tensor([4]), torch.ones(1, 8))
+
+
+def _tile_logits_spec(unit, x, tile):
+    """MaskLogits' per-position logits (a 3x3 conv, plus the fc on the global average), average-pooled."""
+    stride = unit.conv.stride[0]
+    logits = F.conv2d(x, unit.conv.weight, unit.conv.bias, stride, 1) + unit.fc(x.mean((2, 3)))[:, :, None, None]
+    return F.avg_pool2d(logits, tile, tile, ceil_mode=True)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (13, 17), (7, 6), (1, 1)])
+@pytest.mark.parametrize("tile", [1, 2, 3, 8])
+def test_tile_logits_equal_the_pooled_logits(stride, size, tile):
+    """The fused kernel against the conv's logits pooled to the tiles (odd sizes: tiles over the border)."""
+    unit = MaskLogits(5, stride).eval()
+    x = torch.randn(3, 5, *size).relu().contiguous(memory_format=torch.channels_last)
+    calls = []
+    kernel = fused.tile_logits
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "tile_logits", lambda *args: calls.append(1) or kernel(*args))
+        got = unit.tile_logits(x, tile)
+        expected = _tile_logits_spec(unit, x, tile)
+    assert calls == [1]  # the kernel ran
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_logits_by_hand():
+    """A 4 x 4 map of ones, 3x3 weights of ones, 2 x 2 tiles: the top-left tile's positions see 4, 6, 6 and 9
+    pixels of the map (mean 6.25); the fc (weight 2, bias 0.5) on the average 1 and the conv bias 1 add 3.5."""
+    unit = MaskLogits(1, 1).eval()
+    with torch.no_grad():
+        unit.conv.weight.fill_(1.0)
+        unit.conv.bias.fill_(1.0)
+        unit.fc.weight.fill_(2.0)
+        unit.fc.bias.fill_(0.5)
+        got = unit.tile_logits(torch.ones(1, 1, 4, 4).contiguous(memory_format=torch.channels_last), 2)
+    torch.testing.assert_close(got, torch.full((1, 1, 2, 2), 9.75))  # every tile is a corner of the map
+
+
+def test_tile_logits_with_gradients_take_the_spec():
+    """Training needs the gradient: the per-position logits, pooled (the kernel has no backward)."""
+    unit = MaskLogits(4, 1)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    got = unit.tile_logits(x, 3)
+    got.sum().backward()
+    assert x.grad is not None and got.shape == (2, 1, 2, 2)
+    torch.testing.assert_close(got.detach(), _tile_logits_spec(unit, x.detach(), 3))
+
+
+def test_tiled_unit_decides_as_its_pooled_logits():
+    """In evaluation a tiled mask unit decides from the fused tile logits; the same as pooling its per-position
+    logits (training's route), here for 4 x 4 tiles on a 10 x 10 map with a strided unit."""
+    unit = MaskUnit(8, stride=2, tile=4).eval()
+    x = torch.randn(2, 8, 19, 20).relu().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        decision = unit(x)
+        reference = unit.decide(unit.maskconv(x), x.shape[-2:])
+    assert decision.hard.shape == (2, 1, 10, 10)
+    torch.testing.assert_close(decision.hard, reference.hard)
+    assert decision.overhead == reference.overhead

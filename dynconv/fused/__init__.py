@@ -1,6 +1,7 @@
 """Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
 engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks) and the masked residual add + ReLU
-on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks).
+on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks); in evaluation, a mask unit's tile logits
+without its per-position map (`tile_logits`).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
 The block output relu(identity + mask * residual) takes two passes over the activations with ATen ops, and its
@@ -81,6 +82,12 @@ def depthwise_rows(src, idx, size, weight, bias):
 def scatter_add_relu_rows_(dst, idx, rows):
     """ops.scatter_add_relu_ on the rows idx only (the eager ops apply the ReLU to the whole map), in place."""
     return _ops().scatter_add_relu_rows(dst, idx, rows)
+
+
+def tile_logits(x, class_weights, fc, constant, stride, tile, out_size):
+    """MaskLogits.tile_logits in one pass over x (channels-last float32): per tile, one dot product per pixel of
+    its input window with the weights of the taps that reach it (`class_weights`, MaskLogits.tile_weights)."""
+    return _ops().tile_logits(x, class_weights, fc, constant, stride, tile, *out_size)
 
 
 class FusedMaskedResidualReLU(torch.autograd.Function):

@@ -179,6 +179,139 @@ at::Tensor scatter_add_relu_rows(at::Tensor dst, const at::Tensor& idx, const at
   return dst;
 }
 
+
+// Which of a 3x3 conv's tap offsets d (bit d, input coordinate stride * out + d - 1) reach input coordinate
+// `in` from an output coordinate in [begin, end): the taps through which `in` feeds a tile of outputs.
+inline int taps_from(int64_t in, int64_t begin, int64_t end, int64_t stride) {
+  int bits = 0;
+  for (int64_t d = 0; d < 3; ++d) {
+    const int64_t from = in + 1 - d;  // stride * out
+    if (from >= 0 && from % stride == 0 && from / stride >= begin && from / stride < end) bits |= 1 << d;
+  }
+  return bits;
+}
+
+// acc (+)= pixel over c channels: `first` starts the sum (no zeroing pass).
+inline void accumulate(float* __restrict acc, const float* __restrict pixel, int64_t c, bool first) {
+  if (first) {
+    std::copy(pixel, pixel + c, acc);
+  } else {
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) acc[ch] += pixel[ch];
+  }
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t c) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t ch = 0; ch < c; ++ch) acc += a[ch] * b[ch];
+  return acc;
+}
+
+struct TileLogitGeometry {
+  int64_t n, c, h, w, stride, tile, out_h, out_w, grid_h, grid_w;
+};
+
+// Tiles [begin, end) of tile_logits: per tile, the conv's mean over the tile (`mean`) and fc . (the sum of the
+// input pixels that fall to the tile for the global average) (`global`). Compiled for AVX2 and for any x86-64
+// CPU (the loader picks the clone the CPU runs).
+__attribute__((target_clones("avx2", "default")))
+void tile_logit_range(const TileLogitGeometry& g, const float* in, const float* cw, const float* f, float* mean,
+                      float* global, int64_t begin, int64_t end) {
+  const int64_t c = g.c, h = g.h, w = g.w, s = g.stride;
+  // input pixels that are the global average's share of a tile: stride 1, the tile's own (tap row and column 1
+  // reach them); stride 2, also the odd rows and columns after them (tap 2), up to the map's end for the last
+  std::vector<float> sums(64 * c), run(c);  // per class; the current run of same-class pixels in a row
+  std::vector<int> columns;
+  const int own = s == 1 ? 2 : 6;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t image = t / (g.grid_h * g.grid_w), ty = t / g.grid_w % g.grid_h, tx = t % g.grid_w;
+    const int64_t y0 = ty * g.tile, y1 = std::min(y0 + g.tile, g.out_h);
+    const int64_t x0 = tx * g.tile, x1 = std::min(x0 + g.tile, g.out_w);
+    const int64_t iy0 = std::max<int64_t>(0, s * y0 - 1), iy1 = std::min(h, s * (y1 - 1) + 2);
+    const int64_t ix0 = std::max<int64_t>(0, s * x0 - 1), ix1 = std::min(w, s * (x1 - 1) + 2);
+    uint64_t used = 0;
+    auto add = [&](int cls, const float* values) {
+      accumulate(sums.data() + cls * c, values, c, !(used >> cls & 1));
+      used |= uint64_t(1) << cls;
+    };
+    columns.clear();  // the window's column classes, once per tile (taps_from divides)
+    for (int64_t xx = ix0; xx < ix1; ++xx) columns.push_back(taps_from(xx, x0, x1, s));
+    for (int64_t y = iy0; y < iy1; ++y) {
+      const int row_bits = taps_from(y, y0, y1, s);
+      if (row_bits == 0) continue;
+      const float* pixels = in + ((image * h + y) * w + ix0) * c;
+      const int64_t width = ix1 - ix0;
+      int64_t k = 0;
+      while (k < width) {  // runs of columns of one class: summed in `run` (hot), added to their class once
+        const int column_bits = columns[k];
+        int64_t stop = k + 1;
+        while (stop < width && columns[stop] == column_bits) ++stop;
+        if (column_bits != 0) {
+          if (stop - k == 1) {
+            add(8 * row_bits + column_bits, pixels + k * c);
+          } else {
+            accumulate(run.data(), pixels + k * c, c, true);
+            for (int64_t j = k + 1; j < stop; ++j) accumulate(run.data(), pixels + j * c, c, false);
+            add(8 * row_bits + column_bits, run.data());
+          }
+        }
+        k = stop;
+      }
+    }
+    float conv = 0.0f, pooled = 0.0f;
+    for (int cls = 0; cls < 64; ++cls) {
+      if (!(used >> cls & 1)) continue;
+      conv += dot(cw + cls * c, sums.data() + cls * c, c);
+      if ((cls / 8 & own) && (cls % 8 & own)) pooled += dot(f, sums.data() + cls * c, c);
+    }
+    mean[t] = conv / static_cast<float>((y1 - y0) * (x1 - x0));
+    global[t] = pooled;
+  }
+}
+
+// The mask unit's logits (MaskLogits: a 3x3 conv C -> 1 with stride 1 or 2 and padding 1, plus a linear layer on
+// the input's global average) averaged over tile x tile tiles of the output, without the per-position map
+// (MaskLogits.tile_logits; its spec is avg_pool2d(logits, tile, tile, ceil_mode=True)). A tile's mean of the conv
+// is a weighted sum of the input pixels in its window: pixel q is weighed by the sum of the taps through which
+// it feeds the tile's outputs, which depends only on which tap rows and tap columns reach it (3 bits each:
+// `class_weights`, (64, C), row 8 * row_bits + column_bits). So the kernel sums the window's pixels per class
+// (vector adds, no dependence between channels) and takes one dot product per class, where the per-position
+// logits cost ten multiply-adds per pixel and channel. The global average's fc takes the classes of the pixels
+// that fall to each tile (every input pixel once). x: channels-last (N, C, H, W) float32; returns
+// (N, 1, ceil(out_h / tile), ceil(out_w / tile)).
+at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& class_weights, const at::Tensor& fc, double constant,
+                       int64_t stride, int64_t tile, int64_t out_h, int64_t out_w) {
+  check_channels_last(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(class_weights.is_contiguous() && class_weights.scalar_type() == at::kFloat &&
+              class_weights.dim() == 2 && class_weights.size(0) == 64 && class_weights.size(1) == c &&
+              fc.is_contiguous() && fc.scalar_type() == at::kFloat && fc.numel() == c,
+              "class_weights (64, C) and fc (C) must be contiguous float32");
+  TORCH_CHECK((stride == 1 || stride == 2) && tile >= 1 && out_h == (h - 1) / stride + 1 &&
+              out_w == (w - 1) / stride + 1, "stride 1 or 2, and the output size the strided conv's");
+  const TileLogitGeometry g{n, c, h, w, stride, tile, out_h, out_w, (out_h + tile - 1) / tile,
+                            (out_w + tile - 1) / tile};
+  const int64_t grid_h = g.grid_h, grid_w = g.grid_w;
+  auto means = at::empty({n, grid_h, grid_w}, x.options());
+  auto globals = at::empty({n, grid_h, grid_w}, x.options());
+  const float *in = x.data_ptr<float>(), *cw = class_weights.data_ptr<float>(), *f = fc.data_ptr<float>();
+  float *mean = means.data_ptr<float>(), *global = globals.data_ptr<float>();
+  at::parallel_for(0, n * grid_h * grid_w, 1, [&](int64_t begin, int64_t end) {
+    tile_logit_range(g, in, cw, f, mean, global, begin, end);
+  });
+  // each image's global term (fc on the average, plus the constant) added to its tiles
+  const int64_t tiles = grid_h * grid_w;
+  for (int64_t image = 0; image < n; ++image) {
+    double sum = 0.0;
+    for (int64_t t = 0; t < tiles; ++t) sum += global[image * tiles + t];
+    const float term = static_cast<float>(sum / static_cast<double>(h * w) + constant);
+    for (int64_t t = 0; t < tiles; ++t) mean[image * tiles + t] += term;
+  }
+  return means.unsqueeze(1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dynconv_fused, m) {
@@ -186,6 +319,8 @@ TORCH_LIBRARY(dynconv_fused, m) {
   m.def("masked_residual_relu(Tensor identity, Tensor residual, Tensor hard) -> Tensor");
   m.def("masked_residual_relu_backward(Tensor grad, Tensor out, Tensor residual, Tensor hard) -> Tensor[]");
   m.def("scatter_add_relu_rows(Tensor(a!) dst, Tensor idx, Tensor rows) -> Tensor(a!)");
+  m.def("tile_logits(Tensor x, Tensor class_weights, Tensor fc, float constant, int stride, int tile, int out_h, "
+        "int out_w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dynconv_fused, CPU, m) {
@@ -193,4 +328,5 @@ TORCH_LIBRARY_IMPL(dynconv_fused, CPU, m) {
   m.impl("masked_residual_relu", &masked_residual_relu);
   m.impl("masked_residual_relu_backward", &masked_residual_relu_backward);
   m.impl("scatter_add_relu_rows", &scatter_add_relu_rows);
+  m.impl("tile_logits", &tile_logits);
 }

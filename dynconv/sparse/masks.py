@@ -40,15 +40,10 @@ class SyntheticMaskUnit(MaskUnit):
         self._cache = {}
         self.train(unit.training)
 
-    def forward(self, x, target=None):
-        covers = not self.training and self.covers(x.shape[-2:])
-        logits = self.maskconv.mean_logit(x) if covers else self.maskconv(x)  # what the real unit computes
-        return self.decide(logits, x.shape[-2:])
-
     def whole_map_decision(self, logit, input_shape):  # the engine's whole-map gate: the synthetic mask too
         return self.decide(logit, input_shape[-2:])
 
-    def decide(self, logits, input_size):
+    def decide(self, logits, input_size, pooled=False):  # the logits are the real unit's (their cost is real)
         out_h, out_w = self.output_size(input_size)
         key = (logits.shape[0], out_h, out_w, logits.device)
         if key not in self._cache:
