@@ -398,6 +398,13 @@ class MaskUnit(Gate):
         tile = self.tile
         # tile 1 takes the per-position path unchanged (bit for bit what the units did before tiles)
         decided = logits if tile == 1 or pooled else F.avg_pool2d(logits, tile, tile, ceil_mode=True)
+        if not self.training and tile > 1 and fused.rows_usable(decided):  # evaluation on CPUs: the masks in one op
+            size = self.output_size(input_size)
+            dilate_stride = self.dilate_stride if self.dilated_cost is not None else 0
+            hard, dilated = fused.tile_masks(decided, tile, size, dilate_stride,
+                                             tuple(input_size) if self.dilate_stride > 1 else size)
+            return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO,
+                                   self.overhead(hard.shape), tile)
         if self.training:
             hard, soft = GumbelStraightThrough.apply(decided, self.gumbel_noise, self.temperature)
         else:

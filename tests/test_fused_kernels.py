@@ -143,3 +143,28 @@ def test_tiled_unit_decides_as_its_pooled_logits():
     assert decision.hard.shape == (2, 1, 10, 10)
     torch.testing.assert_close(decision.hard, reference.hard)
     assert decision.overhead == reference.overhead
+
+
+@pytest.mark.parametrize("tile", [2, 3, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(16, 16), (13, 9)])
+def test_tile_masks_equal_the_eager_decision(monkeypatch, tile, stride, size):
+    """Threshold, tile expansion and dilation (at the unit's stride, cropped to odd input sizes) in one op, against
+    MaskUnit.decide's ATen ops."""
+    from dynconv.decisions import UnitCost
+
+    unit = MaskUnit(4, stride=stride, dilate_stride=stride, tile=tile, dilated_cost=UnitCost(1, 1)).eval()
+    out = unit.output_size(size)
+    logits = torch.randn(3, 1, -(-out[0] // tile), -(-out[1] // tile))
+    logits[0] = -1.0  # an image with every tile off
+    calls = []
+    kernel = fused.tile_masks
+    monkeypatch.setattr(fused, "tile_masks", lambda *args: calls.append(1) or kernel(*args))
+    got = unit.decide(logits, size, pooled=True)
+    monkeypatch.setenv("DYNCONV_FUSED", "0")
+    expected = unit.decide(logits, size, pooled=True)
+    assert calls == [1]
+    assert got.hard.shape == expected.hard.shape == (3, 1, *out)
+    assert torch.equal(got.hard, expected.hard) and torch.equal(got.dilated, expected.dilated)
+    assert got.dilated.shape[-2:] == (size if stride > 1 else out) and got.overhead == expected.overhead
+    assert got.hard[0].sum() == 0 and got.dilated[0].sum() == 0

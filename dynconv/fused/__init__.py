@@ -1,7 +1,7 @@
 """Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
 engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks) and the masked residual add + ReLU
 on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks); in evaluation, a mask unit's tile logits
-without its per-position map (`tile_logits`).
+without its per-position map (`tile_logits`) and its masks from them (`tile_masks`).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
 The block output relu(identity + mask * residual) takes two passes over the activations with ATen ops, and its
@@ -88,6 +88,14 @@ def tile_logits(x, class_weights, fc, constant, stride, tile, out_size):
     """MaskLogits.tile_logits in one pass over x (channels-last float32): per tile, one dot product per pixel of
     its input window with the weights of the taps that reach it (`class_weights`, MaskLogits.tile_weights)."""
     return _ops().tile_logits(x, class_weights, fc, constant, stride, tile, *out_size)
+
+
+def tile_masks(logits, tile, out_size, dilate_stride=0, dilated_size=(0, 0)):
+    """A tiled mask unit's (hard, dilated) masks in evaluation from its tile logits (N, 1, grid_h, grid_w): the
+    threshold, the tiles expanded to out_size and (dilate_stride > 0) the 3x3 dilation at that stride cropped to
+    dilated_size, in one op each (MaskUnit.decide's ATen ops are the spec); dilated is None when not asked for."""
+    masks = _ops().tile_masks(logits, tile, *out_size, dilate_stride, *dilated_size)
+    return masks[0], masks[1] if len(masks) > 1 else None
 
 
 class FusedMaskedResidualReLU(torch.autograd.Function):

@@ -312,6 +312,44 @@ at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& class_weights, con
   return means.unsqueeze(1);
 }
 
+
+// A tiled mask unit's masks in evaluation from its tile logits (N, 1, grid_h, grid_w): `hard` (N, 1, out_h,
+// out_w), 1 on the tiles whose logit is >= 0, and, when dilate_stride > 0, `dilated` (N, 1, dil_h, dil_w): the
+// positions a 3x3 conv reads for the hard positions, hard position p reading dilate_stride * p + (-1, 0, 1) in
+// each axis (maskunit.dilate_mask: the mask placed at stride dilate_stride, dilated by a 3x3 window, cropped).
+// One pass each, where the ATen ops (threshold, two repeat_interleave, pad or max_pool2d) make five to eight.
+std::vector<at::Tensor> tile_masks(const at::Tensor& logits, int64_t tile, int64_t out_h, int64_t out_w,
+                                   int64_t dilate_stride, int64_t dil_h, int64_t dil_w) {
+  TORCH_CHECK(logits.dim() == 4 && logits.size(1) == 1 && logits.scalar_type() == at::kFloat,
+              "logits must be float32 (N, 1, grid_h, grid_w)");
+  const int64_t n = logits.size(0), grid_h = logits.size(2), grid_w = logits.size(3);
+  TORCH_CHECK(tile >= 1 && grid_h == (out_h + tile - 1) / tile && grid_w == (out_w + tile - 1) / tile,
+              "the logits must be on the tile grid of the output");
+  const auto grid = logits.contiguous();
+  const float* g = grid.data_ptr<float>();
+  auto hard = at::empty({n, 1, out_h, out_w}, logits.options());
+  float* m = hard.data_ptr<float>();
+  for (int64_t image = 0; image < n; ++image)
+    for (int64_t y = 0; y < out_h; ++y) {
+      const float* tiles = g + (image * grid_h + y / tile) * grid_w;
+      float* row = m + (image * out_h + y) * out_w;
+      for (int64_t x = 0; x < out_w; ++x) row[x] = tiles[x / tile] >= 0.0f ? 1.0f : 0.0f;
+    }
+  if (dilate_stride <= 0) return {hard};
+  auto dilated = at::zeros({n, 1, dil_h, dil_w}, logits.options());
+  float* d = dilated.data_ptr<float>();
+  for (int64_t image = 0; image < n; ++image)
+    for (int64_t y = 0; y < out_h; ++y)
+      for (int64_t x = 0; x < out_w; ++x) {
+        if (m[(image * out_h + y) * out_w + x] == 0.0f) continue;
+        const int64_t cy = dilate_stride * y, cx = dilate_stride * x;
+        for (int64_t yy = std::max<int64_t>(0, cy - 1); yy <= std::min(dil_h - 1, cy + 1); ++yy)
+          for (int64_t xx = std::max<int64_t>(0, cx - 1); xx <= std::min(dil_w - 1, cx + 1); ++xx)
+            d[(image * dil_h + yy) * dil_w + xx] = 1.0f;
+      }
+  return {hard, dilated};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dynconv_fused, m) {
@@ -321,6 +359,8 @@ TORCH_LIBRARY(dynconv_fused, m) {
   m.def("scatter_add_relu_rows(Tensor(a!) dst, Tensor idx, Tensor rows) -> Tensor(a!)");
   m.def("tile_logits(Tensor x, Tensor class_weights, Tensor fc, float constant, int stride, int tile, int out_h, "
         "int out_w) -> Tensor");
+  m.def("tile_masks(Tensor logits, int tile, int out_h, int out_w, int dilate_stride, int dil_h, int dil_w) -> "
+        "Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(dynconv_fused, CPU, m) {
@@ -329,4 +369,5 @@ TORCH_LIBRARY_IMPL(dynconv_fused, CPU, m) {
   m.impl("masked_residual_relu_backward", &masked_residual_relu_backward);
   m.impl("scatter_add_relu_rows", &scatter_add_relu_rows);
   m.impl("tile_logits", &tile_logits);
+  m.impl("tile_masks", &tile_masks);
 }

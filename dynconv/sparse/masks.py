@@ -30,7 +30,9 @@ def synthetic_mask(n, h, w, density, kind="clustered", seed=0):
 
 class SyntheticMaskUnit(MaskUnit):
     """A mask unit whose logits are computed as usual (so their cost is real) but which decides a synthetic mask,
-    per tile of the unit's tile side (the density is that of the tile grid)."""
+    per tile of the unit's tile side (the density is that of the tile grid). In evaluation the mask goes through
+    the real unit's decision (threshold, tile expansion, dilation) from logits of +-1 that give it, so that cost
+    is real too; a unit deciding once per map, and training, take the masks as they were made."""
 
     def __init__(self, unit, density, kind, seed):
         super().__init__(unit.maskconv.conv.in_channels, unit.maskconv.conv.stride[0], unit.dilate_stride,
@@ -48,10 +50,13 @@ class SyntheticMaskUnit(MaskUnit):
         key = (logits.shape[0], out_h, out_w, logits.device)
         if key not in self._cache:
             grid = synthetic_mask(logits.shape[0], -(-out_h // self.tile), -(-out_w // self.tile), self.density,
-                                  self.kind, self.seed)
-            hard = expand_tiles(grid, self.tile, (out_h, out_w)).to(logits.device)
-            self._cache[key] = hard, self.dilate(hard, input_size) if self.dilated_cost is not None else None
-        hard, dilated = self._cache[key]
+                                  self.kind, self.seed).to(logits.device)
+            hard = expand_tiles(grid, self.tile, (out_h, out_w))
+            dilated = self.dilate(hard, input_size) if self.dilated_cost is not None else None
+            self._cache[key] = 2 * grid - 1, hard, dilated
+        grid_logits, hard, dilated = self._cache[key]
+        if not self.training and not self.covers(input_size):
+            return super().decide(grid_logits, input_size, pooled=self.tile > 1)
         return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO,
                                self.overhead(hard.shape), self.tile)
 
