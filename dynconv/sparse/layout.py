@@ -38,18 +38,22 @@ class FoldedConv:
         input shape: chosen without it, or for another batch size, some 1x1 convs ran up to 15x slower. Small
         weights and batches of several images: F.conv2d (PACKED_CONV_MIN_WEIGHT)."""
         pad = self.padding if padding is None else padding
-        packed = None
-        if x.shape[0] == 1 and self.weight.numel() >= PACKED_CONV_MIN_WEIGHT:
-            key = (tuple(x.shape), pad)
-            if key not in self.packed:
-                self.packed[key] = _onednn_conv_weight(self.weight, self.stride, pad, x.shape)
-            packed = self.packed[key]
+        packed = self.packed_weight(x, pad)
         if packed is not None:
             return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, [pad, pad],
                                                            [self.stride, self.stride], [1, 1], 1,
                                                            "relu" if relu else "none", [], "")
         out = F.conv2d(x, self.weight, self.bias, self.stride, pad)
         return out.relu_() if relu else out
+
+    def packed_weight(self, x, padding):
+        """oneDNN's weight for `conv` on inputs shaped like x (built once per shape), or None: F.conv2d runs."""
+        if x.shape[0] != 1 or self.weight.numel() < PACKED_CONV_MIN_WEIGHT:
+            return None
+        key = (tuple(x.shape), padding)
+        if key not in self.packed:
+            self.packed[key] = _onednn_conv_weight(self.weight, self.stride, padding, x.shape)
+        return self.packed[key]
 
 
 def _onednn_conv_weight(weight, stride, padding, input_shape):
