@@ -83,9 +83,9 @@ class MaskLogits(nn.Module):
         """forward(x) averaged over tile x tile tiles of its output, (N, 1, ceil(H' / tile), ceil(W' / tile)):
         F.avg_pool2d with ceil_mode (a tile over the right or bottom border averages the positions it has on the
         map), the spec. Without gradients on CPUs (float32, channels-last) one fused pass over x instead, which
-        never forms the per-position map (fused.tile_logits): at batch 1 on a 2-core AVX2 CPU 2.9x faster for
-        ResNet-50's 8 x 8 tiles on 56 x 56 maps (188 against 546 us), 1.9x / 1.5x for 4 x 4 / 2 x 2 tiles on
-        its 28 x 28 / 14 x 14 maps, 3.2x for the strided unit of its stage 2."""
+        never forms the per-position map (fused.tile_logits): at batch 1 on a 2-core AVX2 CPU 3.3-3.7x faster
+        for ResNet-50's 8 x 8 tiles on 56 x 56 maps (188 against 631 us), 3.1-3.5x / 2.1-2.5x for 4 x 4 / 2 x 2
+        tiles on its 28 x 28 / 14 x 14 maps, 3.9-4.0x for the strided unit of its stage 2."""
         stride = self.conv.stride[0]
         if not torch.is_grad_enabled() and x.dtype == torch.float32 and fused.usable(x):
             out_size = tuple((s - 1) // stride + 1 for s in x.shape[-2:])

@@ -117,6 +117,21 @@ inline void depthwise_row_block(const float* in, const float* w, const float* b,
   for (int64_t i = 0; i < B; ++i) row[c0 + i] = acc[i];
 }
 
+// Output rows [begin, end) of depthwise_rows. Compiled for AVX2 and for any x86-64 CPU (the loader picks the
+// clone the CPU runs): 8-wide vectors where the default build has 4.
+__attribute__((target_clones("avx2", "default")))
+void depthwise_rows_range(const float* in, const float* w, const float* b, const int64_t* positions, float* o,
+                          int64_t c, int64_t k, int64_t height, int64_t width, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t p = positions[j], image = p / (height * width), y = p / width % height, x = p % width;
+    int64_t c0 = 0;
+    for (; c0 + 16 <= c; c0 += 16)
+      depthwise_row_block<16>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
+    for (; c0 < c; ++c0)  // the channels left over, one at a time
+      depthwise_row_block<1>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
+  }
+}
+
 // The sparse engine's depthwise k x k conv (stride 1, zero padding k / 2, with bias) of a position-major map
 // src (N * H * W, C) at the positions idx only (ops.depthwise_rows): out[j] = bias + sum over taps of
 // weight[tap] * src[neighbour of idx[j]], weight tap-major (k * k, C). Parallel over the output rows.
@@ -139,14 +154,7 @@ at::Tensor depthwise_rows(const at::Tensor& src, const at::Tensor& idx, int64_t 
   float* o = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / (taps * c));  // ~16k multiply-adds per task
   at::parallel_for(0, idx.size(0), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t p = positions[j], image = p / (height * width), y = p / width % height, x = p % width;
-      int64_t c0 = 0;
-      for (; c0 + 16 <= c; c0 += 16)
-        depthwise_row_block<16>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
-      for (; c0 < c; ++c0)  // the channels left over, one at a time
-        depthwise_row_block<1>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
-    }
+    depthwise_rows_range(in, w, b, positions, o, c, k, height, width, begin, end);
   });
   return out;
 }
@@ -191,21 +199,20 @@ inline int taps_from(int64_t in, int64_t begin, int64_t end, int64_t stride) {
   return bits;
 }
 
-// acc (+)= pixel over c channels: `first` starts the sum (no zeroing pass).
-inline void accumulate(float* __restrict acc, const float* __restrict pixel, int64_t c, bool first) {
-  if (first) {
-    std::copy(pixel, pixel + c, acc);
-  } else {
-#pragma omp simd
-    for (int64_t ch = 0; ch < c; ++ch) acc[ch] += pixel[ch];
-  }
-}
+// Lanes of the dot products' accumulators: several independent vector sums, so the adds do not wait on each other.
+constexpr int64_t kLanes = 32;
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t c) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t ch = 0; ch < c; ++ch) acc += a[ch] * b[ch];
-  return acc;
+// lanes (+)= a * b elementwise over c channels, folded into kLanes sums; the part past a multiple of kLanes is
+// returned (summed one at a time).
+inline float dot_into(float* __restrict lanes, const float* __restrict a, const float* __restrict b, int64_t c) {
+  int64_t ch = 0;
+  for (; ch + kLanes <= c; ch += kLanes) {
+#pragma omp simd
+    for (int64_t i = 0; i < kLanes; ++i) lanes[i] += a[ch + i] * b[ch + i];
+  }
+  float rest = 0.0f;
+  for (; ch < c; ++ch) rest += a[ch] * b[ch];
+  return rest;
 }
 
 struct TileLogitGeometry {
@@ -221,7 +228,6 @@ void tile_logit_range(const TileLogitGeometry& g, const float* in, const float* 
   const int64_t c = g.c, h = g.h, w = g.w, s = g.stride;
   // input pixels that are the global average's share of a tile: stride 1, the tile's own (tap row and column 1
   // reach them); stride 2, also the odd rows and columns after them (tap 2), up to the map's end for the last
-  std::vector<float> sums(64 * c), run(c);  // per class; the current run of same-class pixels in a row
   std::vector<int> columns;
   const int own = s == 1 ? 2 : 6;
   for (int64_t t = begin; t < end; ++t) {
@@ -230,40 +236,24 @@ void tile_logit_range(const TileLogitGeometry& g, const float* in, const float* 
     const int64_t x0 = tx * g.tile, x1 = std::min(x0 + g.tile, g.out_w);
     const int64_t iy0 = std::max<int64_t>(0, s * y0 - 1), iy1 = std::min(h, s * (y1 - 1) + 2);
     const int64_t ix0 = std::max<int64_t>(0, s * x0 - 1), ix1 = std::min(w, s * (x1 - 1) + 2);
-    uint64_t used = 0;
-    auto add = [&](int cls, const float* values) {
-      accumulate(sums.data() + cls * c, values, c, !(used >> cls & 1));
-      used |= uint64_t(1) << cls;
-    };
     columns.clear();  // the window's column classes, once per tile (taps_from divides)
     for (int64_t xx = ix0; xx < ix1; ++xx) columns.push_back(taps_from(xx, x0, x1, s));
+    float conv_lanes[kLanes] = {}, pooled_lanes[kLanes] = {};
+    float conv = 0.0f, pooled = 0.0f;
     for (int64_t y = iy0; y < iy1; ++y) {
       const int row_bits = taps_from(y, y0, y1, s);
       if (row_bits == 0) continue;
       const float* pixels = in + ((image * h + y) * w + ix0) * c;
-      const int64_t width = ix1 - ix0;
-      int64_t k = 0;
-      while (k < width) {  // runs of columns of one class: summed in `run` (hot), added to their class once
-        const int column_bits = columns[k];
-        int64_t stop = k + 1;
-        while (stop < width && columns[stop] == column_bits) ++stop;
-        if (column_bits != 0) {
-          if (stop - k == 1) {
-            add(8 * row_bits + column_bits, pixels + k * c);
-          } else {
-            accumulate(run.data(), pixels + k * c, c, true);
-            for (int64_t j = k + 1; j < stop; ++j) accumulate(run.data(), pixels + j * c, c, false);
-            add(8 * row_bits + column_bits, run.data());
-          }
-        }
-        k = stop;
+      for (int64_t k = 0; k < ix1 - ix0; ++k) {
+        if (columns[k] == 0) continue;
+        const float* pixel = pixels + k * c;
+        conv += dot_into(conv_lanes, cw + (8 * row_bits + columns[k]) * c, pixel, c);
+        if ((row_bits & own) && (columns[k] & own)) pooled += dot_into(pooled_lanes, f, pixel, c);
       }
     }
-    float conv = 0.0f, pooled = 0.0f;
-    for (int cls = 0; cls < 64; ++cls) {
-      if (!(used >> cls & 1)) continue;
-      conv += dot(cw + cls * c, sums.data() + cls * c, c);
-      if ((cls / 8 & own) && (cls % 8 & own)) pooled += dot(f, sums.data() + cls * c, c);
+    for (int64_t i = 0; i < kLanes; ++i) {
+      conv += conv_lanes[i];
+      pooled += pooled_lanes[i];
     }
     mean[t] = conv / static_cast<float>((y1 - y0) * (x1 - x0));
     global[t] = pooled;
@@ -275,10 +265,10 @@ void tile_logit_range(const TileLogitGeometry& g, const float* in, const float* 
 // (MaskLogits.tile_logits; its spec is avg_pool2d(logits, tile, tile, ceil_mode=True)). A tile's mean of the conv
 // is a weighted sum of the input pixels in its window: pixel q is weighed by the sum of the taps through which
 // it feeds the tile's outputs, which depends only on which tap rows and tap columns reach it (3 bits each:
-// `class_weights`, (64, C), row 8 * row_bits + column_bits). So the kernel sums the window's pixels per class
-// (vector adds, no dependence between channels) and takes one dot product per class, where the per-position
-// logits cost ten multiply-adds per pixel and channel. The global average's fc takes the classes of the pixels
-// that fall to each tile (every input pixel once). x: channels-last (N, C, H, W) float32; returns
+// `class_weights`, (64, C), row 8 * row_bits + column_bits). So each window pixel costs one dot product with its
+// class's weights, where the per-position logits cost ten multiply-adds per pixel and channel; the products go
+// into kLanes independent sums (a single running sum made the adds wait on each other: 4x slower). The global
+// average's fc takes the pixels that fall to each tile (every input pixel once), in the same pass. x: channels-last (N, C, H, W) float32; returns
 // (N, 1, ceil(out_h / tile), ceil(out_w / tile)).
 at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& class_weights, const at::Tensor& fc, double constant,
                        int64_t stride, int64_t tile, int64_t out_h, int64_t out_w) {
