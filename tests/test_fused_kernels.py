@@ -168,3 +168,19 @@ def test_tile_masks_equal_the_eager_decision(monkeypatch, tile, stride, size):
     assert torch.equal(got.hard, expected.hard) and torch.equal(got.dilated, expected.dilated)
     assert got.dilated.shape[-2:] == (size if stride > 1 else out) and got.overhead == expected.overhead
     assert got.hard[0].sum() == 0 and got.dilated[0].sum() == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_per_position_unit_takes_the_kernel_at_batch_1_only(monkeypatch, batch):
+    """Tile 1 in evaluation: at batch 1 the logits come from the fused kernel, at other batch sizes from the tap
+    product; the masks are those of the tap product's logits either way."""
+    unit = MaskUnit(6, stride=1, tile=1).eval()
+    x = torch.randn(batch, 6, 9, 11).relu().contiguous(memory_format=torch.channels_last)
+    calls = []
+    kernel = fused.tile_logits
+    monkeypatch.setattr(fused, "tile_logits", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        decision = unit(x)
+        reference = unit.decide(unit.maskconv(x), x.shape[-2:])
+    assert len(calls) == (1 if batch == 1 else 0)
+    torch.testing.assert_close(decision.hard, reference.hard)

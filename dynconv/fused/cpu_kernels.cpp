@@ -191,10 +191,12 @@ at::Tensor scatter_add_relu_rows(at::Tensor dst, const at::Tensor& idx, const at
 // Which of a 3x3 conv's tap offsets d (bit d, input coordinate stride * out + d - 1) reach input coordinate
 // `in` from an output coordinate in [begin, end): the taps through which `in` feeds a tile of outputs.
 inline int taps_from(int64_t in, int64_t begin, int64_t end, int64_t stride) {
-  int bits = 0;
+  int bits = 0;  // stride 1 or 2 (checked), without a division: this runs per window row and column
   for (int64_t d = 0; d < 3; ++d) {
-    const int64_t from = in + 1 - d;  // stride * out
-    if (from >= 0 && from % stride == 0 && from / stride >= begin && from / stride < end) bits |= 1 << d;
+    int64_t from = in + 1 - d;  // stride * out
+    if (from < 0 || (stride == 2 && (from & 1))) continue;
+    if (stride == 2) from >>= 1;
+    if (from >= begin && from < end) bits |= 1 << d;
   }
   return bits;
 }
@@ -202,13 +204,17 @@ inline int taps_from(int64_t in, int64_t begin, int64_t end, int64_t stride) {
 // Lanes of the dot products' accumulators: several independent vector sums, so the adds do not wait on each other.
 constexpr int64_t kLanes = 32;
 
-// lanes (+)= a * b elementwise over c channels, folded into kLanes sums; the part past a multiple of kLanes is
-// returned (summed one at a time).
+// lanes (+)= a * b elementwise over c channels, folded into kLanes sums (then 8, for narrow maps); the part past
+// a multiple of 8 is returned (summed one at a time).
 inline float dot_into(float* __restrict lanes, const float* __restrict a, const float* __restrict b, int64_t c) {
   int64_t ch = 0;
   for (; ch + kLanes <= c; ch += kLanes) {
 #pragma omp simd
     for (int64_t i = 0; i < kLanes; ++i) lanes[i] += a[ch + i] * b[ch + i];
+  }
+  for (; ch + 8 <= c; ch += 8) {
+#pragma omp simd
+    for (int64_t i = 0; i < 8; ++i) lanes[i] += a[ch + i] * b[ch + i];
   }
   float rest = 0.0f;
   for (; ch < c; ++ch) rest += a[ch] * b[ch];
