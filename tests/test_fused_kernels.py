@@ -80,6 +80,18 @@ def test_scatter_add_relu_rows_equals_the_eager_ops(rows, channels, kept):
     assert torch.equal(got[untouched], dst[untouched])
 
 
+@pytest.mark.parametrize("rows,channels,kept", [(100, 24, 30), (49, 768, 15), (10, 16, 0)])
+def test_scatter_add_rows_equals_index_add(rows, channels, kept):
+    """The masked residual add without an activation (ConvNeXt) against index_add_: negative sums stay."""
+    torch.manual_seed(0)
+    dst = torch.randn(rows, channels)
+    idx = torch.randperm(rows)[:kept]
+    residual = torch.randn(kept, channels)
+    got = dst.clone()
+    assert fused.scatter_add_rows_(got, idx, residual) is got
+    assert torch.equal(got, dst.clone().index_add_(0, idx, residual))
+
+
 def test_scatter_add_relu_rows_refuses_an_index_outside_the_map():
     with pytest.raises(RuntimeError, match="out of range"):
         fused.scatter_add_relu_rows_(torch.zeros(4, 8), torch.tensor([4]), torch.ones(1, 8))

@@ -1,6 +1,6 @@
 """Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
-engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks) and the masked residual add + ReLU
-on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks); in evaluation, a mask unit's tile logits
+engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks) and the masked residual add, with
+or without its ReLU, on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks; `scatter_add_rows_`); in evaluation, a mask unit's tile logits
 without its per-position map (`tile_logits`) and its masks from them (`tile_masks`).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
@@ -81,7 +81,12 @@ def depthwise_rows(src, idx, size, weight, bias):
 
 def scatter_add_relu_rows_(dst, idx, rows):
     """ops.scatter_add_relu_ on the rows idx only (the eager ops apply the ReLU to the whole map), in place."""
-    return _ops().scatter_add_relu_rows(dst, idx, rows)
+    return _ops().scatter_add_rows(dst, idx, rows, True)
+
+
+def scatter_add_rows_(dst, idx, rows):
+    """ops.scatter_add_ (dst[idx] += rows) in one pass over the rows idx, in place."""
+    return _ops().scatter_add_rows(dst, idx, rows, False)
 
 
 def tile_logits(x, class_weights, fc, constant, stride, tile, out_size):

@@ -159,11 +159,12 @@ at::Tensor depthwise_rows(const at::Tensor& src, const at::Tensor& idx, int64_t 
   return out;
 }
 
-// The sparse engine's masked residual add and its ReLU (ops.scatter_add_relu_) on the rows idx only, in place:
-// dst[idx[k]] = max(dst[idx[k]] + rows[k], 0). dst (M, C) and rows (K, C) contiguous float32, idx without
-// repeats. The eager ops add at idx, then apply the ReLU to the whole map (valid because dst is a ReLU output
-// outside idx): at 30% of the positions this touches 30% of the map, once.
-at::Tensor scatter_add_relu_rows(at::Tensor dst, const at::Tensor& idx, const at::Tensor& rows) {
+// The sparse engine's masked residual add (ops.scatter_add_), with its ReLU when `relu` (ops.scatter_add_relu_),
+// on the rows idx only, in place: dst[idx[k]] = dst[idx[k]] + rows[k], or max(..., 0). dst (M, C) and rows (K, C)
+// contiguous float32, idx without repeats. With the ReLU the eager ops add at idx, then apply it to the whole map
+// (valid because dst is a ReLU output outside idx): at 30% of the positions this touches 30% of the map, once.
+// Without it, 30-45% less time than index_add_ on ConvNeXt-T's rows at batch 1 (10.7 against 15.7 us, 60 x 384).
+at::Tensor scatter_add_rows(at::Tensor dst, const at::Tensor& idx, const at::Tensor& rows, bool relu) {
   TORCH_CHECK(dst.dim() == 2 && dst.is_contiguous() && dst.scalar_type() == at::kFloat &&
               rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kFloat &&
               rows.size(1) == dst.size(1), "dst (M, C) and rows (K, C) must be contiguous float32 rows");
@@ -180,8 +181,13 @@ at::Tensor scatter_add_relu_rows(at::Tensor dst, const at::Tensor& idx, const at
     for (int64_t k = begin; k < end; ++k) {
       float* row = d + positions[k] * c;
       const float* add = r + k * c;
+      if (relu) {
 #pragma omp simd
-      for (int64_t ch = 0; ch < c; ++ch) row[ch] = std::max(row[ch] + add[ch], 0.0f);
+        for (int64_t ch = 0; ch < c; ++ch) row[ch] = std::max(row[ch] + add[ch], 0.0f);
+      } else {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) row[ch] += add[ch];
+      }
     }
   });
   return dst;
@@ -352,7 +358,7 @@ TORCH_LIBRARY(dynconv_fused, m) {
   m.def("depthwise_rows(Tensor src, Tensor idx, int height, int width, Tensor weight, Tensor bias) -> Tensor");
   m.def("masked_residual_relu(Tensor identity, Tensor residual, Tensor hard) -> Tensor");
   m.def("masked_residual_relu_backward(Tensor grad, Tensor out, Tensor residual, Tensor hard) -> Tensor[]");
-  m.def("scatter_add_relu_rows(Tensor(a!) dst, Tensor idx, Tensor rows) -> Tensor(a!)");
+  m.def("scatter_add_rows(Tensor(a!) dst, Tensor idx, Tensor rows, bool relu) -> Tensor(a!)");
   m.def("tile_logits(Tensor x, Tensor class_weights, Tensor fc, float constant, int stride, int tile, int out_h, "
         "int out_w) -> Tensor");
   m.def("tile_masks(Tensor logits, int tile, int out_h, int out_w, int dilate_stride, int dil_h, int dil_w) -> "
@@ -363,7 +369,7 @@ TORCH_LIBRARY_IMPL(dynconv_fused, CPU, m) {
   m.impl("depthwise_rows", &depthwise_rows);
   m.impl("masked_residual_relu", &masked_residual_relu);
   m.impl("masked_residual_relu_backward", &masked_residual_relu_backward);
-  m.impl("scatter_add_relu_rows", &scatter_add_relu_rows);
+  m.impl("scatter_add_rows", &scatter_add_rows);
   m.impl("tile_logits", &tile_logits);
   m.impl("tile_masks", &tile_masks);
 }

@@ -106,7 +106,9 @@ def scatter_rows_(dst, idx, rows):
 
 def scatter_add_(dst, idx, rows):
     """dst[idx[k], :] += rows[k, :] (idx without repeats): the masked residual add of a block with no activation
-    after it (ConvNeXt)."""
+    after it (ConvNeXt). On CPUs, float32: the fused C++ kernel (dynconv/fused), one pass over the rows idx."""
+    if fused.rows_usable(dst, rows):
+        return fused.scatter_add_rows_(dst, idx.contiguous(), rows)
     return dst.index_add_(0, idx, rows)
 
 
