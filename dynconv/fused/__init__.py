@@ -1,7 +1,8 @@
 """Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
 engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks) and the masked residual add, with
-or without its ReLU, on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks; `scatter_add_rows_`); in evaluation, a mask unit's tile logits
-without its per-position map (`tile_logits`) and its masks from them (`tile_masks`).
+or without its ReLU, on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks; `scatter_add_rows_`,
+ConvNeXt blocks); in evaluation, a mask unit's tile logits without its per-position map (`tile_logits`) and its
+masks from them (`tile_masks`).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
 The block output relu(identity + mask * residual) takes two passes over the activations with ATen ops, and its

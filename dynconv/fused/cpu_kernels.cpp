@@ -280,8 +280,8 @@ void tile_logit_range(const TileLogitGeometry& g, const float* in, const float* 
 // `class_weights`, (64, C), row 8 * row_bits + column_bits). So each window pixel costs one dot product with its
 // class's weights, where the per-position logits cost ten multiply-adds per pixel and channel; the products go
 // into kLanes independent sums (a single running sum made the adds wait on each other: 4x slower). The global
-// average's fc takes the pixels that fall to each tile (every input pixel once), in the same pass. x: channels-last (N, C, H, W) float32; returns
-// (N, 1, ceil(out_h / tile), ceil(out_w / tile)).
+// average's fc takes the pixels that fall to each tile (every input pixel once), in the same pass.
+// x: channels-last (N, C, H, W) float32; returns (N, 1, ceil(out_h / tile), ceil(out_w / tile)).
 at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& class_weights, const at::Tensor& fc, double constant,
                        int64_t stride, int64_t tile, int64_t out_h, int64_t out_w) {
   check_channels_last(x, "x");
