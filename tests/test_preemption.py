@@ -156,3 +156,22 @@ def test_under_torchrun_the_workers_save_once_and_the_run_resumes(data, tmp_path
     assert len(ours) == 1 and ours[0].startswith("interrupted: saved "), err[-3000:]
     assert out.count("SIGTERM received") == 1
     _resume_to_the_end(data, run_dir, 1)
+
+
+def test_a_signal_while_the_processes_connect_is_one_line(data, tmp_path, monkeypatch):
+    """torchrun closes its store when the group gets a signal; a process still connecting (DistributedDataParallel's
+    set-up) then gets a RuntimeError from the store. With a stop requested that is the interruption: one line,
+    the signal's exit code, nothing saved yet (the set-up comes before the first step)."""
+    from conftest import run_command
+    from dynconv.utils import fit
+
+    def connect_and_lose_the_store(model, args, ctx):
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's stop request
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:7360")
+
+    monkeypatch.setattr(fit, "_distributed", connect_and_lose_the_store)
+    run_dir = str(tmp_path / "run")
+    result = run_command("dynconv.apps.cifar", *_command(data, run_dir, 0)[2:])
+    assert result.returncode == 143
+    assert result.stderr.strip().splitlines()[-1] == "interrupted: no checkpoint was saved by this run"
+    assert "=> training epochs" not in result.stdout and not os.path.exists(os.path.join(run_dir, "checkpoint.pth"))

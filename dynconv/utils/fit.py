@@ -166,34 +166,48 @@ def fit(model, data, checkpoint, args, topk, run_dir, ctx, teacher=None):
     trainer = Trainer(model, setup, args, run_dir, ctx)
     if checkpoint is not None:
         trainer.resume(checkpoint, args.resume)
-    if ctx.is_main:
-        print(f"=> training epochs {trainer.epoch + 1}-{args.epochs}" +
-              (f" (resuming epoch {trainer.epoch + 1} after batch {trainer.step})" if trainer.step else ""))
-        if setup.awareness is not None:
-            aware = setup.awareness
-            print(f"=> budget awareness: {aware.metric}" + (
-                " against Prec@1 targets " + ", ".join(f"{b:g}: {t:g}" for b, t in aware.targets.items())
-                if aware.targets else ""))
     with trainer.stop:
         try:
-            metrics = _epochs(trainer, train_loader, val_loader, topk)
+            train_model = _distributed(model, args, ctx)
+        except RuntimeError:  # the group's signal came while the processes connected: torchrun closed the store
+            if trainer.stop.signal is None:
+                raise
+            raise Interrupted(_interrupted_line(trainer), trainer.stop.exit_code) from None
+        if ctx.is_main:  # after the set-up: from here on a signal is answered with a resumable checkpoint
+            print(f"=> training epochs {trainer.epoch + 1}-{args.epochs}" +
+                  (f" (resuming epoch {trainer.epoch + 1} after batch {trainer.step})" if trainer.step else ""))
+            if setup.awareness is not None:
+                aware = setup.awareness
+                print(f"=> budget awareness: {aware.metric}" + (
+                    " against Prec@1 targets " + ", ".join(f"{b:g}: {t:g}" for b, t in aware.targets.items())
+                    if aware.targets else ""))
+        try:
+            metrics = _epochs(trainer, train_model, train_loader, val_loader, topk)
         except KeyboardInterrupt as e:  # a second signal
-            raise Interrupted("interrupted: " + (f"the last checkpoint is {trainer.saved}" if trainer.saved else
-                                                 "no checkpoint was saved by this run"), getattr(e, "code", 130))
+            raise Interrupted(_interrupted_line(trainer), getattr(e, "code", 130))
     if ctx.is_main:
         print(f"=> done: best Prec@1 {trainer.best:.3f}; checkpoints in {run_dir}")
     return {**metrics, "best_prec1": trainer.best,
             **({"best_ema_prec1": trainer.best_ema} if setup.ema is not None else {})}
 
 
-def _epochs(trainer, train_loader, val_loader, topk):
+def _interrupted_line(trainer):
+    return "interrupted: " + (f"the last checkpoint is {trainer.saved}" if trainer.saved else
+                              "no checkpoint was saved by this run")
+
+
+def _distributed(model, args, ctx):
+    """The model to train: under torchrun wrapped in DistributedDataParallel (which connects the processes)."""
+    if not ctx.distributed:
+        return model
+    # multi-target: a step trains one budget, so the other budgets' gates and norms get no gradient
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        find_unused_parameters=bool(run_targets(args)))
+
+
+def _epochs(trainer, train_model, train_loader, val_loader, topk):
     model, setup, args, ctx = trainer.model, trainer.setup, trainer.args, trainer.ctx
-    train_model = model
-    if ctx.distributed:
-        # multi-target: a step trains one budget, so the other budgets' gates and norms get no gradient
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=bool(run_targets(args)))
     logger = RunLogger(args.log_dir or os.path.join(trainer.run_dir, "tb"),
                        os.path.join(trainer.run_dir, "log.jsonl"), ctx.is_main)
     metrics = {}
