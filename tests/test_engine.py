@@ -246,3 +246,23 @@ def test_speedtest_prints_a_line_per_stage():
     table = lines[lines.index(next(line for line in lines if line.startswith("# per stage"))) + 2:]
     assert [line.split()[3] for line in table] == ["layer1", "layer2", "layer3"]
     assert all(len(line) <= 120 for line in lines)
+
+
+def test_convs_outside_the_blocks_run_as_the_plans_dense_convs():
+    """The stem (BatchNorm folded) and ConvNeXt's downsampling convs run through FoldedConv.conv in the engine's
+    copy; the model keeps its own layers, and the engine equals the model."""
+    from dynconv.sparse.engine import _WholeMapConv
+
+    model = create_model("resnet8", gate_layer=MaskUnit).eval()
+    engine = SparseEngine(model)
+    assert isinstance(engine.network.conv1, _WholeMapConv) and isinstance(engine.network.bn1, nn.Identity)
+    assert isinstance(model.conv1, nn.Conv2d) and isinstance(model.bn1, nn.BatchNorm2d)
+    convnext = create_model("convnext_atto", gate_layer=MaskUnit, num_classes=10).eval()
+    with torch.no_grad():
+        for p in convnext.parameters():  # layer scale 1e-6 would hide the blocks
+            p.normal_(0, 0.1)
+    engine = SparseEngine(convnext)
+    assert isinstance(engine.network.stages[1].downsample[1], _WholeMapConv)
+    images = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(images)[0], convnext(images)[0], rtol=1e-4, atol=1e-4)

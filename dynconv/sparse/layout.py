@@ -24,7 +24,7 @@ class FoldedConv:
     on gathered rows (for the backends' `linear`)."""
 
     weight: torch.Tensor  # (Cout, Cin, k, k), channels-last
-    linear: RowLinear  # (k * k * Cin) -> Cout, input columns ordered (dy, dx, channel) like gather_patches
+    linear: RowLinear  # (k * k * Cin) -> Cout, columns ordered (dy, dx, channel) like gather_patches; None: maps only
     bias: torch.Tensor  # (Cout,)
     stride: int
     padding: int
