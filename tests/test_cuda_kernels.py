@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cuda_emulation import EmulatedKernels
 from dynconv.sparse import cuda_kernels, ops
@@ -146,6 +147,12 @@ def test_depthwise_rows(emulated, k, channels, kernel, cpu_kernel, monkeypatch):
     patches = ops.gather_patches(with_zero_row(src), taps).view(k, kernel * kernel, channels)
     torch.testing.assert_close(expected, (patches * weight).sum(1) + bias)
     torch.testing.assert_close(emulated.depthwise_rows(src, idx, size, weight, bias), expected)
+    # with the rows layer-normalised (ConvNeXt's LayerNorm in the same pass on CPUs)
+    normed = F.layer_norm(expected, expected.shape[1:], eps=1e-6)
+    torch.testing.assert_close(ops.depthwise_rows(src, idx, size, weight, bias, 1e-6), normed, rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(emulated.depthwise_rows(src, idx, size, weight, bias, 1e-6), normed, rtol=1e-4,
+                               atol=1e-5)
 
 
 def channel_case(images, groups, kept, positions, channels, g):

@@ -74,10 +74,11 @@ def rows_usable(*tensors):
     return _load()
 
 
-def depthwise_rows(src, idx, size, weight, bias):
+def depthwise_rows(src, idx, size, weight, bias, norm_eps=None):
     """ops.depthwise_rows computed at the positions idx only (the dense spec computes the whole map): about 3x
-    less time for ConvNeXt-T's stage-1 blocks at 30% of the positions, batch 1, on the development CPU."""
-    return _ops().depthwise_rows(src, idx, size[1], size[2], weight, bias)
+    less time for ConvNeXt-T's stage-1 blocks at 30% of the positions, batch 1, on the development CPU; with
+    norm_eps, each row layer-normalised in the same pass."""
+    return _ops().depthwise_rows(src, idx, size[1], size[2], weight, bias, -1.0 if norm_eps is None else norm_eps)
 
 
 def scatter_add_relu_rows_(dst, idx, rows):

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -121,22 +122,35 @@ inline void depthwise_row_block(const float* in, const float* w, const float* b,
 // clone the CPU runs): 8-wide vectors where the default build has 4.
 __attribute__((target_clones("avx2", "default")))
 void depthwise_rows_range(const float* in, const float* w, const float* b, const int64_t* positions, float* o,
-                          int64_t c, int64_t k, int64_t height, int64_t width, int64_t begin, int64_t end) {
+                          int64_t c, int64_t k, int64_t height, int64_t width, double eps, int64_t begin,
+                          int64_t end) {
   for (int64_t j = begin; j < end; ++j) {
     const int64_t p = positions[j], image = p / (height * width), y = p / width % height, x = p % width;
+    float* row = o + j * c;
     int64_t c0 = 0;
-    for (; c0 + 16 <= c; c0 += 16)
-      depthwise_row_block<16>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
+    for (; c0 + 16 <= c; c0 += 16) depthwise_row_block<16>(in, w, b, row, c0, c, k, image, y, x, height, width);
     for (; c0 < c; ++c0)  // the channels left over, one at a time
-      depthwise_row_block<1>(in, w, b, o + j * c, c0, c, k, image, y, x, height, width);
+      depthwise_row_block<1>(in, w, b, row, c0, c, k, image, y, x, height, width);
+    if (eps < 0) continue;
+    // LayerNorm of the row (no affine), as F.layer_norm: the biased variance, eps inside the square root
+    float sum = 0.0f, squares = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t ch = 0; ch < c; ++ch) sum += row[ch];
+    const float mean = sum / static_cast<float>(c);
+#pragma omp simd reduction(+ : squares)
+    for (int64_t ch = 0; ch < c; ++ch) squares += (row[ch] - mean) * (row[ch] - mean);
+    const float rstd = 1.0f / std::sqrt(squares / static_cast<float>(c) + static_cast<float>(eps));
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) row[ch] = (row[ch] - mean) * rstd;
   }
 }
 
 // The sparse engine's depthwise k x k conv (stride 1, zero padding k / 2, with bias) of a position-major map
 // src (N * H * W, C) at the positions idx only (ops.depthwise_rows): out[j] = bias + sum over taps of
-// weight[tap] * src[neighbour of idx[j]], weight tap-major (k * k, C). Parallel over the output rows.
+// weight[tap] * src[neighbour of idx[j]], weight tap-major (k * k, C); eps >= 0: each row then layer-normalised
+// (no affine; ConvNeXt's LayerNorm, whose affine the plan folds into the next layer). Parallel over the rows.
 at::Tensor depthwise_rows(const at::Tensor& src, const at::Tensor& idx, int64_t height, int64_t width,
-                          const at::Tensor& weight, const at::Tensor& bias) {
+                          const at::Tensor& weight, const at::Tensor& bias, double eps) {
   TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && src.scalar_type() == at::kFloat,
               "src must be contiguous float32 rows");
   TORCH_CHECK(idx.dim() == 1 && idx.is_contiguous() && idx.scalar_type() == at::kLong, "idx must be int64");
@@ -154,7 +168,7 @@ at::Tensor depthwise_rows(const at::Tensor& src, const at::Tensor& idx, int64_t 
   float* o = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / (taps * c));  // ~16k multiply-adds per task
   at::parallel_for(0, idx.size(0), grain, [&](int64_t begin, int64_t end) {
-    depthwise_rows_range(in, w, b, positions, o, c, k, height, width, begin, end);
+    depthwise_rows_range(in, w, b, positions, o, c, k, height, width, eps, begin, end);
   });
   return out;
 }
@@ -355,7 +369,8 @@ std::vector<at::Tensor> tile_masks(const at::Tensor& logits, int64_t tile, int64
 }  // namespace
 
 TORCH_LIBRARY(dynconv_fused, m) {
-  m.def("depthwise_rows(Tensor src, Tensor idx, int height, int width, Tensor weight, Tensor bias) -> Tensor");
+  m.def("depthwise_rows(Tensor src, Tensor idx, int height, int width, Tensor weight, Tensor bias, float eps) -> "
+        "Tensor");
   m.def("masked_residual_relu(Tensor identity, Tensor residual, Tensor hard) -> Tensor");
   m.def("masked_residual_relu_backward(Tensor grad, Tensor out, Tensor residual, Tensor hard) -> Tensor[]");
   m.def("scatter_add_rows(Tensor(a!) dst, Tensor idx, Tensor rows, bool relu) -> Tensor(a!)");

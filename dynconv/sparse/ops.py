@@ -2,7 +2,7 @@
 
 Ops (the same names and signatures in every backend's table; a trailing underscore: in place, returns its first
 argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, depthwise_rows(src, idx, size,
-weight, bias) (a depthwise k x k conv at chosen positions), gather_channels(src, idx, positions) (each image's
+weight, bias, norm_eps=None) (a depthwise k x k conv at chosen positions, its rows optionally layer-normalised), gather_channels(src, idx, positions) (each image's
 chosen channels per group), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows),
 scatter_add_(dst, idx, rows) (the residual add of a block with no activation after it), scatter_add_relu_(dst, idx,
 rows), linear(rows, layer, relu) (layer: a RowLinear, dynconv/sparse/linear.py).
@@ -66,22 +66,24 @@ def gather_patches(src, taps):
     return src.index_select(0, taps.reshape(-1)).reshape(taps.shape[0], taps.shape[1] * src.shape[1])
 
 
-def depthwise_rows(src, idx, size, weight, bias):
+def depthwise_rows(src, idx, size, weight, bias, norm_eps=None):
     """A depthwise k x k conv (stride 1, padding k // 2, with bias) of the map `src` (N*H*W, C) of size (N, H, W),
     at the output positions idx only: out[j, c] = bias[c] + sum over taps t = (dy, dx) of weight[t, c] *
     src[neighbour t of idx[j], c] (zero outside the map); weight (k*k, C), taps (dy, dx) row-major. -> (len(idx), C).
+    norm_eps: each row then layer-normalised without affine (F.layer_norm with that eps).
 
     On CPUs, float32: the fused C++ kernel (dynconv/fused), which computes only those rows. Otherwise the whole map
     through oneDNN / cuDNN's depthwise conv, keeping the rows: about 10x faster on the development CPU than
     gathering the 49-tap neighbourhoods of 30% of the positions, and the depthwise conv is a few per cent of a
     ConvNeXt block's MACs. The CUDA kernel computes only the rows."""
     if fused.rows_usable(src, weight, bias):
-        return fused.depthwise_rows(src, idx, size, weight, bias)
+        return fused.depthwise_rows(src, idx, size, weight, bias, norm_eps)
     n, h, w = size
     channels, kernel = src.shape[1], math.isqrt(weight.shape[0])
     dense = F.conv2d(src.view(n, h, w, channels).permute(0, 3, 1, 2),
                      weight.t().reshape(channels, 1, kernel, kernel), bias, padding=kernel // 2, groups=channels)
-    return dense.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, idx)
+    out = dense.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, idx)
+    return out if norm_eps is None else F.layer_norm(out, out.shape[1:], eps=norm_eps)
 
 
 def gather_channels(src, idx, positions):

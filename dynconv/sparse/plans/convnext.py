@@ -1,7 +1,7 @@
 """The engine plan of ConvNeXt blocks (dynconv/models/convnext.py), read by their layer names.
 
 Per block, position-major: the gate runs as usual; the depthwise conv at the active positions (the backend's
-depthwise_rows: a CUDA kernel, or on CPUs a C++ kernel, computes just those rows), then LayerNorm on those rows,
+depthwise_rows: a CUDA kernel, or on CPUs a C++ kernel, computes just those rows), with LayerNorm on those rows,
 both Linears as matrix products with weights prepared once (linear.py; LayerNorm's affine folded into the first,
 layer scale gamma into the second), GELU, and an add into x at the mask positions (no activation after the add).
 Above `dense_above` active positions the branch runs on every row and is masked, as the model does. With one
@@ -45,8 +45,8 @@ class ConvNeXtBlockPlan(BlockPlan):
             out.addcmul_(self._mlp(rows(self.conv(x))), active[:, None])
         elif idx.numel() > 0:
             n, c, h, w = x.shape
-            depthwise = self.ops.depthwise_rows(out, idx, (n, h, w), self.taps, self.conv_bias)
-            self.ops.scatter_add_(out, idx, self._mlp(depthwise))
+            normed = self.ops.depthwise_rows(out, idx, (n, h, w), self.taps, self.conv_bias, self.eps)
+            self.ops.scatter_add_(out, idx, self._mlp(normed, normalized=True))
         return x, decision
 
     def _whole_blocks(self, x, decision):
@@ -61,7 +61,10 @@ class ConvNeXtBlockPlan(BlockPlan):
             x.index_add_(0, active, branch.view(-1, h, w, c).permute(0, 3, 1, 2))
         return x
 
-    def _mlp(self, y):
-        """LayerNorm, Linear, GELU, Linear (affine, gamma folded) of the depthwise conv's output rows."""
-        y = self.ops.linear(F.layer_norm(y, y.shape[1:], eps=self.eps), self.fc1, False)
+    def _mlp(self, y, normalized=False):
+        """LayerNorm (unless `normalized`: the rows come normalised), Linear, GELU, Linear (affine, gamma folded) of
+        the depthwise conv's output rows."""
+        if not normalized:
+            y = F.layer_norm(y, y.shape[1:], eps=self.eps)
+        y = self.ops.linear(y, self.fc1, False)
         return self.ops.linear(F.gelu(y), self.fc2, False)
