@@ -2,8 +2,9 @@
 
 Ops (the same names and signatures in every backend's table; a trailing underscore: in place, returns its first
 argument): gather_rows(src, idx), gather_patches(src, taps) for any tap count, depthwise_rows(src, idx, size,
-weight, bias, norm_eps=None) (a depthwise k x k conv at chosen positions, its rows optionally layer-normalised), gather_channels(src, idx, positions) (each image's
-chosen channels per group), bias_relu_(rows, bias), scatter_rows_(dst, idx, rows),
+weight, bias, norm_eps=None) (a depthwise k x k conv at chosen positions, its rows optionally layer-normalised),
+gather_channels(src, idx, positions) (each image's chosen channels per group), bias_relu_(rows, bias),
+scatter_rows_(dst, idx, rows),
 scatter_add_(dst, idx, rows) (the residual add of a block with no activation after it), scatter_add_relu_(dst, idx,
 rows), linear(rows, layer, relu) (layer: a RowLinear, dynconv/sparse/linear.py).
 
