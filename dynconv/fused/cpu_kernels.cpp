@@ -1,8 +1,8 @@
 // Fused CPU kernels for DynConv training: the masked residual add + ReLU, forward and backward. Each is one
 // pass over the block's channels-last activations, where the equivalent ATen ops make two (forward) and four
-// (backward). And for the sparse engine on CPUs: a depthwise conv at chosen positions and the masked residual
-// add + ReLU on the chosen rows. See dynconv/fused/__init__.py for the Python side and the eager specification
-// they are tested against.
+// (backward). And for the sparse engine on CPUs: a depthwise conv at chosen positions, the masked residual add
+// (+ ReLU) on the chosen rows, and a tiled mask unit's logits and masks. See dynconv/fused/__init__.py for the
+// Python side and the eager specification they are tested against.
 //
 // Layout: activations are channels-last, i.e. rows of C values per pixel, pixel index (n * H + y) * W + x.
 // The loops over channels carry `omp simd` so that they vectorise (reductions included) without -ffast-math.
@@ -207,7 +207,6 @@ at::Tensor scatter_add_rows(at::Tensor dst, const at::Tensor& idx, const at::Ten
   return dst;
 }
 
-
 // Which of a 3x3 conv's tap offsets d (bit d, input coordinate stride * out + d - 1) reach input coordinate
 // `in` from an output coordinate in [begin, end): the taps through which `in` feeds a tile of outputs.
 inline int taps_from(int64_t in, int64_t begin, int64_t end, int64_t stride) {
@@ -242,7 +241,7 @@ inline float dot_into(float* __restrict lanes, const float* __restrict a, const 
 }
 
 struct TileLogitGeometry {
-  int64_t n, c, h, w, stride, tile, out_h, out_w, grid_h, grid_w;
+  int64_t c, h, w, stride, tile, out_h, out_w, grid_h, grid_w;
 };
 
 // Tiles [begin, end) of tile_logits: per tile, the conv's mean over the tile (`mean`) and fc . (the sum of the
@@ -254,15 +253,15 @@ void tile_logit_range(const TileLogitGeometry& g, const float* in, const float* 
   const int64_t c = g.c, h = g.h, w = g.w, s = g.stride;
   // input pixels that are the global average's share of a tile: stride 1, the tile's own (tap row and column 1
   // reach them); stride 2, also the odd rows and columns after them (tap 2), up to the map's end for the last
-  std::vector<int> columns;
   const int own = s == 1 ? 2 : 6;
+  std::vector<int> columns;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t image = t / (g.grid_h * g.grid_w), ty = t / g.grid_w % g.grid_h, tx = t % g.grid_w;
     const int64_t y0 = ty * g.tile, y1 = std::min(y0 + g.tile, g.out_h);
     const int64_t x0 = tx * g.tile, x1 = std::min(x0 + g.tile, g.out_w);
     const int64_t iy0 = std::max<int64_t>(0, s * y0 - 1), iy1 = std::min(h, s * (y1 - 1) + 2);
     const int64_t ix0 = std::max<int64_t>(0, s * x0 - 1), ix1 = std::min(w, s * (x1 - 1) + 2);
-    columns.clear();  // the window's column classes, once per tile (taps_from divides)
+    columns.clear();  // the window's column classes, once per tile (not per pixel)
     for (int64_t xx = ix0; xx < ix1; ++xx) columns.push_back(taps_from(xx, x0, x1, s));
     float conv_lanes[kLanes] = {}, pooled_lanes[kLanes] = {};
     float conv = 0.0f, pooled = 0.0f;
@@ -307,7 +306,7 @@ at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& class_weights, con
               "class_weights (64, C) and fc (C) must be contiguous float32");
   TORCH_CHECK((stride == 1 || stride == 2) && tile >= 1 && out_h == (h - 1) / stride + 1 &&
               out_w == (w - 1) / stride + 1, "stride 1 or 2, and the output size the strided conv's");
-  const TileLogitGeometry g{n, c, h, w, stride, tile, out_h, out_w, (out_h + tile - 1) / tile,
+  const TileLogitGeometry g{c, h, w, stride, tile, out_h, out_w, (out_h + tile - 1) / tile,
                             (out_w + tile - 1) / tile};
   const int64_t grid_h = g.grid_h, grid_w = g.grid_w;
   auto means = at::empty({n, grid_h, grid_w}, x.options());
@@ -327,7 +326,6 @@ at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& class_weights, con
   }
   return means.unsqueeze(1);
 }
-
 
 // A tiled mask unit's masks in evaluation from its tile logits (N, 1, grid_h, grid_w): `hard` (N, 1, out_h,
 // out_w), 1 on the tiles whose logit is >= 0, and, when dilate_stride > 0, `dilated` (N, 1, dil_h, dil_w): the

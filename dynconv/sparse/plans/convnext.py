@@ -42,11 +42,11 @@ class ConvNeXtBlockPlan(BlockPlan):
         self.executed_macs = (active.numel() if idx.numel() > self.settings.dense_above * active.numel()
                               else idx.numel()) * decision.cost.macs
         if idx.numel() > self.settings.dense_above * active.numel():
-            out.addcmul_(self._mlp(rows(self.conv(x))), active[:, None])
+            out.addcmul_(self._mlp(self._norm(rows(self.conv(x)))), active[:, None])
         elif idx.numel() > 0:
             n, c, h, w = x.shape
             normed = self.ops.depthwise_rows(out, idx, (n, h, w), self.taps, self.conv_bias, self.eps)
-            self.ops.scatter_add_(out, idx, self._mlp(normed, normalized=True))
+            self.ops.scatter_add_(out, idx, self._mlp(normed))
         return x, decision
 
     def _whole_blocks(self, x, decision):
@@ -55,16 +55,17 @@ class ConvNeXtBlockPlan(BlockPlan):
         n, c, h, w = x.shape
         self.executed_macs = active.numel() * h * w * decision.cost.macs
         if active.numel() == n:
-            rows(x).add_(self._mlp(rows(self.conv(x))))
+            rows(x).add_(self._mlp(self._norm(rows(self.conv(x)))))
         elif active.numel() > 0:
-            branch = self._mlp(rows(self.conv(x.index_select(0, active))))
+            branch = self._mlp(self._norm(rows(self.conv(x.index_select(0, active)))))
             x.index_add_(0, active, branch.view(-1, h, w, c).permute(0, 3, 1, 2))
         return x
 
-    def _mlp(self, y, normalized=False):
-        """LayerNorm (unless `normalized`: the rows come normalised), Linear, GELU, Linear (affine, gamma folded) of
-        the depthwise conv's output rows."""
-        if not normalized:
-            y = F.layer_norm(y, y.shape[1:], eps=self.eps)
+    def _norm(self, y):
+        """LayerNorm of the depthwise conv's output rows, without its affine (folded into fc1)."""
+        return F.layer_norm(y, y.shape[1:], eps=self.eps)
+
+    def _mlp(self, y):
+        """Linear, GELU, Linear (LayerNorm's affine and gamma folded) of the normalised rows."""
         y = self.ops.linear(y, self.fc1, False)
         return self.ops.linear(F.gelu(y), self.fc2, False)
