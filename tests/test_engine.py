@@ -91,6 +91,42 @@ def test_block_equals_masked_dense(kind, inplanes, planes, stride, batch, size, 
         assert torch.equal(got, x)  # every position skipped: the identity, untouched
 
 
+@pytest.mark.parametrize("kind,inplanes,planes", [("basic", 8, 8), ("bottleneck", 16, 4)])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("tile", [1, 2, 3])
+@pytest.mark.parametrize("mask_kind,density", [("random", 0.2), ("clustered", 0.4)])
+def test_unset_buffer_rows_are_never_read(kind, inplanes, planes, stride, tile, mask_kind, density, monkeypatch):
+    """conv1's buffer holds its rows at the dilated positions and leaves the others unset: the next 3x3 conv
+    reads only dilated positions and the zero row. With every other row NaN the block still equals the model."""
+    from dynconv.sparse.plans.resnet import ResNetBlockPlan
+
+    real_buffer = ResNetBlockPlan._buffer
+    poisoned = []
+
+    def poisoned_buffer(self, map_rows, idx, num_rows):
+        buffer = real_buffer(self, map_rows, idx, num_rows)
+        unset = torch.ones(num_rows, dtype=torch.bool)
+        unset[idx] = False
+        buffer[:num_rows][unset] = float("nan")
+        poisoned.append(int(unset.sum()))
+        return buffer
+
+    monkeypatch.setattr(ResNetBlockPlan, "_buffer", poisoned_buffer)
+    torch.manual_seed(1)
+    block = randomise_batchnorm(make_block(kind, stride, inplanes, planes)).eval()
+    block.masker.tile = tile
+    block.masker = SyntheticMaskUnit(block.masker, density, mask_kind, seed=3).to(memory_format=torch.channels_last)
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.relu(torch.randn(2, inplanes, 13, 11)).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, _ = block(x)
+        engine = SparseEngine(nn.Sequential(block).eval(), backend="torch", dense_above=1.1,
+                              gather_overhead_macs=0, min_gather_width=0)
+        got, _ = engine.plans[block](x.clone())
+    assert poisoned and min(poisoned) > 0  # the gathered path ran, with rows left unset
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,size", [("resnet8", (32, 32)), ("resnet8", (33, 29)), ("resnet50", (64, 64)),
                                        ("resnet50", (57, 71))])
 @pytest.mark.parametrize("choice", [{}, dict(gather_overhead_macs=0, min_gather_width=0)],

@@ -92,6 +92,21 @@ def test_scatter_add_rows_equals_index_add(rows, channels, kept):
     assert torch.equal(got, dst.clone().index_add_(0, idx, residual))
 
 
+@pytest.mark.parametrize("rows,channels,kept", [(100, 24, 30), (197, 256, 110), (7, 3, 7), (10, 16, 0)])
+def test_scatter_rows_equals_index_copy(rows, channels, kept):
+    """The engine's row copy into a map against index_copy_: the chosen rows replaced, the others untouched
+    (NaN stays NaN: the engine's buffers leave the rows no conv reads unset)."""
+    torch.manual_seed(0)
+    dst = torch.randn(rows, channels)
+    dst[::3] = float("nan")
+    idx = torch.randperm(rows)[:kept]
+    values = torch.randn(kept, channels)
+    got = dst.clone()
+    assert fused.scatter_rows_(got, idx, values) is got
+    expected = dst.clone().index_copy_(0, idx, values)
+    assert torch.allclose(got, expected, equal_nan=True, rtol=0, atol=0)
+
+
 def test_scatter_add_relu_rows_refuses_an_index_outside_the_map():
     with pytest.raises(RuntimeError, match="out of range"):
         fused.scatter_add_relu_rows_(torch.zeros(4, 8), torch.tensor([4]), torch.ones(1, 8))

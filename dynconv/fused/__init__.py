@@ -1,7 +1,7 @@
 """Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
-engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks) and the masked residual add, with
-or without its ReLU, on the chosen rows only (`scatter_add_relu_rows_`, ResNet blocks; `scatter_add_rows_`,
-ConvNeXt blocks); in evaluation, a mask unit's tile logits without its per-position map (`tile_logits`) and its
+engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks), row copies into a map
+(`scatter_rows_`) and the masked residual add, with or without its ReLU, on the chosen rows only
+(`scatter_add_relu_rows_`, ResNet blocks; `scatter_add_rows_`, ConvNeXt blocks); in evaluation, a mask unit's tile logits without its per-position map (`tile_logits`) and its
 masks from them (`tile_masks`).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
@@ -81,14 +81,20 @@ def depthwise_rows(src, idx, size, weight, bias, norm_eps=None):
     return _ops().depthwise_rows(src, idx, size[1], size[2], weight, bias, -1.0 if norm_eps is None else norm_eps)
 
 
+def scatter_rows_(dst, idx, rows):
+    """ops.scatter_rows_ (dst[idx] = rows), one copy per row, in place: 3-6x faster than index_copy_ on the
+    engine's ResNet buffers."""
+    return _ops().scatter_rows(dst, idx, rows, False, False)
+
+
 def scatter_add_relu_rows_(dst, idx, rows):
     """ops.scatter_add_relu_ on the rows idx only (the eager ops apply the ReLU to the whole map), in place."""
-    return _ops().scatter_add_rows(dst, idx, rows, True)
+    return _ops().scatter_rows(dst, idx, rows, True, True)
 
 
 def scatter_add_rows_(dst, idx, rows):
     """ops.scatter_add_ (dst[idx] += rows) in one pass over the rows idx, in place."""
-    return _ops().scatter_add_rows(dst, idx, rows, False)
+    return _ops().scatter_rows(dst, idx, rows, True, False)
 
 
 def tile_logits(x, class_weights, fc, constant, stride, tile, out_size):

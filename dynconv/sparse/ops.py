@@ -102,7 +102,10 @@ def bias_relu_(rows, bias):
 
 
 def scatter_rows_(dst, idx, rows):
-    """dst[idx[k], :] = rows[k, :] (idx without repeats)."""
+    """dst[idx[k], :] = rows[k, :] (idx without repeats). On CPUs, float32: the fused C++ kernel (dynconv/fused),
+    one copy per row."""
+    if fused.rows_usable(dst, rows):
+        return fused.scatter_rows_(dst, idx.contiguous(), rows)
     dst.index_copy_(0, idx, rows)
     return dst
 
