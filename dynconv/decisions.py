@@ -65,11 +65,22 @@ class SpatialDecision(Decision):
     # side of the square tiles (anchored at (0, 0)) the mask is constant on: the tile grid is
     # hard[:, :, ::tile, ::tile]; 1: decided per position
     tile: int = 1
+    # (hard, dilated) flat indices (int64, image-major as hard.reshape(-1)) of the masks' ones, where the unit made
+    # them with the masks; None: active_positions computes them
+    positions: Optional[tuple] = None
 
     @property
     def whole_map(self):
         """Whether one tile covers the whole mask: one decision per image."""
         return self.tile >= max(self.hard.shape[-2:])
+
+    def active_positions(self):
+        """(hard, dilated): the flat indices of the ones of `hard` and of `dilated` (None without it), int64, in
+        order: the index lists the engine gathers and scatters at."""
+        if self.positions is not None:
+            return self.positions
+        dilated = None if self.dilated is None else self.dilated.reshape(-1).nonzero().squeeze(1)
+        return self.hard.reshape(-1).nonzero().squeeze(1), dilated
 
     def per_image(self):
         """(N,) the decision of each image, for a whole-map decision: the mask's first element, as a view."""

@@ -67,6 +67,7 @@ class MaskLogits(nn.Module):
         self._tap_cache = None
         self._mean_cache = None
         self._tile_cache = None
+        self._sizes = {}
 
     def forward(self, x):
         stride = self.conv.stride[0]
@@ -86,17 +87,25 @@ class MaskLogits(nn.Module):
         never forms the per-position map (fused.tile_logits): at batch 1 on a 2-core AVX2 CPU 3.3-3.7x faster
         for ResNet-50's 8 x 8 tiles on 56 x 56 maps (188 against 631 us), 3.1-3.5x / 2.1-2.5x for 4 x 4 / 2 x 2
         tiles on its 28 x 28 / 14 x 14 maps, 3.9-4.0x for the strided unit of its stage 2."""
-        stride = self.conv.stride[0]
         if not torch.is_grad_enabled() and x.dtype == torch.float32 and fused.usable(x):
-            out_size = tuple((s - 1) // stride + 1 for s in x.shape[-2:])
+            stride, out_size = self._geometry(x.shape[-2:])
             return fused.tile_logits(x, *self.tile_weights(), stride, tile, out_size)
         return self(x) if tile == 1 else F.avg_pool2d(self(x), tile, tile, ceil_mode=True)
+
+    def _geometry(self, input_size):
+        """(stride, output size) for inputs of `input_size`, kept per size (a fixed cost of every block)."""
+        if input_size not in self._sizes:
+            stride = self.conv.stride[0]
+            self._sizes[input_size] = stride, tuple((s - 1) // stride + 1 for s in input_size)
+        return self._sizes[input_size]
 
     def tile_weights(self):
         """(class_weights (64, C), fc (C,), constant) of fused.tile_logits, kept while the parameters are
         unchanged (as tap_matrix). Row 8 * a + b sums the conv's taps (dy, dx) with bit dy of a and bit dx of b
         set: the weight of an input pixel that tap rows a and tap columns b connect to a tile."""
-        params = (self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
+        # the parameters without nn.Module's attribute lookup: this check runs for every block and image batch
+        conv, fc = self._modules["conv"]._parameters, self._modules["fc"]._parameters
+        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
         key = tuple((p.data_ptr(), p._version) for p in params)
         if self._tile_cache is None or self._tile_cache[0] != key:
             with torch.no_grad():
@@ -137,7 +146,9 @@ class MaskLogits(nn.Module):
     def tap_matrix(self):
         """The (10, C) projection of `tap_logits` and its constant term; see `tap_matrix`. Kept while the
         parameters are unchanged (same storage, same in-place version): inference builds it once."""
-        params = (self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
+        # the parameters without nn.Module's attribute lookup: this check runs for every block and image batch
+        conv, fc = self._modules["conv"]._parameters, self._modules["fc"]._parameters
+        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
         key = tuple((p.data_ptr(), p._version) for p in params)
         if self._tap_cache is None or self._tap_cache[0] != key:
             with torch.no_grad():
@@ -333,7 +344,7 @@ class MaskUnit(Gate):
         self.cost, self.dilated_cost = cost, dilated_cost
         self.gumbel_noise = True
         self.temperature = 1.0
-        self._shapes, self._covers, self._constant_masks = {}, {}, {}
+        self._shapes, self._covers, self._constant_masks, self._mask_geometries = {}, {}, {}, {}
 
     def set_schedule(self, noise=None, temperature=None, **_):
         if noise is not None:
@@ -400,13 +411,11 @@ class MaskUnit(Gate):
         tile = self.tile
         # tile 1 takes the per-position path unchanged (bit for bit what the units did before tiles)
         decided = logits if tile == 1 or pooled else F.avg_pool2d(logits, tile, tile, ceil_mode=True)
-        if not self.training and tile > 1 and fused.rows_usable(decided):  # evaluation on CPUs: the masks in one op
-            size = self.output_size(input_size)
-            dilate_stride = self.dilate_stride if self.dilated_cost is not None else 0
-            hard, dilated = fused.tile_masks(decided, tile, size, dilate_stride,
-                                             tuple(input_size) if self.dilate_stride > 1 else size)
-            return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO,
-                                   self.overhead(hard.shape), tile)
+        if not self.training and fused.rows_usable(decided):  # evaluation on CPUs: masks and index lists in one op
+            size, dilate_stride, dilated_size, overhead = self._mask_geometry(input_size, decided.shape)
+            hard, dilated, positions = fused.tile_masks(decided, tile, size, dilate_stride, dilated_size)
+            return SpatialDecision(hard, dilated, None, self.cost, self.dilated_cost or ZERO, overhead, tile,
+                                   positions)
         if self.training:
             hard, soft = GumbelStraightThrough.apply(decided, self.gumbel_noise, self.temperature)
         else:
@@ -422,6 +431,17 @@ class MaskUnit(Gate):
                 dilated = self.dilate(hard, input_size)
         return SpatialDecision(hard, dilated, soft, self.cost, self.dilated_cost or ZERO, self.overhead(hard.shape),
                                tile)
+
+    def _mask_geometry(self, input_size, grid_shape):
+        """fused.tile_masks' sizes and the unit's overhead for a block input of `input_size` and tile logits of
+        `grid_shape`, kept per shape (a fixed cost of every block at batch 1)."""
+        key = (input_size, grid_shape)
+        if key not in self._mask_geometries:
+            size = self.output_size(input_size)
+            dilate_stride = self.dilate_stride if self.dilated_cost is not None else 0
+            dilated_size = tuple(input_size) if self.dilate_stride > 1 else size
+            self._mask_geometries[key] = size, dilate_stride, dilated_size, self.overhead((grid_shape[0], 1, *size))
+        return self._mask_geometries[key]
 
     def extra_repr(self):
         return f"tile={self.tile}" if self.tile != 1 else ""

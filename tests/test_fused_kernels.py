@@ -172,29 +172,38 @@ def test_tiled_unit_decides_as_its_pooled_logits():
     assert decision.overhead == reference.overhead
 
 
-@pytest.mark.parametrize("tile", [2, 3, 8])
+@pytest.mark.parametrize("tile", [1, 2, 3, 8])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(16, 16), (13, 9)])
-def test_tile_masks_equal_the_eager_decision(monkeypatch, tile, stride, size):
-    """Threshold, tile expansion and dilation (at the unit's stride, cropped to odd input sizes) in one op, against
-    MaskUnit.decide's ATen ops."""
+@pytest.mark.parametrize("dilated", [True, False])
+def test_tile_masks_equal_the_eager_decision(monkeypatch, tile, stride, size, dilated):
+    """Threshold, tile expansion and dilation (at the unit's stride, cropped to odd input sizes) and the index
+    lists in one op, against MaskUnit.decide's ATen ops and nonzero()."""
     from dynconv.decisions import UnitCost
 
-    unit = MaskUnit(4, stride=stride, dilate_stride=stride, tile=tile, dilated_cost=UnitCost(1, 1)).eval()
+    unit = MaskUnit(4, stride=stride, dilate_stride=stride, tile=tile,
+                    dilated_cost=UnitCost(1, 1) if dilated else None).eval()
     out = unit.output_size(size)
     logits = torch.randn(3, 1, -(-out[0] // tile), -(-out[1] // tile))
-    logits[0] = -1.0  # an image with every tile off
+    logits[0], logits[1] = -1.0, 1.0  # an image with every tile off, one with every tile on
     calls = []
     kernel = fused.tile_masks
     monkeypatch.setattr(fused, "tile_masks", lambda *args: calls.append(1) or kernel(*args))
     got = unit.decide(logits, size, pooled=True)
     monkeypatch.setenv("DYNCONV_FUSED", "0")
     expected = unit.decide(logits, size, pooled=True)
-    assert calls == [1]
+    assert calls == [1] and expected.positions is None
     assert got.hard.shape == expected.hard.shape == (3, 1, *out)
-    assert torch.equal(got.hard, expected.hard) and torch.equal(got.dilated, expected.dilated)
-    assert got.dilated.shape[-2:] == (size if stride > 1 else out) and got.overhead == expected.overhead
-    assert got.hard[0].sum() == 0 and got.dilated[0].sum() == 0
+    assert torch.equal(got.hard, expected.hard) and got.overhead == expected.overhead and got.hard[0].sum() == 0
+    hard_rows, dilated_rows = got.active_positions()
+    assert torch.equal(hard_rows, expected.hard.reshape(-1).nonzero().squeeze(1))
+    assert 0 < hard_rows.numel() < got.hard.numel()
+    if not dilated:
+        assert got.dilated is None and expected.dilated is None and dilated_rows is None
+        return
+    assert torch.equal(got.dilated, expected.dilated) and got.dilated[0].sum() == 0
+    assert got.dilated.shape[-2:] == (size if stride > 1 else out)
+    assert torch.equal(dilated_rows, expected.dilated.reshape(-1).nonzero().squeeze(1))
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -1,8 +1,8 @@
 """Fused CPU kernels: for DynConv training the masked residual add + ReLU, forward and backward; for the sparse
 engine a depthwise conv at chosen positions (`depthwise_rows`, ConvNeXt blocks), row copies into a map
 (`scatter_rows_`) and the masked residual add, with or without its ReLU, on the chosen rows only
-(`scatter_add_relu_rows_`, ResNet blocks; `scatter_add_rows_`, ConvNeXt blocks); in evaluation, a mask unit's tile logits without its per-position map (`tile_logits`) and its
-masks from them (`tile_masks`).
+(`scatter_add_relu_rows_`, ResNet blocks; `scatter_add_rows_`, ConvNeXt blocks); in evaluation, a mask unit's
+tile logits without its per-position map (`tile_logits`) and its masks and index lists from them (`tile_masks`).
 
 Training computes every block densely (as the reference does), so the method's own cost is memory traffic.
 The block output relu(identity + mask * residual) takes two passes over the activations with ATen ops, and its
@@ -47,6 +47,7 @@ def _load():
         return False
 
 
+@functools.lru_cache(maxsize=None)  # the engine calls a few kernels per block: no lookups on the way
 def _ops():
     """The kernels' op namespace (torch.ops.dynconv_fused), built if need be."""
     if not _load():
@@ -104,11 +105,15 @@ def tile_logits(x, class_weights, fc, constant, stride, tile, out_size):
 
 
 def tile_masks(logits, tile, out_size, dilate_stride=0, dilated_size=(0, 0)):
-    """A tiled mask unit's (hard, dilated) masks in evaluation from its tile logits (N, 1, grid_h, grid_w): the
-    threshold, the tiles expanded to out_size and (dilate_stride > 0) the 3x3 dilation at that stride cropped to
-    dilated_size, in one op each (MaskUnit.decide's ATen ops are the spec); dilated is None when not asked for."""
-    masks = _ops().tile_masks(logits, tile, *out_size, dilate_stride, *dilated_size)
-    return masks[0], masks[1] if len(masks) > 1 else None
+    """A tiled mask unit's (hard, dilated, positions) in evaluation from its tile logits (N, 1, grid_h, grid_w):
+    the threshold, the tiles expanded to out_size and (dilate_stride > 0) the 3x3 dilation at that stride cropped
+    to dilated_size, in one op (MaskUnit.decide's ATen ops are the spec); dilated is None when not asked for.
+    positions: (hard, dilated) index lists, the flat indices of their ones (as mask.reshape(-1).nonzero()),
+    dilated's None without it."""
+    out = _ops().tile_masks(logits, tile, *out_size, dilate_stride, *dilated_size)
+    if len(out) == 2:
+        return out[0], None, (out[1], None)
+    return out[0], out[1], (out[2], out[3])
 
 
 class FusedMaskedResidualReLU(torch.autograd.Function):

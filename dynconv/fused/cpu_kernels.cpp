@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -335,11 +336,34 @@ at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& class_weights, con
   return means.unsqueeze(1);
 }
 
+// For each output coordinate o of a 3x3 conv's input axis (size `out`), the range [lo, hi) of mask coordinates p
+// (of `size`) that read it: dilate_stride * p + (-1, 0, 1) = o, i.e. ceil((o - 1) / s) <= p <= floor((o + 1) / s).
+std::vector<std::pair<int64_t, int64_t>> readers(int64_t out, int64_t size, int64_t s) {
+  std::vector<std::pair<int64_t, int64_t>> ranges(out);
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t lo = o == 0 ? 0 : (o - 1 + s - 1) / s;  // ceil((o - 1) / s), o - 1 >= 0 here
+    ranges[o] = {lo, std::min(size, (o + 1) / s + 1)};
+  }
+  return ranges;
+}
+
+// The flat indices (image-major, as mask.reshape(-1)) of a 0/1 map's nonzero elements, in order.
+at::Tensor nonzero_rows(const float* map, int64_t count, int64_t total, const at::TensorOptions& options) {
+  auto idx = at::empty({count}, options.dtype(at::kLong));
+  int64_t* out = idx.data_ptr<int64_t>();
+  for (int64_t i = 0, k = 0; i < total; ++i)
+    if (map[i] != 0.0f) out[k++] = i;
+  return idx;
+}
+
 // A tiled mask unit's masks in evaluation from its tile logits (N, 1, grid_h, grid_w): `hard` (N, 1, out_h,
 // out_w), 1 on the tiles whose logit is >= 0, and, when dilate_stride > 0, `dilated` (N, 1, dil_h, dil_w): the
 // positions a 3x3 conv reads for the hard positions, hard position p reading dilate_stride * p + (-1, 0, 1) in
 // each axis (maskunit.dilate_mask: the mask placed at stride dilate_stride, dilated by a 3x3 window, cropped).
-// One pass each, where the ATen ops (threshold, two repeat_interleave, pad or max_pool2d) make five to eight.
+// Then the index lists of both (the flat indices of their ones, as nonzero() gives them): returns [hard,
+// hard's indices] or [hard, dilated, hard's indices, dilated's indices]. The ATen ops (threshold, two
+// repeat_interleave, pad or max_pool2d, two nonzero) make seven to ten passes; here the hard mask is written a
+// row of tiles at a time and the dilation is separable (the rows' 3-wide maximum, then the columns').
 std::vector<at::Tensor> tile_masks(const at::Tensor& logits, int64_t tile, int64_t out_h, int64_t out_w,
                                    int64_t dilate_stride, int64_t dil_h, int64_t dil_w) {
   TORCH_CHECK(logits.dim() == 4 && logits.size(1) == 1 && logits.scalar_type() == at::kFloat,
@@ -351,25 +375,46 @@ std::vector<at::Tensor> tile_masks(const at::Tensor& logits, int64_t tile, int64
   const float* g = grid.data_ptr<float>();
   auto hard = at::empty({n, 1, out_h, out_w}, logits.options());
   float* m = hard.data_ptr<float>();
+  int64_t hard_count = 0;
   for (int64_t image = 0; image < n; ++image)
-    for (int64_t y = 0; y < out_h; ++y) {
-      const float* tiles = g + (image * grid_h + y / tile) * grid_w;
-      float* row = m + (image * out_h + y) * out_w;
-      for (int64_t x = 0; x < out_w; ++x) row[x] = tiles[x / tile] >= 0.0f ? 1.0f : 0.0f;
-    }
-  if (dilate_stride <= 0) return {hard};
-  auto dilated = at::zeros({n, 1, dil_h, dil_w}, logits.options());
-  float* d = dilated.data_ptr<float>();
-  for (int64_t image = 0; image < n; ++image)
-    for (int64_t y = 0; y < out_h; ++y)
-      for (int64_t x = 0; x < out_w; ++x) {
-        if (m[(image * out_h + y) * out_w + x] == 0.0f) continue;
-        const int64_t cy = dilate_stride * y, cx = dilate_stride * x;
-        for (int64_t yy = std::max<int64_t>(0, cy - 1); yy <= std::min(dil_h - 1, cy + 1); ++yy)
-          for (int64_t xx = std::max<int64_t>(0, cx - 1); xx <= std::min(dil_w - 1, cx + 1); ++xx)
-            d[(image * dil_h + yy) * dil_w + xx] = 1.0f;
+    for (int64_t ty = 0; ty < grid_h; ++ty) {
+      const float* tiles = g + (image * grid_h + ty) * grid_w;
+      const int64_t y0 = ty * tile, y1 = std::min(y0 + tile, out_h);
+      float* first = m + (image * out_h + y0) * out_w;
+      for (int64_t tx = 0; tx < grid_w; ++tx) {
+        const float on = tiles[tx] >= 0.0f ? 1.0f : 0.0f;
+        const int64_t x0 = tx * tile, x1 = std::min(x0 + tile, out_w);
+        std::fill(first + x0, first + x1, on);
+        hard_count += static_cast<int64_t>(on) * (x1 - x0) * (y1 - y0);
       }
-  return {hard, dilated};
+      for (int64_t y = y0 + 1; y < y1; ++y) std::memcpy(m + (image * out_h + y) * out_w, first, out_w * sizeof(float));
+    }
+  const auto options = logits.options();
+  if (dilate_stride <= 0) return {hard, nonzero_rows(m, hard_count, n * out_h * out_w, options)};
+  const auto columns = readers(dil_w, out_w, dilate_stride), rows = readers(dil_h, out_h, dilate_stride);
+  auto dilated = at::empty({n, 1, dil_h, dil_w}, options);
+  float* d = dilated.data_ptr<float>();
+  std::vector<float> across(out_h * dil_w);  // per hard row, the maximum over the columns that read each column
+  int64_t dilated_count = 0;
+  for (int64_t image = 0; image < n; ++image) {
+    for (int64_t y = 0; y < out_h; ++y) {
+      const float* row = m + (image * out_h + y) * out_w;
+      for (int64_t x = 0; x < dil_w; ++x) {
+        float on = 0.0f;
+        for (int64_t p = columns[x].first; p < columns[x].second; ++p) on = std::max(on, row[p]);
+        across[y * dil_w + x] = on;
+      }
+    }
+    for (int64_t y = 0; y < dil_h; ++y) {
+      float* out = d + (image * dil_h + y) * dil_w;
+      std::fill(out, out + dil_w, 0.0f);
+      for (int64_t p = rows[y].first; p < rows[y].second; ++p)
+        for (int64_t x = 0; x < dil_w; ++x) out[x] = std::max(out[x], across[p * dil_w + x]);
+      for (int64_t x = 0; x < dil_w; ++x) dilated_count += out[x] != 0.0f;
+    }
+  }
+  return {hard, dilated, nonzero_rows(m, hard_count, n * out_h * out_w, options),
+          nonzero_rows(d, dilated_count, n * dil_h * dil_w, options)};
 }
 
 }  // namespace

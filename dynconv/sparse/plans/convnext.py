@@ -37,7 +37,7 @@ class ConvNeXtBlockPlan(BlockPlan):
         if decision.whole_map:
             return self._whole_blocks(x, decision), decision
         active = decision.hard.reshape(-1)
-        idx = active.nonzero().squeeze(1)
+        idx = decision.active_positions()[0]
         out = rows(x)  # the output is x plus the branch at the mask positions, added in place
         self.executed_macs = (active.numel() if idx.numel() > self.settings.dense_above * active.numel()
                               else idx.numel()) * decision.cost.macs

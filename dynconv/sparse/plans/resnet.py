@@ -156,14 +156,13 @@ class ResNetBlockPlan(BlockPlan):
         # the result goes into `identity` in place; outside the mask it is a ReLU output (non-negative, as
         # scatter_add_relu_ requires) or, downsampled, gets its ReLU below
         out = identity
-        idx = decision.hard.reshape(-1).nonzero().squeeze(1)
+        idx, idx_dilated = decision.active_positions()
         self.executed_macs = 0.0
         if idx.numel() > 0:
             limit = self._dense_limit(decision)
             if idx.numel() > limit * decision.hard.numel():
                 self.executed_macs = self.geometry(x.shape).dense_macs * x.shape[0]
                 return torch.addcmul(identity, self._dense_residual(x, folded), decision.hard).relu_(), decision
-            idx_dilated = decision.dilated.reshape(-1).nonzero().squeeze(1)
             if idx_dilated.numel() > limit * decision.dilated.numel():
                 idx_dilated = None  # conv1 everywhere: cheaper than gathering almost every position
             self.executed_macs = float(idx.numel() * decision.cost.macs)
