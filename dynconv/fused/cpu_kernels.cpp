@@ -347,12 +347,22 @@ std::vector<std::pair<int64_t, int64_t>> readers(int64_t out, int64_t size, int6
   return ranges;
 }
 
-// The flat indices (image-major, as mask.reshape(-1)) of a 0/1 map's nonzero elements, in order.
-at::Tensor nonzero_rows(const float* map, int64_t count, int64_t total, const at::TensorOptions& options) {
-  auto idx = at::empty({count}, options.dtype(at::kLong));
+// The flat indices (as mask.reshape(-1)) of the ones of N maps of `size` elements each, in order, given each
+// map's count of ones: the maps in parallel, each writing from its offset.
+at::Tensor nonzero_rows(const float* maps, const std::vector<int64_t>& counts, int64_t size,
+                        const at::TensorOptions& options) {
+  std::vector<int64_t> offsets(counts.size() + 1, 0);
+  for (size_t i = 0; i < counts.size(); ++i) offsets[i + 1] = offsets[i] + counts[i];
+  auto idx = at::empty({offsets.back()}, options.dtype(at::kLong));
   int64_t* out = idx.data_ptr<int64_t>();
-  for (int64_t i = 0, k = 0; i < total; ++i)
-    if (map[i] != 0.0f) out[k++] = i;
+  at::parallel_for(0, static_cast<int64_t>(counts.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t image = begin; image < end; ++image) {
+      int64_t* o = out + offsets[image];
+      const float* map = maps + image * size;
+      for (int64_t i = 0; i < size; ++i)
+        if (map[i] != 0.0f) *o++ = image * size + i;
+    }
+  });
   return idx;
 }
 
@@ -362,8 +372,8 @@ at::Tensor nonzero_rows(const float* map, int64_t count, int64_t total, const at
 // each axis (maskunit.dilate_mask: the mask placed at stride dilate_stride, dilated by a 3x3 window, cropped).
 // Then the index lists of both (the flat indices of their ones, as nonzero() gives them): returns [hard,
 // hard's indices] or [hard, dilated, hard's indices, dilated's indices]. The ATen ops (threshold, two
-// repeat_interleave, pad or max_pool2d, two nonzero) make seven to ten passes; here the hard mask is written a
-// row of tiles at a time and the dilation is separable (the rows' 3-wide maximum, then the columns').
+// repeat_interleave, pad or max_pool2d, two nonzero) make seven to ten passes; here each image is one task, its
+// hard mask written a row of tiles at a time and its dilation separable (the rows' maximum, then the columns').
 std::vector<at::Tensor> tile_masks(const at::Tensor& logits, int64_t tile, int64_t out_h, int64_t out_w,
                                    int64_t dilate_stride, int64_t dil_h, int64_t dil_w) {
   TORCH_CHECK(logits.dim() == 4 && logits.size(1) == 1 && logits.scalar_type() == at::kFloat,
@@ -373,48 +383,57 @@ std::vector<at::Tensor> tile_masks(const at::Tensor& logits, int64_t tile, int64
               "the logits must be on the tile grid of the output");
   const auto grid = logits.contiguous();
   const float* g = grid.data_ptr<float>();
-  auto hard = at::empty({n, 1, out_h, out_w}, logits.options());
-  float* m = hard.data_ptr<float>();
-  int64_t hard_count = 0;
-  for (int64_t image = 0; image < n; ++image)
-    for (int64_t ty = 0; ty < grid_h; ++ty) {
-      const float* tiles = g + (image * grid_h + ty) * grid_w;
-      const int64_t y0 = ty * tile, y1 = std::min(y0 + tile, out_h);
-      float* first = m + (image * out_h + y0) * out_w;
-      for (int64_t tx = 0; tx < grid_w; ++tx) {
-        const float on = tiles[tx] >= 0.0f ? 1.0f : 0.0f;
-        const int64_t x0 = tx * tile, x1 = std::min(x0 + tile, out_w);
-        std::fill(first + x0, first + x1, on);
-        hard_count += static_cast<int64_t>(on) * (x1 - x0) * (y1 - y0);
-      }
-      for (int64_t y = y0 + 1; y < y1; ++y) std::memcpy(m + (image * out_h + y) * out_w, first, out_w * sizeof(float));
-    }
   const auto options = logits.options();
-  if (dilate_stride <= 0) return {hard, nonzero_rows(m, hard_count, n * out_h * out_w, options)};
-  const auto columns = readers(dil_w, out_w, dilate_stride), rows = readers(dil_h, out_h, dilate_stride);
-  auto dilated = at::empty({n, 1, dil_h, dil_w}, options);
+  const bool dilate = dilate_stride > 0;
+  auto hard = at::empty({n, 1, out_h, out_w}, options);
+  auto dilated = at::empty({dilate ? n : 0, 1, dil_h, dil_w}, options);
+  float* m = hard.data_ptr<float>();
   float* d = dilated.data_ptr<float>();
-  std::vector<float> across(out_h * dil_w);  // per hard row, the maximum over the columns that read each column
-  int64_t dilated_count = 0;
-  for (int64_t image = 0; image < n; ++image) {
-    for (int64_t y = 0; y < out_h; ++y) {
-      const float* row = m + (image * out_h + y) * out_w;
-      for (int64_t x = 0; x < dil_w; ++x) {
-        float on = 0.0f;
-        for (int64_t p = columns[x].first; p < columns[x].second; ++p) on = std::max(on, row[p]);
-        across[y * dil_w + x] = on;
+  std::vector<int64_t> hard_counts(n, 0), dilated_counts(n, 0);
+  std::vector<std::pair<int64_t, int64_t>> columns, rows;
+  if (dilate) columns = readers(dil_w, out_w, dilate_stride), rows = readers(dil_h, out_h, dilate_stride);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> across(dilate ? out_h * dil_w : 0);  // per hard row, the maximum over each column's readers
+    for (int64_t image = begin; image < end; ++image) {
+      float* mask = m + image * out_h * out_w;
+      int64_t count = 0;
+      for (int64_t ty = 0; ty < grid_h; ++ty) {
+        const float* tiles = g + (image * grid_h + ty) * grid_w;
+        const int64_t y0 = ty * tile, y1 = std::min(y0 + tile, out_h);
+        float* first = mask + y0 * out_w;
+        int64_t row_count = 0;
+        for (int64_t tx = 0; tx < grid_w; ++tx) {
+          const float on = tiles[tx] >= 0.0f ? 1.0f : 0.0f;
+          const int64_t x0 = tx * tile, x1 = std::min(x0 + tile, out_w);
+          for (int64_t x = x0; x < x1; ++x) first[x] = on;
+          row_count += static_cast<int64_t>(on) * (x1 - x0);
+        }
+        for (int64_t y = y0 + 1; y < y1; ++y) std::memcpy(mask + y * out_w, first, out_w * sizeof(float));
+        count += row_count * (y1 - y0);
       }
+      hard_counts[image] = count;
+      if (!dilate) continue;
+      for (int64_t y = 0; y < out_h; ++y)
+        for (int64_t x = 0; x < dil_w; ++x) {
+          float on = 0.0f;
+          for (int64_t p = columns[x].first; p < columns[x].second; ++p) on = std::max(on, mask[y * out_w + p]);
+          across[y * dil_w + x] = on;
+        }
+      float* out = d + image * dil_h * dil_w;
+      int64_t on_count = 0;
+      for (int64_t y = 0; y < dil_h; ++y) {
+        float* row = out + y * dil_w;
+        std::fill(row, row + dil_w, 0.0f);
+        for (int64_t p = rows[y].first; p < rows[y].second; ++p)
+          for (int64_t x = 0; x < dil_w; ++x) row[x] = std::max(row[x], across[p * dil_w + x]);
+        for (int64_t x = 0; x < dil_w; ++x) on_count += row[x] != 0.0f;
+      }
+      dilated_counts[image] = on_count;
     }
-    for (int64_t y = 0; y < dil_h; ++y) {
-      float* out = d + (image * dil_h + y) * dil_w;
-      std::fill(out, out + dil_w, 0.0f);
-      for (int64_t p = rows[y].first; p < rows[y].second; ++p)
-        for (int64_t x = 0; x < dil_w; ++x) out[x] = std::max(out[x], across[p * dil_w + x]);
-      for (int64_t x = 0; x < dil_w; ++x) dilated_count += out[x] != 0.0f;
-    }
-  }
-  return {hard, dilated, nonzero_rows(m, hard_count, n * out_h * out_w, options),
-          nonzero_rows(d, dilated_count, n * dil_h * dil_w, options)};
+  });
+  auto hard_rows = nonzero_rows(m, hard_counts, out_h * out_w, options);
+  if (!dilate) return {hard, hard_rows};
+  return {hard, dilated, hard_rows, nonzero_rows(d, dilated_counts, dil_h * dil_w, options)};
 }
 
 }  // namespace
