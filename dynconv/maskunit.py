@@ -99,14 +99,19 @@ class MaskLogits(nn.Module):
             self._sizes[input_size] = stride, tuple((s - 1) // stride + 1 for s in input_size)
         return self._sizes[input_size]
 
+    def _parameters_and_key(self):
+        """(conv.weight, conv.bias, fc.weight, fc.bias) and their storages and in-place versions: the key under
+        which the caches below stay valid. Read from the modules' dicts: a module attribute costs a microsecond,
+        and this runs in every block and image batch."""
+        conv, fc = self._modules["conv"]._parameters, self._modules["fc"]._parameters
+        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
+        return params, tuple((p.data_ptr(), p._version) for p in params)
+
     def tile_weights(self):
         """(class_weights (64, C), fc (C,), constant) of fused.tile_logits, kept while the parameters are
         unchanged (as tap_matrix). Row 8 * a + b sums the conv's taps (dy, dx) with bit dy of a and bit dx of b
         set: the weight of an input pixel that tap rows a and tap columns b connect to a tile."""
-        # the parameters without nn.Module's attribute lookup: this check runs for every block and image batch
-        conv, fc = self._modules["conv"]._parameters, self._modules["fc"]._parameters
-        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        params, key = self._parameters_and_key()
         if self._tile_cache is None or self._tile_cache[0] != key:
             with torch.no_grad():
                 bits = torch.tensor([[(m >> d) & 1 for d in range(3)] for m in range(8)], dtype=torch.float64)
@@ -129,11 +134,8 @@ class MaskLogits(nn.Module):
 
     def mean_functional(self, h, w, dtype, device):
         """(H * W * C,) weights and the constant of `mean_logit` for (h, w) inputs; cached with the parameters'
-        storage and versions, like tap_matrix (read from the modules' dicts: a module attribute costs a
-        microsecond, and this runs in every block at batch 1)."""
-        conv, fc = self._modules["conv"]._parameters, self._modules["fc"]._parameters
-        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
-        version = tuple((p.data_ptr(), p._version) for p in params)
+        storage and versions, like tap_matrix."""
+        params, version = self._parameters_and_key()
         if self._mean_cache is None or self._mean_cache[0] != version:
             self._mean_cache = (version, {})
         functionals = self._mean_cache[1]
@@ -146,10 +148,7 @@ class MaskLogits(nn.Module):
     def tap_matrix(self):
         """The (10, C) projection of `tap_logits` and its constant term; see `tap_matrix`. Kept while the
         parameters are unchanged (same storage, same in-place version): inference builds it once."""
-        # the parameters without nn.Module's attribute lookup: this check runs for every block and image batch
-        conv, fc = self._modules["conv"]._parameters, self._modules["fc"]._parameters
-        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        params, key = self._parameters_and_key()
         if self._tap_cache is None or self._tap_cache[0] != key:
             with torch.no_grad():
                 self._tap_cache = (key, tap_matrix(*params))

@@ -196,14 +196,18 @@ def test_tile_masks_equal_the_eager_decision(monkeypatch, tile, stride, size, di
     assert got.hard.shape == expected.hard.shape == (3, 1, *out)
     assert torch.equal(got.hard, expected.hard) and got.overhead == expected.overhead and got.hard[0].sum() == 0
     hard_rows, dilated_rows = got.active_positions()
+    expected_hard_rows, expected_dilated_rows = expected.active_positions()  # computed from the masks
+    assert torch.equal(hard_rows, expected_hard_rows)
     assert torch.equal(hard_rows, expected.hard.reshape(-1).nonzero().squeeze(1))
     assert 0 < hard_rows.numel() < got.hard.numel()
     if not dilated:
         assert got.dilated is None and expected.dilated is None and dilated_rows is None
+        assert expected_dilated_rows is None
         return
     assert torch.equal(got.dilated, expected.dilated) and got.dilated[0].sum() == 0
     assert got.dilated.shape[-2:] == (size if stride > 1 else out)
     assert torch.equal(dilated_rows, expected.dilated.reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(dilated_rows, expected_dilated_rows)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
